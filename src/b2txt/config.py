@@ -1,0 +1,251 @@
+"""Typed configuration of every stage (pydantic), read from ``config/config.yaml``.
+
+The YAML file documents each knob in place; these models give defaults, types and checks,
+and are the single source of the JSON schema in ``workflow/schemas/config.schema.json``
+(regenerate with ``b2txt config-schema``). Every stage command takes ``--config FILE`` and
+reads the sections it needs; unknown keys are errors so that typos do not pass silently.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG = Path("config/config.yaml")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class Range(Section):
+    """A closed interval ``[low, high]``."""
+
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Range":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high})")
+        return self
+
+
+class DataConfig(Section):
+    source: Literal["simulated", "dir"] = "simulated"
+    dir: str = Field("data/simulated", description="Dryad-layout data directory (the simulator writes here)")
+
+
+class CorpusConfig(Section):
+    source_dir: str | None = "/usr/share/games/fortunes"
+    files: list[str] = Field(default_factory=lambda: ["fortunes"])
+    min_words: int = Field(3, ge=1)
+    max_words: int = Field(14, ge=1)
+    out: str = "data/corpus/sentences.txt"
+
+
+class ArrayTuning(Section):
+    """Relative speech tuning of the four arrays (REFERENCE §1 feature order)."""
+
+    ventral_6v: float = 1.0
+    area_4: float = 0.35
+    area_55b: float = 0.7
+    dorsal_6v: float = 0.85
+
+    def as_list(self) -> list[float]:
+        return [self.ventral_6v, self.area_4, self.area_55b, self.dorsal_6v]
+
+
+class NeuralModelConfig(Section):
+    latent_dim: int = Field(24, ge=2)
+    phoneme_ms: Range = Range(low=60, high=150)
+    sil_ms: Range = Range(low=40, high=160)
+    pre_speech_ms: Range = Range(low=600, high=1200)
+    post_speech_ms: Range = Range(low=200, high=500)
+    speaking_rate_sd: float = Field(0.1, ge=0)
+    coarticulation_ms: float = Field(30.0, gt=0)
+    tx_rate_hz: Range = Range(low=10, high=60)
+    tuning_depth: float = Field(0.7, ge=0)
+    array_tuning: ArrayTuning = ArrayTuning()
+    nuisance_dim: int = Field(4, ge=0)
+    nuisance_sd: float = Field(0.3, ge=0)
+    nuisance_timescale_ms: float = Field(500.0, gt=0)
+    snr_db: float = 0.0
+    gain_sd: float = Field(0.2, ge=0)
+    gain_drift_per_month: float = Field(0.1, ge=0)
+    offset_drift_per_month: float = Field(0.2, ge=0)
+    mixing_timescale_days: float = Field(300.0, gt=0)
+    dead_fraction_start: float = Field(0.02, ge=0, le=1)
+    dead_fraction_per_month: float = Field(0.01, ge=0, le=1)
+
+
+class SimulateConfig(Section):
+    seed: int = 0
+    implant_date: dt.date = dt.date(2023, 7, 17)
+    n_sessions: int = Field(8, ge=1)
+    first_day: int = Field(25, ge=0)
+    span_days: int = Field(240, ge=0)
+    train_blocks: int = Field(4, ge=0)
+    val_blocks: int = Field(1, ge=0)
+    test_blocks: int = Field(1, ge=0)
+    trials_per_block: int = Field(20, ge=1)
+    min_words: int = Field(3, ge=1)
+    max_words: int = Field(10, ge=1)
+    corpus_mix: dict[str, float] = Field(default_factory=lambda: {"Fortunes": 0.8, "50-Word": 0.1, "Random": 0.1})
+    neural: NeuralModelConfig = NeuralModelConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "SimulateConfig":
+        known = {"Fortunes", "50-Word", "Random"}
+        bad = set(self.corpus_mix) - known
+        if bad:
+            raise ValueError(f"corpus_mix: unknown corpus {sorted(bad)}; known: {sorted(known)}")
+        if not self.corpus_mix or sum(self.corpus_mix.values()) <= 0:
+            raise ValueError("corpus_mix: weights must sum to a positive number")
+        if self.min_words > self.max_words:
+            raise ValueError("min_words is above max_words")
+        return self
+
+
+class ModelConfig(Section):
+    """GRU phoneme decoder (REFERENCE §3); the paper's model is n_units 768, n_layers 5."""
+
+    n_units: int = Field(768, ge=1)
+    n_layers: int = Field(5, ge=1)
+    rnn_dropout: float = Field(0.4, ge=0, lt=1)
+    input_dropout: float = Field(0.2, ge=0, lt=1)
+    patch_size: int = Field(14, ge=1)
+    patch_stride: int = Field(4, ge=1)
+
+
+class AugmentConfig(Section):
+    white_noise_std: float = Field(1.0, ge=0)
+    constant_offset_std: float = Field(0.2, ge=0)
+    random_walk_std: float = Field(0.0, ge=0)
+    static_gain_std: float = Field(0.0, ge=0)
+    random_cut: int = Field(3, ge=0, description="cut 0..random_cut-1 leading bins per batch")
+    smooth_data: bool = True
+    smooth_kernel_std: float = Field(2.0, gt=0)
+    smooth_kernel_size: int = Field(100, ge=1)
+
+
+class TrainConfig(Section):
+    seed: int = 10
+    model: ModelConfig = ModelConfig()
+    augment: AugmentConfig = AugmentConfig()
+    num_training_batches: int = Field(120_000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    days_per_batch: int = Field(4, ge=1)
+    must_include_days: list[int] = Field(default_factory=list)
+    lr_scheduler_type: Literal["cosine", "linear"] = "cosine"
+    lr_max: float = Field(0.005, gt=0)
+    lr_min: float = Field(0.0001, ge=0)
+    lr_decay_steps: int = Field(120_000, ge=1)
+    lr_warmup_steps: int = Field(1000, ge=0)
+    lr_max_day: float = Field(0.005, gt=0)
+    lr_min_day: float = Field(0.0001, ge=0)
+    lr_decay_steps_day: int = Field(120_000, ge=1)
+    lr_warmup_steps_day: int = Field(1000, ge=0)
+    beta0: float = 0.9
+    beta1: float = 0.999
+    epsilon: float = 0.1
+    weight_decay: float = Field(0.001, ge=0)
+    weight_decay_day: float = Field(0.0, ge=0)
+    grad_norm_clip_value: float = Field(10.0, gt=0)
+    batches_per_train_log: int = Field(200, ge=1)
+    batches_per_val_step: int = Field(2000, ge=1)
+    early_stopping_val_steps: int | None = Field(None, ge=1)
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores given)")
+
+
+class InferConfig(Section):
+    splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["val", "test"])
+    batch_size: int = Field(32, ge=1)
+
+
+class PipelineConfig(Section):
+    run: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="results go to results/<run>/")
+    data: DataConfig = DataConfig()
+    corpus: CorpusConfig = CorpusConfig()
+    simulate: SimulateConfig = SimulateConfig()
+    train: TrainConfig = TrainConfig()
+    infer: InferConfig = InferConfig()
+
+    @property
+    def results_dir(self) -> Path:
+        return Path("results") / self.run
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        lines.append(f"  - {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict[str, Any] | None, source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw or {})
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+
+
+def load_config(path: str | Path | None) -> PipelineConfig:
+    """Load a pipeline config; ``None`` gives the defaults."""
+    if path is None:
+        return PipelineConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return parse_config(raw, str(path))
+
+
+def config_to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def json_schema() -> dict[str, Any]:
+    schema = PipelineConfig.model_json_schema()
+    schema["$schema"] = "http://json-schema.org/draft-07/schema#"
+    schema["title"] = "b2txt pipeline configuration (generated by `b2txt config-schema`)"
+    return schema
+
+
+def write_effective_config(raw: dict[str, Any], directory: str | Path) -> Path:
+    """Validate a (possibly overridden) config and store it under a content-addressed name.
+
+    Snakemake merges ``--config`` overrides into its config dict; stage commands read files,
+    so the Snakefile hands them this file. The name changes with the content, so an existing
+    file is never rewritten (no spurious mtime changes).
+    """
+    cfg = parse_config(raw, "snakemake config")
+    text = config_to_yaml(cfg)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    path = Path(directory) / f"config-{digest}.yaml"
+    if not path.exists():
+        from .fileio import write_text_atomic
+        write_text_atomic(path, text)
+    return path
+
+
+def section_json(raw: dict[str, Any], *keys: str) -> str:
+    """A stable JSON string of some sections (Snakemake params: rerun when they change)."""
+    cfg = parse_config(raw, "snakemake config").model_dump(mode="json")
+    return json.dumps({k: cfg[k] for k in keys}, sort_keys=True)

@@ -1,0 +1,149 @@
+"""The manifest (one row per trial) and the in-memory trial store used for training.
+
+The ``preprocess`` stage checks every trial once and writes the manifest; training then loads
+each split into memory once (:class:`TrialStore`) instead of re-opening HDF5 files per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import DataError
+from ..fileio import atomic_file, progress
+from .description import block_index, find_description, read_description
+from .dryad import DataFile, discover, read_file, session_date
+
+MANIFEST_COLUMNS = [
+    "session", "split", "file", "trial", "block_num", "trial_num", "n_time_steps", "seq_len",
+    "corpus", "post_implant_day", "sentence",
+]
+
+
+def build_manifest(data_dir: str | Path) -> pd.DataFrame:
+    """Read and check every trial; one manifest row per trial (raises on any problem)."""
+    files, problems = discover(data_dir)
+    if problems:
+        raise DataError(f"{data_dir}: layout problems", problems)
+    desc_path = find_description(data_dir)
+    blocks = block_index(read_description(desc_path)) if desc_path else {}
+    rows = []
+    for df in progress(files, desc="preprocess", unit="file"):
+        date = session_date(df.session)
+        for name, trial in read_file(df):
+            block = blocks.get((date, trial.block_num))
+            rows.append({
+                "session": df.session, "split": df.split,
+                "file": str(df.path.relative_to(Path(data_dir))), "trial": name,
+                "block_num": trial.block_num, "trial_num": trial.trial_num,
+                "n_time_steps": trial.n_time_steps,
+                "seq_len": -1 if trial.phoneme_ids is None else len(trial.phoneme_ids),
+                "corpus": block.corpus if block else "unknown",
+                "post_implant_day": block.post_implant_day if block else -1,
+                "sentence": trial.sentence or "",
+            })
+    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+
+
+def write_manifest(manifest: pd.DataFrame, path: str | Path) -> None:
+    with atomic_file(path) as tmp:
+        manifest.to_csv(tmp, index=False)
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    try:
+        df = pd.read_csv(path, keep_default_na=False, dtype={"sentence": str, "corpus": str})
+    except (OSError, pd.errors.ParserError) as exc:
+        raise DataError(f"{path}: cannot read manifest: {exc}") from None
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: manifest lacks column(s) {missing}; re-run `b2txt preprocess`")
+    return df
+
+
+@dataclass
+class TrialStore:
+    """All trials of one split in memory: features, labels and day (session) indices."""
+
+    features: list[np.ndarray]
+    labels: list[np.ndarray | None]
+    day_idx: np.ndarray  # index into ``sessions`` per trial
+    sessions: list[str]  # the model's day order (all sessions of the data set)
+    rows: pd.DataFrame  # the manifest rows, aligned with the lists
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    @classmethod
+    def load(cls, data_dir: str | Path, manifest: pd.DataFrame, split: str,
+             sessions: Sequence[str] | None = None) -> "TrialStore":
+        """Load ``split`` into memory. ``sessions`` fixes the day order (default: manifest order)."""
+        sessions = list(sessions) if sessions is not None else sorted(manifest["session"].unique())
+        day_of = {s: i for i, s in enumerate(sessions)}
+        rows = manifest[manifest["split"] == split].reset_index(drop=True)
+        unknown = sorted(set(rows["session"]) - set(day_of))
+        if unknown:
+            raise DataError(f"session(s) {unknown} are not among the model's sessions {sessions}")
+        feats: list[np.ndarray] = []
+        labels: list[np.ndarray | None] = []
+        by_trial: dict[tuple[str, str], tuple] = {}
+        for file, group in rows.groupby("file", sort=False):
+            first = group.iloc[0]
+            df = DataFile(first["session"], split, Path(data_dir) / file)
+            wanted = set(group["trial"])
+            for name, trial in read_file(df):
+                if name in wanted:
+                    by_trial[(file, name)] = (trial.features, trial.phoneme_ids)
+        for file, name in zip(rows["file"], rows["trial"]):
+            if (file, name) not in by_trial:
+                raise DataError(f"{data_dir}/{file}: {name}: listed in the manifest but not in the file; "
+                                "re-run `b2txt preprocess`")
+            f, lab = by_trial[(file, name)]
+            feats.append(f)
+            labels.append(lab)
+        day_idx = np.array([day_of[s] for s in rows["session"]], dtype=np.int64)
+        return cls(feats, labels, day_idx, sessions, rows)
+
+    def days_present(self) -> list[int]:
+        return sorted(set(self.day_idx.tolist()))
+
+
+class DayBatchSampler:
+    """Batches drawn from ``days_per_batch`` random sessions, equal trials from each.
+
+    As in the published trainer: each batch picks ``days_per_batch`` sessions at random
+    (always including ``must_include_days``), then ``batch_size // days_per_batch`` random
+    trials of each (remainder spread over the first days). Deterministic for a seed.
+    """
+
+    def __init__(self, store: TrialStore, batch_size: int, days_per_batch: int, seed: int,
+                 must_include_days: Sequence[int] = ()):
+        self.by_day = {d: np.flatnonzero(store.day_idx == d) for d in store.days_present()}
+        if not self.by_day:
+            raise DataError("no training trials")
+        self.days = sorted(self.by_day)
+        self.batch_size = batch_size
+        self.days_per_batch = max(1, min(days_per_batch, len(self.days)))
+        self.must = [d for d in must_include_days if d in self.by_day]
+        self.rng = np.random.default_rng(seed)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            yield self.next_batch()
+
+    def next_batch(self) -> np.ndarray:
+        others = [d for d in self.days if d not in self.must]
+        n_pick = max(0, self.days_per_batch - len(self.must))
+        chosen = list(self.must) + list(self.rng.choice(others, size=min(n_pick, len(others)), replace=False))
+        per_day = np.full(len(chosen), self.batch_size // len(chosen))
+        per_day[: self.batch_size % len(chosen)] += 1
+        picks = []
+        for day, n in zip(chosen, per_day):
+            pool = self.by_day[day]
+            picks.append(self.rng.choice(pool, size=n, replace=n > len(pool)))
+        return np.concatenate(picks)

@@ -9,6 +9,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .fileio import atomic_file, write_text_atomic
@@ -73,3 +74,18 @@ def write_scores(table: pd.DataFrame, out_dir: str | Path, split: str) -> dict:
     }
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def bootstrap_ci(edits: np.ndarray, ref_len: np.ndarray, n_resamples: int = 10_000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the aggregate error rate over trials resampled with replacement."""
+    edits = np.asarray(edits, dtype=float)
+    ref_len = np.asarray(ref_len, dtype=float)
+    if len(edits) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(edits), size=(n_resamples, len(edits)))
+    rates = edits[idx].sum(1) / np.maximum(ref_len[idx].sum(1), 1e-12)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(rates, [tail, 100 - tail])
+    return float(lo), float(hi)

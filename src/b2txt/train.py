@@ -242,16 +242,21 @@ def train(cfg: TrainConfig, data_dir: str | Path, manifest_path: str | Path, out
 
             last = step == cfg.num_training_batches - 1
             if (step + 1) % cfg.batches_per_train_log == 0 or last:
-                note(f"step {step + 1}: train loss {np.mean(running):.4f}, grad norm {float(grad_norm):.2f}, "
-                     f"lr {sched.get_last_lr()[0]:.2e}, {time.time() - t0:.0f} s")
-            if (step + 1) % cfg.batches_per_val_step == 0 or last:
-                val = validate(model, val_store, kernel, device) if len(val_store) else ValResult(float(np.mean(running)), float("nan"))
-                metrics.append({"step": step + 1, "train_loss": float(np.mean(running)),
-                                "lr": sched.get_last_lr()[0], "val_loss": val.loss, "val_PER": val.per,
-                                "seconds": time.time() - t0})
+                row = {"step": step + 1, "train_loss": float(np.mean(running)), "lr": sched.get_last_lr()[0],
+                       "grad_norm": float(grad_norm), "val_loss": float("nan"), "val_PER": float("nan"),
+                       "seconds": time.time() - t0}
+                metrics.append(row)
                 running = []
+                note(f"step {step + 1}: train loss {row['train_loss']:.4f}, grad norm {row['grad_norm']:.2f}, "
+                     f"lr {row['lr']:.2e}, {row['seconds']:.0f} s")
+            if (step + 1) % cfg.batches_per_val_step == 0 or last:
+                val = validate(model, val_store, kernel, device) if len(val_store) else ValResult(float("nan"), float("nan"))
+                if not metrics or metrics[-1]["step"] != step + 1:
+                    metrics.append({"step": step + 1, "train_loss": float("nan"), "lr": sched.get_last_lr()[0],
+                                    "grad_norm": float("nan"), "seconds": time.time() - t0})
+                metrics[-1].update(val_loss=val.loss, val_PER=val.per)
                 note(f"step {step + 1}: val loss {val.loss:.4f}, val PER {val.per:.4f}")
-                improved = best is None or (val.per < best.per if not math.isnan(val.per) else val.loss < best.loss)
+                improved = best is None or not (val.per >= best.per)  # NaN PER (no val data): keep the latest
                 if improved:
                     best, best_step, stale = val, step + 1, 0
                     torch.save({

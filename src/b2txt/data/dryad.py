@@ -147,7 +147,7 @@ def _attr_int(g: h5py.Group, name: str, where: str, problems: list[str]) -> int 
     value = g.attrs[name]
     arr = np.asarray(value)
     if arr.size != 1 or not np.issubdtype(arr.dtype, np.integer):
-        if arr.size == 1 and np.issubdtype(arr.dtype, np.floating) and float(arr) == int(arr):
+        if arr.size == 1 and np.issubdtype(arr.dtype, np.floating) and np.isfinite(arr) and float(arr) == int(arr):
             return int(arr)  # some writers store integers as floats; the value is what matters
         problems.append(f"{where}: attr {name}: expected an integer, got {value!r}")
         return None
@@ -198,7 +198,7 @@ def check_trial(g: h5py.Group, where: str, labelled: bool, session: str | None) 
         ds = g["input_features"]
         if not isinstance(ds, h5py.Dataset):
             problems.append(f"{where}: input_features: expected a dataset, found a group")
-        elif ds.dtype != np.float32:
+        elif ds.dtype.kind != "f" or ds.dtype.itemsize != 4:  # float32 of either byte order
             problems.append(f"{where}: dataset input_features: dtype {ds.dtype}, expected float32")
         elif ds.ndim != 2 or ds.shape[1] != N_FEATURES:
             problems.append(f"{where}: dataset input_features: shape {ds.shape}, expected [T, {N_FEATURES}]")
@@ -272,19 +272,31 @@ def _open(path: Path) -> h5py.File:
         raise DataError(f"{path}: not a readable HDF5 file (truncated, corrupt or another format): {exc}") from None
 
 
-def iter_file(df: DataFile, strict: bool = True) -> Iterator[tuple[str, Trial | None, list[str]]]:
-    """Yield ``(group name, trial, problems)`` for every trial of a file, in trial order."""
+_DAMAGE = (OSError, KeyError, RuntimeError, ValueError)  # what h5py raises on damaged files
+
+
+def iter_file(df: DataFile) -> Iterator[tuple[str, Trial | None, list[str]]]:
+    """Yield ``(group name, trial, problems)`` for every trial of a file, in trial order.
+
+    Damage anywhere in the file (its index, a trial's header or data) becomes a problem line
+    naming the file and trial, never an h5py exception.
+    """
     with _open(df.path) as f:
-        names = list(f.keys())
+        try:
+            names = list(f.keys())
+        except _DAMAGE as exc:
+            raise DataError(f"{df.path}: cannot list the trials; the file is damaged ({exc})") from None
+        if not names:
+            yield "", None, [f"{df.path}: no trials (an empty data file)"]
         for name in names:
             where = f"{df.path}: {name}"
-            if not TRIAL_RE.match(name) or not isinstance(f[name], h5py.Group):
-                yield name, None, [f"{where}: unexpected entry (expected groups trial_0000, trial_0001, ...)"]
-                continue
             try:
+                if not TRIAL_RE.match(name) or not isinstance(f[name], h5py.Group):
+                    yield name, None, [f"{where}: unexpected entry (expected groups trial_0000, trial_0001, ...)"]
+                    continue
                 trial, problems = check_trial(f[name], where, df.split in LABELLED_SPLITS, df.session)
-            except (OSError, KeyError, RuntimeError) as exc:  # a truncated file fails on read
-                trial, problems = None, [f"{where}: unreadable ({exc}); the file may be truncated"]
+            except _DAMAGE as exc:
+                trial, problems = None, [f"{where}: unreadable, the file is truncated or damaged ({exc})"]
             yield name, trial, problems
 
 

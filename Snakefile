@@ -1,0 +1,31 @@
+# Brain-to-text pipeline. Run: `snakemake --cores all` (config/config.yaml), or
+# `snakemake --cores all --configfile my.yaml`. Each rule calls one `b2txt` command; the
+# logic lives in the package (src/b2txt), not here.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+# Typed parse first: nested `--config` overrides arrive as strings ('7', 'true') and are
+# coerced there; the normalised config is then checked against the JSON schema.
+include: "workflow/rules/common.smk"
+
+
+validate(CFG.model_dump(mode="json"), "workflow/schemas/config.schema.json")
+
+
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/figures.smk"
+
+
+rule all:
+    input:
+        f"{RUN}/scores/val/metrics.json",
+        expand(f"{RUN}/logits/{{split}}.hdf5", split=CFG.infer.splits),
+        rules.figures.output,
+    default_target: True

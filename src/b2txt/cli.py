@@ -1,0 +1,264 @@
+"""``b2txt``: one command per pipeline stage. Snakemake rules and DVC stages call these.
+
+Every command reads files and writes files (atomically); bad input ends with one clear
+message and exit status 2, never a traceback from deep inside a library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .config import DEFAULT_CONFIG, PipelineConfig, config_to_yaml, json_schema, load_config
+from .errors import B2txtError
+
+
+def log(msg: str) -> None:
+    print(f"[b2txt] {msg}", file=sys.stderr, flush=True)
+
+
+def _config(args: argparse.Namespace) -> PipelineConfig:
+    path = args.config
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    cfg = load_config(path)
+    log(f"config: {path or 'built-in defaults'}")
+    return cfg
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help=f"pipeline config YAML (default: {DEFAULT_CONFIG} if present, else built-in defaults)")
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_corpus(args: argparse.Namespace) -> int:
+    from .corpus import CorpusStats, extract_sentences, read_sources, write_sentences
+    from .phonemes import Lexicon
+
+    c = _config(args).corpus
+    out = args.out or Path(c.out)
+    stats = CorpusStats()
+    sentences = extract_sentences(read_sources(c.source_dir, c.files), Lexicon.from_cmudict(),
+                                  c.min_words, c.max_words, stats)
+    if not sentences:
+        raise B2txtError(f"no usable sentences in the corpus sources ({stats.summary()})")
+    write_sentences(out, sentences)
+    log(f"{out}: {stats.summary()}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .corpus import read_sentences
+    from .simulate import simulate
+
+    cfg = _config(args)
+    sim = cfg.simulate if args.seed is None else cfg.simulate.model_copy(update={"seed": args.seed})
+    sentences_path = args.sentences or Path(cfg.corpus.out)
+    sentences = read_sentences(sentences_path)
+    t0 = time.time()
+    out = simulate(sim, sentences, args.out)
+    log(f"{out}: {sim.n_sessions} sessions simulated (seed {sim.seed}) in {time.time() - t0:.1f} s")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .data.validate import validate_dataset
+    from .fileio import write_text_atomic
+
+    report = validate_dataset(args.data_dir)
+    text = f"{args.data_dir}: {report.summary()}\n"
+    if args.report:
+        if report.ok:
+            write_text_atomic(args.report, text)
+        elif Path(args.report).exists():
+            Path(args.report).unlink()  # never leave a stale "clean" report behind
+    if report.ok:
+        log(text.strip())
+        return 0
+    print(text, file=sys.stderr, end="")
+    return 2
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from .data.store import build_manifest, write_manifest
+
+    manifest = build_manifest(args.data)
+    write_manifest(manifest, args.out)
+    counts = manifest.groupby("split").size().to_dict()
+    log(f"{args.out}: {len(manifest)} trials from {manifest['session'].nunique()} sessions {counts}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    tcfg = _config(args).train
+    if args.threads:
+        tcfg = tcfg.model_copy(update={"threads": args.threads})
+    if args.device:
+        tcfg = tcfg.model_copy(update={"device": args.device})
+    best = train(tcfg, args.data, args.manifest, args.out, log=log)
+    log(f"{args.out}: best val PER {best.per:.4f}")
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from .data.store import build_manifest, write_manifest
+    from .infer import infer_split
+
+    if args.manifest is not None:
+        n = infer_split(args.model, args.data, args.manifest, args.split, args.out, args.device, args.batch_size)
+    else:  # a model and a data directory are enough
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="b2txt-manifest-") as tmpdir:
+            manifest = Path(tmpdir) / "manifest.csv"
+            write_manifest(build_manifest(args.data), manifest)
+            n = infer_split(args.model, args.data, manifest, args.split, args.out, args.device, args.batch_size)
+    log(f"{args.out}: logits of {n} {args.split} trials")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .evaluate import phoneme_table, write_scores
+    from .infer import read_logits
+
+    table = phoneme_table(read_logits(args.logits))
+    if table.empty:
+        raise B2txtError(f"{args.logits}: no labelled trials to score")
+    split = args.split or "val"
+    metrics = write_scores(table, args.out, split)
+    log(f"{args.out}: {split} PER {metrics['PER']:.4f} over {metrics['n_trials']} trials")
+    print(json.dumps({"PER": metrics["PER"], "n_trials": metrics["n_trials"]}))
+    return 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    from .figures import make_pipeline_figures
+
+    paths = make_pipeline_figures(args.model, args.scores, args.out, seed=args.seed)
+    log(f"{args.out}: {len(paths)} files")
+    return 0
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if args.out:
+        from .fileio import write_text_atomic
+        write_text_atomic(args.out, text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    sys.stdout.write(config_to_yaml(_config(args)))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="b2txt",
+        description="Brain-to-text pipeline: neural recordings -> phonemes -> text. "
+                    "Each command is one pipeline stage; `snakemake --cores all` or `dvc repro` runs them all.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Stages in order: corpus -> simulate -> validate -> preprocess -> train -> infer -> score -> figures.\n"
+               "Run `b2txt COMMAND --help` for a command's options.")
+    parser.add_argument("--version", action="version", version=f"b2txt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, func, help_: str, description: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=description or help_)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("corpus", cmd_corpus, "extract normalised, pronounceable English sentences (config: corpus)",
+            "Read the corpus source files (default: Debian's fortunes), split them into sentences, normalise "
+            "them and keep those whose every word is in the CMU lexicon. Writes one sentence per line.")
+    _add_config(p)
+    p.add_argument("--out", type=Path, help="sentence file (default: corpus.out of the config)")
+
+    p = add("simulate", cmd_simulate, "simulate a Dryad-format data set of attempted speech (config: simulate)",
+            "Write simulated sessions in the Dryad HDF5 layout (hdf5_data_final/<session>/data_<split>.hdf5), "
+            "the block description CSV and the simulation's ground truth. See `python -m pydoc b2txt.simulate` "
+            "for the generative model.")
+    _add_config(p)
+    p.add_argument("--out", type=Path, required=True, metavar="DATA_DIR", help="output data directory (replaced)")
+    p.add_argument("--seed", type=int, help="override simulate.seed")
+    p.add_argument("--sentences", type=Path, help="sentence file (default: corpus.out of the config)")
+
+    p = add("validate", cmd_validate, "check every file and trial of a Dryad-layout data directory",
+            "Report every problem with file, trial and field. Exit 0 when clean, 2 otherwise.")
+    p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    p.add_argument("--report", type=Path, help="write the summary here when the data are clean")
+
+    p = add("preprocess", cmd_preprocess, "check all trials once and write the trial manifest CSV",
+            "One row per trial: session, split, file, trial, block, length, phoneme count, corpus, "
+            "post-implant day, sentence. Training loads the data into memory from it.")
+    p.add_argument("--data", type=Path, required=True, metavar="DATA_DIR")
+    p.add_argument("--out", type=Path, required=True, metavar="MANIFEST_CSV")
+
+    p = add("train", cmd_train, "train the GRU phoneme decoder with CTC (config: train)",
+            "Writes MODEL_DIR/checkpoint/best_checkpoint, checkpoint/args.yaml (published layout), "
+            "training_log and metrics.csv.")
+    _add_config(p)
+    p.add_argument("--data", type=Path, required=True, metavar="DATA_DIR")
+    p.add_argument("--manifest", type=Path, required=True, metavar="MANIFEST_CSV")
+    p.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (overrides train.threads)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides train.device)")
+
+    p = add("infer", cmd_infer, "phoneme logits of every trial of a split",
+            "Runs a model directory (ours or the published layout) on a data split and writes an HDF5 file "
+            "with one group per trial (logits [T', 41] in model column order, labels when known).")
+    p.add_argument("--model", type=Path, required=True, metavar="MODEL_DIR")
+    p.add_argument("--data", type=Path, required=True, metavar="DATA_DIR")
+    p.add_argument("--split", choices=["train", "val", "test"], required=True)
+    p.add_argument("--out", type=Path, required=True, metavar="LOGITS_HDF5")
+    p.add_argument("--manifest", type=Path, help="manifest CSV (default: built from DATA_DIR)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=32)
+
+    p = add("score", cmd_score, "greedy-CTC phoneme error rate per trial, session and corpus",
+            "Writes per_session.csv, per_corpus.csv, trials.csv and metrics.json to OUT_DIR.")
+    p.add_argument("--logits", type=Path, required=True, metavar="LOGITS_HDF5")
+    p.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
+    p.add_argument("--split", help="split name recorded in metrics.json (default: val)")
+
+    p = add("figures", cmd_figures, "training curve and per-session error figures (PDF + PNG)")
+    p.add_argument("--model", type=Path, required=True, metavar="MODEL_DIR")
+    p.add_argument("--scores", type=Path, required=True, metavar="SCORES_DIR")
+    p.add_argument("--out", type=Path, required=True, metavar="FIG_DIR")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap confidence intervals")
+
+    p = add("config-schema", cmd_config_schema, "print (or write) the JSON schema of the pipeline config")
+    p.add_argument("--out", type=Path, help="write here instead of stdout")
+
+    p = add("config-show", cmd_config_show, "print the effective configuration with every default filled in")
+    _add_config(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except B2txtError as exc:
+        print(f"b2txt {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"b2txt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

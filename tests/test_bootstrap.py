@@ -1,0 +1,33 @@
+"""The bootstrap: idempotent, and without root it names the apt packages to install."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"), reason="needs root to switch to a normal user")
+def test_without_root_missing_packages_are_named(tmp_path):
+    r = subprocess.run(
+        ["runuser", "-u", "nobody", "--", "env", "B2TXT_APT_PACKAGES=redis-server b2txt-no-such-package",
+         "bash", str(ROOT / "scripts" / "bootstrap.sh")],
+        capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "sudo apt-get install -y b2txt-no-such-package" in r.stderr
+    line = next(ln for ln in r.stderr.splitlines() if "apt-get install" in ln)
+    assert "redis-server" not in line  # only what is missing
+
+
+def test_bootstrap_is_idempotent():
+    """In a bootstrapped checkout a second run changes nothing and prints nothing."""
+    stamp = ROOT / ".venv" / ".b2txt-bootstrap"
+    if not stamp.exists():
+        pytest.skip("not running inside a bootstrapped checkout")
+    before = stamp.stat().st_mtime
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "bootstrap.sh")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == ""
+    assert stamp.stat().st_mtime == before

@@ -1,0 +1,49 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from b2txt.evaluate import aggregate, bootstrap_ci, edit_distance
+from b2txt.infer import greedy_decode
+
+
+@pytest.mark.parametrize("hyp,ref,d", [
+    ("", "", 0), ("abc", "abc", 0), ("", "abc", 3), ("abc", "", 3), ("kitten", "sitting", 3),
+    ("flaw", "lawn", 2), ("abcd", "acbd", 2),
+])
+def test_edit_distance_known_cases(hyp, ref, d):
+    assert edit_distance(list(hyp), list(ref)) == d
+    assert edit_distance(list(ref), list(hyp)) == d  # symmetric
+
+
+def test_edit_distance_triangle_inequality():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        a, b, c = (rng.integers(1, 4, size=rng.integers(0, 8)).tolist() for _ in range(3))
+        assert edit_distance(a, c) <= edit_distance(a, b) + edit_distance(b, c)
+
+
+def test_greedy_decode_merges_repeats_and_drops_blanks():
+    path = [0, 5, 5, 0, 5, 7, 7, 0, 0, 40]
+    logits = np.full((len(path), 41), -5.0)
+    logits[np.arange(len(path)), path] = 5.0
+    assert greedy_decode(logits) == [5, 5, 7, 40]
+
+
+def test_aggregate_rate_is_total_edits_over_total_length():
+    table = pd.DataFrame({"session": ["a", "a", "b"], "post_implant_day": [1, 1, 2],
+                          "edits": [1, 3, 0], "ref_len": [10, 10, 5]})
+    per = aggregate(table, "session").set_index("session")
+    assert per.loc["a", "PER"] == pytest.approx(4 / 20)  # not the mean of 0.1 and 0.3
+    assert per.loc["b", "PER"] == 0
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_shrinks_with_more_trials():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(20, 40, size=400)
+    edits = rng.binomial(lengths, 0.2)
+    lo, hi = bootstrap_ci(edits, lengths, seed=0)
+    rate = edits.sum() / lengths.sum()
+    assert lo < rate < hi
+    lo_small, hi_small = bootstrap_ci(edits[:40], lengths[:40], seed=0)
+    assert hi_small - lo_small > hi - lo
+    assert bootstrap_ci(edits, lengths, seed=3) == bootstrap_ci(edits, lengths, seed=3)

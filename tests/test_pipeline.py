@@ -1,0 +1,110 @@
+"""The whole DAG, end to end, on the tiny config: Snakemake and DVC, real tools, real files."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+RUN = "results/tiny"
+pytestmark = pytest.mark.slow
+
+
+def make_project(dest: Path) -> Path:
+    """A copy of the workflow files with the tiny config as config/config.yaml."""
+    for name in ("Snakefile", "dvc.yaml", "workflow", "src", "envs"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
+    (dest / "config").mkdir()
+    shutil.copy(TINY, dest / "config" / "config.yaml")
+    return dest
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, B2TXT_PROGRESS="0",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
+    return r
+
+
+def planned_rules(out: str) -> set[str]:
+    return set(re.findall(r"^(?:local)?rule (\w+):", out, flags=re.MULTILINE)) - {"all"}
+
+
+@pytest.fixture(scope="module")
+def snakemake_project(tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("smk"))
+    run(["snakemake", "--cores", "1"], project)
+    return project
+
+
+def test_snakemake_runs_every_stage(snakemake_project):
+    p = snakemake_project
+    assert "no problems found" in (p / RUN / "validation.txt").read_text()
+    manifest = pd.read_csv(p / RUN / "manifest.csv")
+    assert set(manifest["split"]) == {"train", "val", "test"}
+    assert (p / RUN / "model/checkpoint/best_checkpoint").is_file()
+    assert (p / RUN / "model/checkpoint/args.yaml").is_file()
+    for split in ("val", "test"):
+        assert (p / RUN / f"logits/{split}.hdf5").is_file()
+    metrics = json.loads((p / RUN / "scores/val/metrics.json").read_text())
+    assert metrics["n_trials"] == (manifest["split"] == "val").sum() and metrics["PER"] >= 0
+    per_session = pd.read_csv(p / RUN / "scores/val/per_session.csv")
+    assert set(per_session["session"]) == set(manifest["session"])
+    for name in ("training_curve", "per_session_per"):
+        for ext in ("pdf", "png"):
+            assert (p / RUN / f"figures/{name}.{ext}").stat().st_size > 1000
+
+
+def test_second_run_does_nothing(snakemake_project):
+    r = run(["snakemake", "--cores", "1"], snakemake_project)
+    assert "Nothing to be done" in r.stdout + r.stderr
+
+
+def test_changed_train_params_rerun_only_downstream(snakemake_project):
+    r = run(["snakemake", "-n", "--cores", "1", "--config", "train={seed: 11}"], snakemake_project)
+    assert planned_rules(r.stdout) == {"train", "infer", "score", "figures"}
+    r = run(["snakemake", "-n", "--cores", "1", "--config", "simulate={seed: 4}"], snakemake_project)
+    assert planned_rules(r.stdout) == {"simulate", "validate", "preprocess", "train", "infer", "score", "figures"}
+
+
+def test_bad_config_stops_before_anything_runs(snakemake_project):
+    r = run(["snakemake", "-n", "--cores", "1", "--config", "train={batch_size: 0}"], snakemake_project, check=False)
+    assert r.returncode != 0 and "train.batch_size" in r.stdout + r.stderr
+
+
+def test_report_is_self_contained(snakemake_project):
+    run(["snakemake", "--cores", "1", "--report", "report.html"], snakemake_project)
+    html = (snakemake_project / "report.html").read_text(errors="replace")
+    assert "per_session_per.png" in html
+
+
+def test_dvc_repro_runs_the_same_stages_with_the_same_results(snakemake_project, tmp_path):
+    project = make_project(tmp_path)
+    run(["git", "init", "-q"], project)
+    run(["dvc", "init", "-q"], project)
+    run(["dvc", "config", "core.analytics", "false"], project)
+    r = run(["dvc", "repro"], project)
+    stages = set(re.findall(r"Running stage '([\w@]+)'", r.stdout))
+    assert stages == {"corpus", "simulate", "validate", "preprocess", "train", "infer@val", "infer@test",
+                      "score", "figures"}
+    for rel in ("manifest.csv", "scores/val/per_session.csv", "scores/val/trials.csv"):
+        assert (project / RUN / rel).read_text() == (snakemake_project / RUN / rel).read_text(), rel
+    assert "up to date" in run(["dvc", "status"], project).stdout.lower()
+    shown = run(["dvc", "metrics", "show", "--json"], project).stdout
+    assert "PER" in shown
+
+
+def test_workflow_passes_snakemake_lint(tmp_path):
+    project = make_project(tmp_path)
+    r = run(["snakemake", "--lint"], project, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -3,7 +3,7 @@
 The published trainer opens the session files for each batch; b2txt loads a split into memory
 once (`TrialStore`). Both are timed side by side in one run on the same simulated data; the
 ratio is what to compare (these machines are noisy). Also prints the one-off load time and the
-resident memory the store costs.
+memory the store holds (the sum of its arrays).
 
     python benchmarks/data_loading.py [--data DATA_DIR] [--batches 50] [--batch-size 64]
 """
@@ -11,25 +11,15 @@ resident memory the store costs.
 from __future__ import annotations
 
 import argparse
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 from b2txt.config import SimulateConfig
 from b2txt.data.store import DayBatchSampler, TrialStore, build_manifest
 from b2txt.transforms import pad_batch
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def simulated(tmp: Path) -> Path:
@@ -51,11 +41,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or simulated(Path(tmp))
         manifest = build_manifest(data)
-        before = rss_mb()
         t0 = time.perf_counter()
         store = TrialStore.load(data, manifest, "train")
         load_s = time.perf_counter() - t0
-        store_mb = rss_mb() - before
+        store_mb = sum(f.nbytes + (0 if lab is None else lab.nbytes)
+                       for f, lab in zip(store.features, store.labels)) / 2**20
         sampler = DayBatchSampler(store, args.batch_size, 4, seed=0)
         batches = [sampler.next_batch() for _ in range(args.batches)]
 
@@ -76,7 +66,7 @@ def main() -> None:
 
     n_bins = sum(f.shape[0] for f in store.features)
     print(f"train trials: {len(store)}, bins: {n_bins}, feature bytes: {n_bins * 512 * 4 / 2**20:.0f} MiB")
-    print(f"one-off store load: {load_s:.2f} s, resident memory added: {store_mb:.0f} MiB")
+    print(f"one-off store load: {load_s:.2f} s, store holds {store_mb:.0f} MiB")
     print(f"batch of {args.batch_size}: in-memory {1000 * mem_s:.1f} ms, per-batch HDF5 {1000 * h5_s:.1f} ms, "
           f"ratio {h5_s / mem_s:.1f}x")
 

@@ -479,33 +479,21 @@ def _object_address(path: Path, name: str) -> int:
         return h5py.h5o.get_info(f[name].id).addr
 
 
-def test_corrupted_trial_header_is_a_data_error(make_trial_file):
-    """Damage inside the file (not a truncation): a trial group's object header is overwritten.
+@pytest.mark.parametrize("obj", ["trial_0001", "trial_0001/input_features"])
+def test_corrupted_object_header_is_a_data_error(make_trial_file, obj):
+    """Damage inside the file (not a truncation): a group's or dataset's header is overwritten.
 
-    h5py then fails when the group is opened; that must become a DataError naming the file and
+    h5py then fails when the object is opened; that must become a DataError naming the file and
     the trial, and validation must report it instead of crashing.
     """
     path = make_trial_file("train")
-    addr = _object_address(path, "trial_0001")
+    addr = _object_address(path, obj)
     data = bytearray(path.read_bytes())
     data[addr: addr + 16] = b"\xff" * 16
     path.write_bytes(bytes(data))
     with pytest.raises(DataError) as exc:
         read_file(data_file(path))
     assert str(path) in str(exc.value) and "trial_0001" in str(exc.value)
-    report = validate_dataset(root_of(path))
-    assert problems_mentioning(report, str(path), "trial_0001")
-
-
-def test_corrupted_dataset_header_is_a_data_error(make_trial_file):
-    path = make_trial_file("train")
-    addr = _object_address(path, "trial_0001/input_features")
-    data = bytearray(path.read_bytes())
-    data[addr: addr + 16] = b"\xff" * 16
-    path.write_bytes(bytes(data))
-    with pytest.raises(DataError) as exc:
-        read_file(data_file(path))
-    assert "trial_0001" in str(exc.value)
     assert problems_mentioning(validate_dataset(root_of(path)), str(path), "trial_0001")
 
 

@@ -108,3 +108,9 @@ def test_workflow_passes_snakemake_lint(tmp_path):
     project = make_project(tmp_path)
     r = run(["snakemake", "--lint"], project, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_existing_data_directory_skips_corpus_and_simulation(tmp_path, tiny_sim):
+    project = make_project(tmp_path)
+    r = run(["snakemake", "-n", "--cores", "1", "--config", f"data={{source: dir, dir: {tiny_sim}}}"], project)
+    assert planned_rules(r.stdout) == {"validate", "preprocess", "train", "infer", "score", "figures"}

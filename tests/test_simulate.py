@@ -18,7 +18,7 @@ from b2txt.data.description import DESCRIPTION_FILE, read_description
 from b2txt.data.dryad import DATA_SUBDIR, discover, read_file, session_date
 from b2txt.errors import B2txtError, UnknownWordsError
 from b2txt.phonemes import PHONEME_TO_ID, SIL_ID
-from b2txt.simulate import FIFTY_WORDS, TRUTH_FILE, NeuralModel, plan, session_days, simulate
+from b2txt.simulate import FIFTY_WORDS, TRUTH_FILE, NeuralModel, SentenceSource, plan, session_days, simulate
 
 SESSION_RE = re.compile(r"^t15\.\d{4}\.\d{2}\.\d{2}$")
 
@@ -82,7 +82,7 @@ def test_trials_are_keyed_by_seed_session_block_trial(tiny_sim, tiny_sim_config,
     cfg = tiny_sim_config
     rng = np.random.default_rng(cfg.seed)
     model = NeuralModel(cfg.neural, rng)
-    blocks = plan(cfg, sentences, lexicon, rng)
+    blocks = plan(cfg, SentenceSource(sentences, lexicon, cfg, rng), rng)
     states = model.sessions(session_days(cfg), rng)
     truth = pd.read_csv(tiny_sim / TRUTH_FILE)
     sessions = sorted({b.session for b in blocks})

@@ -62,7 +62,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     sentences_path = args.sentences or Path(cfg.corpus.out)
     sentences = read_sentences(sentences_path)
     t0 = time.time()
-    out = simulate(sim, sentences, args.out)
+    out = simulate(sim, sentences, args.out, log=log)
     log(f"{out}: {sim.n_sessions} sessions simulated (seed {sim.seed}) in {time.time() - t0:.1f} s")
     return 0
 
@@ -119,7 +119,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
         with tempfile.TemporaryDirectory(prefix="b2txt-manifest-") as tmpdir:
             manifest = Path(tmpdir) / "manifest.csv"
-            write_manifest(build_manifest(args.data), manifest)
+            write_manifest(build_manifest(args.data, [args.split]), manifest)
             n = infer_split(args.model, args.data, manifest, args.split, args.out, args.device, args.batch_size)
     log(f"{args.out}: logits of {n} {args.split} trials")
     return 0

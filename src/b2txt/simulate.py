@@ -53,7 +53,7 @@ import torch
 from .config import NeuralModelConfig, SimulateConfig, config_to_yaml
 from .data.description import DESCRIPTION_FILE, Block, write_description
 from .data.dryad import DATA_SUBDIR, Trial, session_name, write_trials
-from .errors import B2txtError
+from .errors import B2txtError, UnknownWordsError
 from .fileio import atomic_dir, progress
 from .phonemes import N_CLASSES, SIL_ID, Lexicon
 
@@ -230,8 +230,7 @@ class SentenceSource:
                 for _ in range(n)]
 
 
-def plan(cfg: SimulateConfig, sentences: list[str], lexicon: Lexicon, rng: np.random.Generator) -> list[PlannedBlock]:
-    source = SentenceSource(sentences, lexicon, cfg, rng)
+def plan(cfg: SimulateConfig, source: SentenceSource, rng: np.random.Generator) -> list[PlannedBlock]:
     names = list(cfg.corpus_mix)
     weights = np.asarray([cfg.corpus_mix[n] for n in names], dtype=float)
     weights /= weights.sum()
@@ -247,12 +246,19 @@ def plan(cfg: SimulateConfig, sentences: list[str], lexicon: Lexicon, rng: np.ra
     return blocks
 
 
-def simulate(cfg: SimulateConfig, sentences: list[str], out_dir: str | Path, lexicon: Lexicon | None = None) -> Path:
+def simulate(cfg: SimulateConfig, sentences: list[str], out_dir: str | Path, lexicon: Lexicon | None = None,
+             log=lambda msg: None) -> Path:
     """Write a simulated data set in the Dryad layout to ``out_dir`` (atomically)."""
     lexicon = lexicon or Lexicon.from_cmudict()
+    unknown = lexicon.unknown_words({w for s in sentences for w in s.split()})
+    if unknown:
+        raise UnknownWordsError(unknown, "the simulator's sentences (use `b2txt corpus` to make a usable file)")
     rng = np.random.default_rng(cfg.seed)
     model = NeuralModel(cfg.neural, rng)
-    blocks = plan(cfg, sentences, lexicon, rng)
+    source = SentenceSource(sentences, lexicon, cfg, rng)
+    blocks = plan(cfg, source, rng)
+    if source.reused:
+        log(f"warning: {len(source.pool)} distinct sentences for {cfg.n_sessions} sessions: some sentences repeat")
     states = model.sessions(session_days(cfg), rng)
     total = sum(len(b.sentences) for b in blocks)
     bar = progress(desc="simulate", total=total, unit="trial")

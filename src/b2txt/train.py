@@ -137,7 +137,7 @@ class ValResult:
     per_session: dict[str, float] = field(default_factory=dict)
 
 
-def validate(model: GRUDecoder, store: TrialStore, kernel: torch.Tensor | None, device: torch.device,
+def validation_pass(model: GRUDecoder, store: TrialStore, kernel: torch.Tensor | None, device: torch.device,
              batch_size: int = 32) -> ValResult:
     """Greedy-CTC phoneme error rate (total edits / total reference length) and CTC loss."""
     logits = run_model(model, store.features, store.day_idx, kernel, device, batch_size)
@@ -157,8 +157,8 @@ def validate(model: GRUDecoder, store: TrialStore, kernel: torch.Tensor | None, 
     return ValResult(loss_sum / max(len(logits), 1), float(edits.sum() / total) if total else float("nan"), per_session)
 
 
-def _trainable_trials(store: TrialStore, cfg: TrainConfig) -> list[str]:
-    """Warn-worthy trials: too short for one output or for their label sequence under CTC."""
+def _too_short_for_ctc(store: TrialStore, cfg: TrainConfig) -> list[str]:
+    """Trials with fewer model outputs than labels: CTC cannot align them (zero loss)."""
     notes = []
     for i, (f, lab) in enumerate(zip(store.features, store.labels)):
         n_out = (f.shape[0] - cfg.augment.random_cut - cfg.model.patch_size) // cfg.model.patch_stride + 1
@@ -182,7 +182,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, manifest_path: str | Path, out
     val_store = TrialStore.load(data_dir, manifest, "val", sessions)
     if len(train_store) == 0:
         raise B2txtError(f"{manifest_path}: no training trials")
-    short = _trainable_trials(train_store, cfg)
+    short = _too_short_for_ctc(train_store, cfg)
     if short:
         log(f"warning: {len(short)} training trial(s) are too short for CTC and will add no loss, e.g. {short[0]}")
 
@@ -250,7 +250,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, manifest_path: str | Path, out
                 note(f"step {step + 1}: train loss {row['train_loss']:.4f}, grad norm {row['grad_norm']:.2f}, "
                      f"lr {row['lr']:.2e}, {row['seconds']:.0f} s")
             if (step + 1) % cfg.batches_per_val_step == 0 or last:
-                val = validate(model, val_store, kernel, device) if len(val_store) else ValResult(float("nan"), float("nan"))
+                val = validation_pass(model, val_store, kernel, device) if len(val_store) else ValResult(float("nan"), float("nan"))
                 if not metrics or metrics[-1]["step"] != step + 1:
                     metrics.append({"step": step + 1, "train_loss": float("nan"), "lr": sched.get_last_lr()[0],
                                     "grad_norm": float("nan"), "seconds": time.time() - t0})

@@ -24,9 +24,14 @@ MANIFEST_COLUMNS = [
 ]
 
 
-def build_manifest(data_dir: str | Path) -> pd.DataFrame:
-    """Read and check every trial; one manifest row per trial (raises on any problem)."""
+def build_manifest(data_dir: str | Path, splits: Sequence[str] | None = None) -> pd.DataFrame:
+    """Read and check every trial (of ``splits``, default all); one row per trial.
+
+    Raises :class:`DataError` listing every problem found.
+    """
     files, problems = discover(data_dir)
+    if splits is not None:
+        files = [f for f in files if f.split in splits]
     if problems:
         raise DataError(f"{data_dir}: layout problems", problems)
     desc_path = find_description(data_dir)

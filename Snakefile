@@ -1,5 +1,5 @@
-# Brain-to-text pipeline. Run: `snakemake --cores all` (config/config.yaml), or
-# `snakemake --cores all --configfile my.yaml`. Each rule calls one `b2txt` command; the
+# Brain-to-text pipeline. Run: `snakemake --cores all` (config/config.yaml + the baseline
+# training preset), or `snakemake --cores all --configfile my.yaml` to override. Each rule calls one `b2txt` command; the
 # logic lives in the package (src/b2txt), not here.
 from snakemake.utils import min_version, validate
 
@@ -7,6 +7,8 @@ min_version("9.0")
 
 
 configfile: "config/config.yaml"
+# The training preset; `--configfile config/model/triple.yaml` (or paper.yaml) overrides it.
+configfile: "config/model/baseline.yaml"
 
 
 # Typed parse first: nested `--config` overrides arrive as strings ('7', 'true') and are
@@ -21,6 +23,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/calibrate.smk"
 
 
 rule all:
@@ -28,4 +31,5 @@ rule all:
         f"{RUN}/scores/val/metrics.json",
         expand(f"{RUN}/logits/{{split}}.hdf5", split=CFG.infer.splits),
         rules.figures.output,
+        rules.calibrate.output if CFG.calibrate.enabled else [],
     default_target: True

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from b2txt.config import json_schema, load_config, parse_config, section_config_file
+from b2txt.config import ModelConfig, TrainConfig, json_schema, load_config, parse_config, section_config_file
 from b2txt.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,16 +15,41 @@ def test_schema_file_is_generated_from_the_typed_config():
     assert on_disk == json_schema(), "run `b2txt config-schema --out workflow/schemas/config.schema.json`"
 
 
-@pytest.mark.parametrize("name", ["config/config.yaml", "tests/configs/tiny.yaml"])
-def test_shipped_configs_are_valid(name):
-    cfg = load_config(ROOT / name)
+BASE = [ROOT / "config/config.yaml", ROOT / "config/model/baseline.yaml"]
+
+
+@pytest.mark.parametrize("overlay", [[], ["tests/configs/tiny.yaml"], ["config/model/triple.yaml"],
+                                     ["config/model/paper.yaml"]])
+def test_shipped_configs_are_valid(overlay):
+    cfg = load_config(BASE + [ROOT / o for o in overlay])
     assert cfg.train.num_training_batches >= 1
     assert cfg.data.source == "simulated"
 
 
-def test_default_config_file_sets_every_section_explicitly():
+def test_presets_are_complete_train_sections():
+    """Each preset sets every train knob, so it means the same alone or merged."""
+    triple_only = {"adversarial_weight", "noise_units", "noise_layers", "noisy_units", "noisy_layers", "grl_scale"}
+    for name in ("baseline", "paper", "triple"):
+        train = yaml.safe_load((ROOT / f"config/model/{name}.yaml").read_text())["train"]
+        keys = set(train) | set(train["model"])
+        wanted = set(TrainConfig.model_fields) | set(ModelConfig.model_fields)
+        assert keys == (wanted if name == "triple" else wanted - triple_only), name
+    assert load_config(ROOT / "config/model/triple.yaml").train.model.architecture == "triple"
+    paper = load_config(ROOT / "config/model/paper.yaml").train
+    assert (paper.model.n_units, paper.model.n_layers, paper.batch_size, paper.num_training_batches) == (768, 5, 64, 120000)
+
+
+def test_default_config_file_sets_every_other_section_explicitly():
     raw = yaml.safe_load((ROOT / "config/config.yaml").read_text())
-    assert set(raw) == {"run", "data", "corpus", "simulate", "train", "infer"}
+    assert set(raw) == {"run", "data", "corpus", "simulate", "infer", "calibrate"}
+
+
+def test_later_files_override_earlier_ones(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("train: {seed: 1, batch_size: 8, model: {n_units: 10, n_layers: 1}}\n")
+    b.write_text("train: {seed: 2, model: {n_units: 20}}\n")
+    cfg = load_config([a, b]).train
+    assert (cfg.seed, cfg.batch_size, cfg.model.n_units, cfg.model.n_layers) == (2, 8, 20, 1)
 
 
 def test_unknown_key_is_an_error_naming_it():

@@ -6,7 +6,8 @@ import torch
 import yaml
 
 from b2txt.errors import B2txtError
-from b2txt.infer import load_model, run_model
+from b2txt.checkpoint import load_model
+from b2txt.infer import run_model
 from b2txt.models import GRUDecoder, GRUDecoderConfig, output_lengths
 
 CFG = GRUDecoderConfig(n_days=3, neural_dim=512, n_units=12, n_layers=2, patch_size=5, patch_stride=3)

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
+
+from b2txt.config import merge, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
@@ -18,12 +21,19 @@ pytestmark = pytest.mark.slow
 
 
 def make_project(dest: Path) -> Path:
-    """A copy of the workflow files with the tiny config as config/config.yaml."""
-    for name in ("Snakefile", "dvc.yaml", "workflow", "src", "envs"):
+    """A copy of the workflow files whose config files carry the tiny config's values.
+
+    The tiny values go into the files both tools read (config/config.yaml and the training
+    preset), so Snakemake and `dvc repro` run the same configuration without flags.
+    """
+    for name in ("Snakefile", "dvc.yaml", "workflow", "src", "envs", "config"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
-    (dest / "config").mkdir()
-    shutil.copy(TINY, dest / "config" / "config.yaml")
+    tiny = read_yaml(TINY)
+    base = dest / "config" / "config.yaml"
+    preset = dest / "config" / "model" / "baseline.yaml"
+    base.write_text(yaml.safe_dump(merge(read_yaml(base), {k: v for k, v in tiny.items() if k != "train"})))
+    preset.write_text(yaml.safe_dump(merge(read_yaml(preset), {"train": tiny["train"]})))
     return dest
 
 
@@ -57,9 +67,13 @@ def test_snakemake_runs_every_stage(snakemake_project):
     for split in ("val", "test"):
         assert (p / RUN / f"logits/{split}.hdf5").is_file()
     metrics = json.loads((p / RUN / "scores/val/metrics.json").read_text())
-    assert metrics["n_trials"] == (manifest["split"] == "val").sum() and metrics["PER"] >= 0
+    assert 0 < metrics["n_trials"] < (manifest["split"] == "val").sum() and metrics["PER"] >= 0
     per_session = pd.read_csv(p / RUN / "scores/val/per_session.csv")
-    assert set(per_session["session"]) == set(manifest["session"])
+    held_out = sorted(manifest["session"].unique())[-1]  # the preset holds out the last session
+    assert set(per_session["session"]) == set(manifest["session"]) - {held_out}
+    calibration = pd.read_csv(p / RUN / "calibration/calibration.csv")
+    assert calibration["n_sentences"].tolist() == [0, 2, 4] and (calibration["session"] == held_out).all()
+    assert (p / RUN / "calibration/model/checkpoint/best_checkpoint").is_file()
     for name in ("training_curve", "per_session_per"):
         for ext in ("pdf", "png"):
             assert (p / RUN / f"figures/{name}.{ext}").stat().st_size > 1000
@@ -72,9 +86,12 @@ def test_second_run_does_nothing(snakemake_project):
 
 def test_changed_train_params_rerun_only_downstream(snakemake_project):
     r = run(["snakemake", "-n", "--cores", "1", "--config", "train={seed: 11}"], snakemake_project)
-    assert planned_rules(r.stdout) == {"train", "infer", "score", "figures"}
+    assert planned_rules(r.stdout) == {"train", "infer", "score", "figures", "calibrate"}
+    r = run(["snakemake", "-n", "--cores", "1", "--config", "calibrate={steps: 4}"], snakemake_project)
+    assert planned_rules(r.stdout) == {"calibrate"}
     r = run(["snakemake", "-n", "--cores", "1", "--config", "simulate={seed: 4}"], snakemake_project)
-    assert planned_rules(r.stdout) == {"simulate", "validate", "preprocess", "train", "infer", "score", "figures"}
+    assert planned_rules(r.stdout) == {"simulate", "validate", "preprocess", "train", "infer", "score", "figures",
+                                       "calibrate"}
 
 
 def test_bad_config_stops_before_anything_runs(snakemake_project):
@@ -96,8 +113,8 @@ def test_dvc_repro_runs_the_same_stages_with_the_same_results(snakemake_project,
     r = run(["dvc", "repro"], project)
     stages = set(re.findall(r"Running stage '([\w@]+)'", r.stdout))
     assert stages == {"corpus", "simulate", "validate", "preprocess", "train", "infer@val", "infer@test",
-                      "score", "figures"}
-    for rel in ("manifest.csv", "scores/val/per_session.csv", "scores/val/trials.csv"):
+                      "score", "figures", "calibrate"}
+    for rel in ("manifest.csv", "scores/val/per_session.csv", "scores/val/trials.csv", "calibration/calibration.csv"):
         assert (project / RUN / rel).read_text() == (snakemake_project / RUN / rel).read_text(), rel
     assert "up to date" in run(["dvc", "status"], project).stdout.lower()
     shown = run(["dvc", "metrics", "show", "--json"], project).stdout
@@ -113,4 +130,4 @@ def test_workflow_passes_snakemake_lint(tmp_path):
 def test_existing_data_directory_skips_corpus_and_simulation(tmp_path, tiny_sim):
     project = make_project(tmp_path)
     r = run(["snakemake", "-n", "--cores", "1", "--config", f"data={{source: dir, dir: {tiny_sim}}}"], project)
-    assert planned_rules(r.stdout) == {"validate", "preprocess", "train", "infer", "score", "figures"}
+    assert planned_rules(r.stdout) == {"validate", "preprocess", "train", "infer", "score", "figures", "calibrate"}

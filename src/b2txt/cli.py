@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import DEFAULT_CONFIG, PipelineConfig, config_to_yaml, json_schema, load_config
+from .config import DEFAULT_CONFIGS, PipelineConfig, config_to_yaml, json_schema, load_config
 from .errors import B2txtError
 
 
@@ -22,17 +22,19 @@ def log(msg: str) -> None:
 
 
 def _config(args: argparse.Namespace) -> PipelineConfig:
-    path = args.config
-    if path is None and DEFAULT_CONFIG.is_file():
-        path = DEFAULT_CONFIG
-    cfg = load_config(path)
-    log(f"config: {path or 'built-in defaults'}")
+    paths = args.config
+    if not paths:
+        paths = [p for p in DEFAULT_CONFIGS if p.is_file()] or None
+    cfg = load_config(paths)
+    log(f"config: {' + '.join(map(str, paths)) if paths else 'built-in defaults'}")
     return cfg
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=None, metavar="FILE",
-                   help=f"pipeline config YAML (default: {DEFAULT_CONFIG} if present, else built-in defaults)")
+    default = " + ".join(map(str, DEFAULT_CONFIGS))
+    p.add_argument("--config", type=Path, action="append", metavar="FILE",
+                   help=f"config YAML; repeat to merge several, later ones override (default: {default} "
+                        "where present, else built-in defaults)")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -112,16 +114,33 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from .data.store import build_manifest, write_manifest
     from .infer import infer_split
 
+    def run(manifest: Path) -> int:
+        return infer_split(args.model, args.data, manifest, args.split, args.out, args.device, args.batch_size,
+                           args.known_sessions_only, log)
+
     if args.manifest is not None:
-        n = infer_split(args.model, args.data, args.manifest, args.split, args.out, args.device, args.batch_size)
+        n = run(args.manifest)
     else:  # a model and a data directory are enough
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="b2txt-manifest-") as tmpdir:
             manifest = Path(tmpdir) / "manifest.csv"
             write_manifest(build_manifest(args.data, [args.split]), manifest)
-            n = infer_split(args.model, args.data, manifest, args.split, args.out, args.device, args.batch_size)
+            n = run(manifest)
     log(f"{args.out}: logits of {n} {args.split} trials")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+
+    ccfg = _config(args).calibrate
+    if args.session is not None:
+        ccfg = ccfg.model_copy(update={"session": int(args.session) if args.session.lstrip("-").isdigit() else args.session})
+    if args.n_sentences:
+        ccfg = ccfg.model_copy(update={"n_sentences": args.n_sentences})
+    table = calibrate(args.model, args.data, args.manifest, ccfg, args.out, args.device, log)
+    print(table[["session", "n_sentences", "PER"]].to_string(index=False))
     return 0
 
 
@@ -170,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Brain-to-text pipeline: neural recordings -> phonemes -> text. "
                     "Each command is one pipeline stage; `snakemake --cores all` or `dvc repro` runs them all.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Stages in order: corpus -> simulate -> validate -> preprocess -> train -> infer -> score -> figures.\n"
+        epilog="Stages in order: corpus -> simulate -> validate -> preprocess -> train -> infer -> score -> figures;\n"
+               "calibrate adapts a trained model to a held-out session.\n"
                "Run `b2txt COMMAND --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"b2txt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -214,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", type=Path, required=True, metavar="MANIFEST_CSV")
     p.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR")
     p.add_argument("--threads", type=int, help="CPU threads for torch (overrides train.threads)")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides train.device)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or xla (overrides train.device)")
 
     p = add("infer", cmd_infer, "phoneme logits of every trial of a split",
             "Runs a model directory (ours or the published layout) on a data split and writes an HDF5 file "
@@ -224,8 +244,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "val", "test"], required=True)
     p.add_argument("--out", type=Path, required=True, metavar="LOGITS_HDF5")
     p.add_argument("--manifest", type=Path, help="manifest CSV (default: built from DATA_DIR)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or xla")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--known-sessions-only", action="store_true",
+                   help="skip (and report) trials of sessions the model was not trained on, instead of failing")
+
+    p = add("calibrate", cmd_calibrate, "fit a new session's day layer from its first N sentences (config: calibrate)",
+            "Rapid calibration: for each N in calibrate.n_sentences, add a day layer for a session the model "
+            "never saw, fit it on the session's first N labelled sentences and measure PER on its val trials. "
+            "Writes OUT_DIR/calibration.csv, calibration.{pdf,png} and OUT_DIR/model (calibrated with the largest N).")
+    _add_config(p)
+    p.add_argument("--model", type=Path, required=True, metavar="MODEL_DIR")
+    p.add_argument("--data", type=Path, required=True, metavar="DATA_DIR")
+    p.add_argument("--manifest", type=Path, required=True, metavar="MANIFEST_CSV")
+    p.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
+    p.add_argument("--session", help="session name or index (overrides calibrate.session)")
+    p.add_argument("--n-sentences", type=int, nargs="+", help="overrides calibrate.n_sentences")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
 
     p = add("score", cmd_score, "greedy-CTC phoneme error rate per trial, session and corpus",
             "Writes per_session.csv, per_corpus.csv, trials.csv and metrics.json to OUT_DIR.")

@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import ConfigError
 
-DEFAULT_CONFIG = Path("config/config.yaml")
 
 
 class Section(BaseModel):
@@ -115,14 +114,24 @@ class SimulateConfig(Section):
 
 
 class ModelConfig(Section):
-    """GRU phoneme decoder (REFERENCE §3); the paper's model is n_units 768, n_layers 5."""
+    """Phoneme decoder architecture (REFERENCE §3); the paper's GRU is n_units 768, n_layers 5.
 
+    ``triple`` (TripleGRUDecoder) adds a noise GRU and a noisy-speech GRU (``noise_*``,
+    ``noisy_*``); ``n_units``/``n_layers`` then size its clean-speech GRU.
+    """
+
+    architecture: Literal["gru", "triple"] = "gru"
     n_units: int = Field(768, ge=1)
     n_layers: int = Field(5, ge=1)
     rnn_dropout: float = Field(0.4, ge=0, lt=1)
     input_dropout: float = Field(0.2, ge=0, lt=1)
     patch_size: int = Field(14, ge=1)
     patch_stride: int = Field(4, ge=1)
+    noise_units: int = Field(256, ge=1)
+    noise_layers: int = Field(2, ge=1)
+    noisy_units: int = Field(256, ge=1)
+    noisy_layers: int = Field(2, ge=1)
+    grl_scale: float = Field(1.0, description="gradient-reversal scale between noise and noisy head")
 
 
 class AugmentConfig(Section):
@@ -144,6 +153,11 @@ class TrainConfig(Section):
     batch_size: int = Field(64, ge=1)
     days_per_batch: int = Field(4, ge=1)
     must_include_days: list[int] = Field(default_factory=list)
+    length_bucketing: bool = Field(True, description="draw each batch's trials at one length quantile (less padding)")
+    feature_subset: list[int] | None = Field(None, description="feature indices to use (default: all 512)")
+    holdout_sessions: list[int | str] = Field(
+        default_factory=list, description="sessions left out of training (names or indices, -1 = last), e.g. for calibrate")
+    adversarial_weight: float = Field(0.5, ge=0, description="triple: weight of the noisy-head CTC term")
     lr_scheduler_type: Literal["cosine", "linear"] = "cosine"
     lr_max: float = Field(0.005, gt=0)
     lr_min: float = Field(0.0001, ge=0)
@@ -162,9 +176,24 @@ class TrainConfig(Section):
     batches_per_train_log: int = Field(200, ge=1)
     batches_per_val_step: int = Field(2000, ge=1)
     early_stopping_val_steps: int | None = Field(None, ge=1)
+    batches_per_checkpoint: int = Field(500, ge=1, description="resume checkpoint interval")
+    xla_pad_multiple: int = Field(64, ge=1, description="xla: pad batch lengths to a multiple (static shapes)")
     amp: Literal["auto", "bf16", "off"] = "auto"
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N, xla")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores given)")
+
+
+class CalibrateConfig(Section):
+    """Rapid calibration: fit a new session's day layer from its first N labelled sentences."""
+
+    enabled: bool = True
+    session: int | str = Field(-1, description="the held-out session (name or index into all sessions)")
+    n_sentences: list[int] = Field(default_factory=lambda: [0, 10, 25, 50])
+    steps: int = Field(150, ge=0)
+    batch_size: int = Field(10, ge=1)
+    lr: float = Field(0.005, gt=0)
+    fit: Literal["day", "all"] = Field("day", description="day: only the new day layer; all: the whole model")
+    seed: int = 0
 
 
 class InferConfig(Section):
@@ -179,6 +208,7 @@ class PipelineConfig(Section):
     simulate: SimulateConfig = SimulateConfig()
     train: TrainConfig = TrainConfig()
     infer: InferConfig = InferConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
 
     @property
     def results_dir(self) -> Path:
@@ -200,10 +230,21 @@ def parse_config(raw: dict[str, Any] | None, source: str = "config") -> Pipeline
         raise ConfigError(_format_error(exc, source)) from None
 
 
-def load_config(path: str | Path | None) -> PipelineConfig:
-    """Load a pipeline config; ``None`` gives the defaults."""
-    if path is None:
-        return PipelineConfig()
+DEFAULT_CONFIGS = (Path("config/config.yaml"), Path("config/model/baseline.yaml"))
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge (mappings merge key by key; anything else is replaced), as Snakemake does."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -213,7 +254,19 @@ def load_config(path: str | Path | None) -> PipelineConfig:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    return parse_config(raw, str(path))
+    return raw or {}
+
+
+def load_config(paths: str | Path | list | tuple | None) -> PipelineConfig:
+    """Load and merge config files in order (later ones override); ``None`` gives the defaults."""
+    if paths is None:
+        return PipelineConfig()
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    raw: dict[str, Any] = {}
+    for path in paths:
+        raw = merge(raw, read_yaml(path))
+    return parse_config(raw, " + ".join(str(p) for p in paths))
 
 
 def config_to_yaml(cfg: BaseModel) -> str:

@@ -85,3 +85,16 @@ def make_pipeline_figures(model_dir: str | Path, scores_dir: str | Path, out_dir
     paths = save(training_curve(_read_csv(Path(model_dir) / "metrics.csv")), out_dir, "training_curve")
     paths += save(per_session_per(_read_csv(Path(scores_dir) / "trials.csv"), seed), out_dir, "per_session_per")
     return paths
+
+
+def calibration_curve(table: pd.DataFrame) -> plt.Figure:
+    """Held-out session PER against the number of calibration sentences."""
+    fig, ax = plt.subplots(figsize=(3.6, 3))
+    ax.plot(table["n_sentences"], 100 * table["PER"], marker="o", color="tab:blue")
+    ax.set_xlabel("calibration sentences")
+    ax.set_ylabel("phoneme error rate (%)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"New session {table['session'].iloc[0]}", fontsize=9)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig

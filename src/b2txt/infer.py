@@ -17,14 +17,13 @@ import h5py
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
 from .data.store import TrialStore, read_manifest
 from .errors import B2txtError
 from .fileio import atomic_file, progress
-from .models import GRUDecoder, GRUDecoderConfig
+from .models import GRUDecoder
 from .phonemes import BLANK_ID, N_CLASSES
-from .transforms import gaussian_kernel, pad_batch, smooth
+from .transforms import pad_batch, smooth
 
 
 def greedy_decode(logits: np.ndarray) -> list[int]:
@@ -41,69 +40,21 @@ def run_model(model: GRUDecoder, features: Sequence[np.ndarray], day_idx: Sequen
               show_progress: bool = False) -> list[np.ndarray]:
     """Logits per trial. Trials are batched by length; the GRU is causal, so zero padding at
     the end changes no output within a trial's own length (and 'same' smoothing pads with
-    zeros too)."""
+    zeros too). A trial shorter than one patch has no outputs: ``[0, 41]``."""
     model.eval()
-    order = np.argsort([f.shape[0] for f in features], kind="stable")
-    out: list[np.ndarray | None] = [None] * len(features)
-    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    n_out = [int(model.output_lengths(f.shape[0])) for f in features]
+    out: list[np.ndarray] = [np.zeros((0, N_CLASSES), dtype=np.float32)] * len(features)
+    runnable = [i for i in np.argsort([f.shape[0] for f in features], kind="stable") if n_out[i] > 0]
+    batches = [runnable[i: i + batch_size] for i in range(0, len(runnable), batch_size)]
     it = progress(batches, desc="infer", unit="batch") if show_progress else batches
     for b in it:
-        x, lengths = pad_batch([features[i] for i in b])
+        x, _ = pad_batch([features[i] for i in b])
         if kernel is not None:
             x = smooth(x, kernel)
         logits = model(x.to(device), torch.as_tensor(np.asarray(day_idx)[b]).to(device)).float().cpu().numpy()
-        n_out = model.output_lengths(lengths).clamp(min=0).tolist()
         for j, i in enumerate(b):
-            out[i] = logits[j, : n_out[j]]
-    return out  # type: ignore[return-value]
-
-
-@dataclass
-class LoadedModel:
-    model: GRUDecoder
-    sessions: list[str]
-    kernel: torch.Tensor | None
-    args: dict
-
-
-def load_model(model_dir: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load ``MODEL_DIR/checkpoint/{best_checkpoint,args.yaml}`` (our layout = the published one)."""
-    model_dir = Path(model_dir)
-    ckpt_path = model_dir / "checkpoint" / "best_checkpoint"
-    args_path = model_dir / "checkpoint" / "args.yaml"
-    for p in (ckpt_path, args_path):
-        if not p.is_file():
-            raise B2txtError(f"{p}: not found; expected a model directory with checkpoint/best_checkpoint and checkpoint/args.yaml")
-    try:
-        args = yaml.safe_load(args_path.read_text())
-        m = args["model"]
-        ds = args["dataset"]
-        sessions = list(ds["sessions"])
-        transforms = ds.get("data_transforms", {})
-    except (yaml.YAMLError, KeyError, TypeError) as exc:
-        raise B2txtError(f"{args_path}: not a valid args.yaml ({exc!r})") from None
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        raise B2txtError(f"{ckpt_path}: cannot load checkpoint safely: {exc}") from None
-    state = ckpt.get("model_state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise B2txtError(f"{ckpt_path}: no model_state_dict in checkpoint")
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
-    cfg = GRUDecoderConfig(
-        n_days=len(sessions), neural_dim=int(m.get("n_input_features", 512)), n_units=int(m["n_units"]),
-        n_layers=int(m["n_layers"]), n_classes=int(ds.get("n_classes", N_CLASSES)),
-        rnn_dropout=float(m.get("rnn_dropout", 0.0)),
-        input_dropout=float(m.get("input_network", {}).get("input_layer_dropout", 0.0)),
-        patch_size=int(m.get("patch_size", 0)), patch_stride=int(m.get("patch_stride", 1)))
-    model = GRUDecoder(cfg)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise B2txtError(f"{ckpt_path}: weights do not match {args_path}: {exc}") from None
-    kernel = (gaussian_kernel(float(transforms.get("smooth_kernel_std", 2)), int(transforms.get("smooth_kernel_size", 100)))
-              if transforms.get("smooth_data", True) else None)
-    return LoadedModel(model.to(device).eval(), sessions, kernel, args)
+            out[i] = logits[j, : n_out[i]]
+    return out
 
 
 def write_logits(path: str | Path, rows: pd.DataFrame, logits: list[np.ndarray],
@@ -154,8 +105,14 @@ def read_logits(path: str | Path) -> list[LogitsTrial]:
 
 
 def infer_split(model_dir: str | Path, data_dir: str | Path, manifest_path: str | Path, split: str,
-                out: str | Path, device: str = "auto", batch_size: int = 32) -> int:
-    """Write the logits of every trial of ``split``; returns the number of trials."""
+                out: str | Path, device: str = "auto", batch_size: int = 32, known_sessions_only: bool = False,
+                log=lambda msg: None) -> int:
+    """Write the logits of every trial of ``split``; returns the number of trials.
+
+    Trials of sessions the model does not know are an error, or skipped (and reported) with
+    ``known_sessions_only``.
+    """
+    from .checkpoint import load_model
     from .train import select_device
 
     dev = select_device(device)
@@ -165,11 +122,17 @@ def infer_split(model_dir: str | Path, data_dir: str | Path, manifest_path: str 
     if rows.empty:
         raise B2txtError(f"{manifest_path}: no trials in split {split!r}")
     unknown = sorted(set(rows["session"]) - set(loaded.sessions))
+    if unknown and known_sessions_only:
+        log(f"skipping {int(rows['session'].isin(unknown).sum())} {split} trial(s) of session(s) unknown to the model: {unknown}")
+        manifest = manifest[~manifest["session"].isin(unknown)]
+        rows = manifest[manifest["split"] == split]
+        unknown = []
     if unknown:
         raise B2txtError(f"session(s) {unknown} of the data are unknown to the model in {model_dir} "
-                         f"(it knows {len(loaded.sessions)} sessions: {loaded.sessions[0]} … {loaded.sessions[-1]})")
+                         f"(it knows {len(loaded.sessions)} sessions: {loaded.sessions[0]} … {loaded.sessions[-1]}); "
+                         "fit a day layer for a new session with `b2txt calibrate`, or skip them with --known-sessions-only")
     store = TrialStore.load(data_dir, manifest, split, loaded.sessions)
-    logits = run_model(loaded.model, store.features, store.day_idx, loaded.kernel, dev, batch_size,
-                       show_progress=True)
+    features = [loaded.select_features(f) for f in store.features]
+    logits = run_model(loaded.model, features, store.day_idx, loaded.kernel, dev, batch_size, show_progress=True)
     write_logits(out, store.rows, logits, store.labels)
     return len(logits)

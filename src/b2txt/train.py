@@ -1,21 +1,31 @@
-"""Training of the GRU phoneme decoder with CTC (REFERENCE §3).
+"""Training of the phoneme decoders with CTC (REFERENCE §3).
 
-Output layout (the published one, so published tools read our models and vice versa)::
+``Trainer`` owns one training run. Every ``batches_per_checkpoint`` batches it writes a resume
+checkpoint (model, optimizer, scheduler, every RNG and the batch sampler's state, metrics so
+far) atomically into ``MODEL_DIR.partial/``; a killed run started again with the same config
+and data continues from there and ends bit-identical to an uninterrupted run on CPU. When
+training ends, the directory is completed (``args.yaml``, ``training_log``, ``metrics.csv``)
+and renamed to ``MODEL_DIR`` (published layout, see :mod:`b2txt.checkpoint`), so a half-trained
+model never appears where ``infer`` would read it.
 
-    MODEL_DIR/checkpoint/best_checkpoint   torch.save dict: model_state_dict, optimizer_state_dict,
-                                           scheduler_state_dict, val_PER, val_loss, step,
-                                           b2txt (our config + session list, nanoGPT-style)
-    MODEL_DIR/checkpoint/args.yaml         the published args layout (model, dataset, …)
-    MODEL_DIR/training_log                 human-readable log
-    MODEL_DIR/metrics.csv                  step, train loss, lr, val loss, val PER, seconds
+Objectives. ``gru``: mean over trials of the CTC loss of the logits. ``triple``
+(:class:`b2txt.models.TripleGRUDecoder`)::
 
-The model directory appears only when training finished (written to a temporary sibling and
-renamed), so a killed run never leaves a half model for ``infer`` to read.
+    L = CTC(clean_logits) + adversarial_weight · CTC(noisy_logits)
+
+where the noisy head reads the noise estimate through a gradient-reversal layer: the noisy
+head descends the second term (it learns to read phonemes from the noise) while the noise
+model receives its gradient times ``-grl_scale`` (it learns to leave no phoneme information
+in the noise). Validation and checkpoint selection use the clean logits' greedy PER.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,21 +35,34 @@ import pandas as pd
 import torch
 import yaml
 
+from .checkpoint import build_model, published_args, safe_load
 from .config import TrainConfig
 from .data.store import DayBatchSampler, TrialStore, read_manifest
 from .errors import B2txtError
 from .evaluate import edit_distance
-from .fileio import atomic_dir, progress
+from .fileio import atomic_file, progress
 from .infer import greedy_decode, run_model
-from .models import GRUDecoder, GRUDecoderConfig
-from .phonemes import N_CLASSES
 from .transforms import augment, gaussian_kernel, pad_batch, random_cut, smooth
 
 
+class TrainingInterrupted(Exception):
+    """Raised by ``Trainer.run(stop_after=...)``: stops as a kill would, after a checkpoint."""
+
+
 def select_device(name: str) -> torch.device:
+    if name == "xla":
+        try:
+            import torch_xla.core.xla_model as xm
+        except ImportError:
+            raise B2txtError("device 'xla' needs torch_xla, which is not installed in this environment "
+                             "(`make test-xla` builds .venv-xla with torch 2.9.0 + torch_xla 2.9.0)") from None
+        return xm.xla_device()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise B2txtError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or xla") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise B2txtError(f"device {name!r} requested but CUDA is not available")
     return device
@@ -48,86 +71,51 @@ def select_device(name: str) -> torch.device:
 def use_bf16(amp: str, device: torch.device) -> bool:
     if amp == "off":
         return False
-    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if amp == "bf16" and not supported:
-        return device.type == "cpu"  # explicit request: CPU bf16 autocast works, only slowly
-    return supported
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "xla":
+        return True
+    return amp == "bf16"  # CPU: only when asked (works, but slowly)
 
 
 def lr_lambda(lr_max: float, lr_min: float, warmup: int, decay_steps: int, kind: str):
-    """Multiplier of ``lr_max`` at a step: linear warm-up, then cosine or linear decay to lr_min."""
+    """Multiplier of ``lr_max`` at a step: linear warm-up from 0, then cosine or linear to lr_min."""
     floor = lr_min / lr_max
 
     def f(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
+            return step / warmup
         if step >= decay_steps:
             return floor
         frac = (step - warmup) / max(decay_steps - warmup, 1)
         if kind == "cosine":
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+            return max(floor, floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
         return 1 - (1 - floor) * frac
 
     return f
 
 
-def build_optimizer(model: GRUDecoder, cfg: TrainConfig):
-    """AdamW with three groups: day layers (own lr/decay), biases (no decay), the rest."""
-    day, no_decay, decay = [], [], []
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
+    """AdamW with the published groups, in the published order: biases (no decay), day layers
+    (own learning rate, schedule and decay), everything else."""
+    bias, day, other = [], [], []
     for name, p in model.named_parameters():
         if name.startswith(("day_weights.", "day_biases.")):
             day.append(p)
-        elif "bias" in name or name == "h0":
-            no_decay.append(p)
+        elif name.endswith(".bias") or ".bias_" in name:
+            bias.append(p)
         else:
-            decay.append(p)
+            other.append(p)
     groups = [
-        {"params": decay, "lr": cfg.lr_max, "weight_decay": cfg.weight_decay, "group_type": "main"},
-        {"params": no_decay, "lr": cfg.lr_max, "weight_decay": 0.0, "group_type": "bias"},
-        {"params": day, "lr": cfg.lr_max_day, "weight_decay": cfg.weight_decay_day, "group_type": "day"},
+        {"params": bias, "lr": cfg.lr_max, "weight_decay": 0.0, "group_type": "bias"},
+        {"params": day, "lr": cfg.lr_max_day, "weight_decay": cfg.weight_decay_day, "group_type": "day_layer"},
+        {"params": other, "lr": cfg.lr_max, "weight_decay": cfg.weight_decay, "group_type": "other"},
     ]
     opt = torch.optim.AdamW(groups, betas=(cfg.beta0, cfg.beta1), eps=cfg.epsilon)
     main = lr_lambda(cfg.lr_max, cfg.lr_min, cfg.lr_warmup_steps, cfg.lr_decay_steps, cfg.lr_scheduler_type)
     day_f = lr_lambda(cfg.lr_max_day, cfg.lr_min_day, cfg.lr_warmup_steps_day, cfg.lr_decay_steps_day,
                       cfg.lr_scheduler_type)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [main, main, day_f])
-    return opt, sched
-
-
-def published_args(cfg: TrainConfig, sessions: list[str], data_dir: str, out_dir: str) -> dict:
-    """``args.yaml`` in the published layout (REFERENCE §3), plus our own section."""
-    m, a = cfg.model, cfg.augment
-    return {
-        "model": {
-            "n_input_features": 512, "n_units": m.n_units, "rnn_dropout": m.rnn_dropout,
-            "rnn_trainable": True, "n_layers": m.n_layers, "patch_size": m.patch_size,
-            "patch_stride": m.patch_stride,
-            "input_network": {"n_input_layers": 1, "input_layer_sizes": [512], "input_trainable": True,
-                              "input_layer_dropout": m.input_dropout},
-        },
-        "mode": "train", "use_amp": cfg.amp != "off", "output_dir": out_dir,
-        "checkpoint_dir": f"{out_dir}/checkpoint", "seed": cfg.seed,
-        "num_training_batches": cfg.num_training_batches, "lr_scheduler_type": cfg.lr_scheduler_type,
-        "lr_max": cfg.lr_max, "lr_min": cfg.lr_min, "lr_decay_steps": cfg.lr_decay_steps,
-        "lr_warmup_steps": cfg.lr_warmup_steps, "lr_max_day": cfg.lr_max_day, "lr_min_day": cfg.lr_min_day,
-        "lr_decay_steps_day": cfg.lr_decay_steps_day, "lr_warmup_steps_day": cfg.lr_warmup_steps_day,
-        "beta0": cfg.beta0, "beta1": cfg.beta1, "epsilon": cfg.epsilon, "weight_decay": cfg.weight_decay,
-        "weight_decay_day": cfg.weight_decay_day, "grad_norm_clip_value": cfg.grad_norm_clip_value,
-        "batches_per_train_log": cfg.batches_per_train_log, "batches_per_val_step": cfg.batches_per_val_step,
-        "dataset": {
-            "data_transforms": {
-                "white_noise_std": a.white_noise_std, "constant_offset_std": a.constant_offset_std,
-                "random_walk_std": a.random_walk_std, "random_walk_axis": -1,
-                "static_gain_std": a.static_gain_std, "random_cut": a.random_cut,
-                "smooth_kernel_size": a.smooth_kernel_size, "smooth_data": a.smooth_data,
-                "smooth_kernel_std": a.smooth_kernel_std,
-            },
-            "neural_dim": 512, "batch_size": cfg.batch_size, "n_classes": N_CLASSES, "max_seq_elements": 500,
-            "days_per_batch": cfg.days_per_batch, "must_include_days": cfg.must_include_days or None,
-            "dataset_dir": data_dir, "sessions": list(sessions),
-        },
-        "b2txt": {"train": cfg.model_dump(mode="json")},
-    }
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, [main, day_f, main])
 
 
 @dataclass
@@ -137,17 +125,15 @@ class ValResult:
     per_session: dict[str, float] = field(default_factory=dict)
 
 
-def validation_pass(model: GRUDecoder, store: TrialStore, kernel: torch.Tensor | None, device: torch.device,
-             batch_size: int = 32) -> ValResult:
-    """Greedy-CTC phoneme error rate (total edits / total reference length) and CTC loss."""
+def validation_pass(model: torch.nn.Module, store: TrialStore, kernel: torch.Tensor | None, device: torch.device,
+                    batch_size: int = 32) -> ValResult:
+    """Greedy-CTC phoneme error rate (total edits / total reference length) and mean CTC loss."""
     logits = run_model(model, store.features, store.day_idx, kernel, device, batch_size)
     ctc = torch.nn.CTCLoss(blank=0, reduction="sum", zero_infinity=True)
     edits = np.zeros(len(store.sessions))
     lengths = np.zeros(len(store.sessions))
     loss_sum = 0.0
     for lg, lab, day in zip(logits, store.labels, store.day_idx):
-        if lab is None:
-            continue
         lp = torch.from_numpy(lg).log_softmax(-1)[:, None, :]
         loss_sum += float(ctc(lp, torch.from_numpy(lab)[None], torch.tensor([lg.shape[0]]), torch.tensor([len(lab)])))
         edits[day] += edit_distance(greedy_decode(lg), lab.tolist())
@@ -157,126 +143,302 @@ def validation_pass(model: GRUDecoder, store: TrialStore, kernel: torch.Tensor |
     return ValResult(loss_sum / max(len(logits), 1), float(edits.sum() / total) if total else float("nan"), per_session)
 
 
+def resolve_sessions(all_sessions: list[str], refs: list[int | str], what: str) -> list[str]:
+    """Session names from names or indices into ``all_sessions`` (negative counts from the end)."""
+    out = []
+    for ref in refs:
+        if isinstance(ref, int):
+            if not -len(all_sessions) <= ref < len(all_sessions):
+                raise B2txtError(f"{what}: index {ref} is out of range for {len(all_sessions)} sessions")
+            out.append(all_sessions[ref])
+        elif ref in all_sessions:
+            out.append(ref)
+        else:
+            raise B2txtError(f"{what}: unknown session {ref!r}")
+    return out
+
+
 def _too_short_for_ctc(store: TrialStore, cfg: TrainConfig) -> list[str]:
-    """Trials with fewer model outputs than labels: CTC cannot align them (zero loss)."""
+    """Trials with fewer model outputs than labels: CTC cannot align them (no loss)."""
     notes = []
     for i, (f, lab) in enumerate(zip(store.features, store.labels)):
         n_out = (f.shape[0] - cfg.augment.random_cut - cfg.model.patch_size) // cfg.model.patch_stride + 1
-        if lab is not None and n_out < len(lab):
+        if n_out < len(lab):
             row = store.rows.iloc[i]
             notes.append(f"{row['session']} {row['trial']}: {n_out} outputs for {len(lab)} labels")
     return notes
 
 
+def partial_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".partial")
+
+
+class Trainer:
+    """One training run: data in memory, model, optimizer, schedules, sampler, checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, data_dir: str | Path, manifest_path: str | Path, out_dir: str | Path,
+                 log=print):
+        self.cfg, self.log = cfg, log
+        self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
+        self.work = partial_dir(self.out_dir)
+        torch.manual_seed(cfg.seed)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = select_device(cfg.device)
+        self.bf16 = use_bf16(cfg.amp, self.device)
+
+        manifest = read_manifest(manifest_path)
+        all_sessions = sorted(manifest["session"].unique())
+        held_out = resolve_sessions(all_sessions, list(cfg.holdout_sessions), "train.holdout_sessions")
+        self.sessions = [s for s in all_sessions if s not in held_out]
+        if not self.sessions:
+            raise B2txtError("train.holdout_sessions leaves no session to train on")
+        manifest = manifest[~manifest["session"].isin(held_out)]
+        self.train_store = self._load(manifest, "train")
+        self.val_store = self._load(manifest, "val")
+        if len(self.train_store) == 0:
+            raise B2txtError(f"{manifest_path}: no training trials")
+        short = _too_short_for_ctc(self.train_store, cfg)
+        if short:
+            log(f"warning: {len(short)} training trial(s) are too short for CTC and add no loss, e.g. {short[0]}")
+
+        neural_dim = len(cfg.feature_subset) if cfg.feature_subset else 512
+        self.model = build_model(cfg.model, len(self.sessions), neural_dim).to(self.device)
+        self.opt, self.sched = build_optimizer(self.model, cfg)
+        self.ctc = torch.nn.CTCLoss(blank=0, reduction="none", zero_infinity=True)
+        a = cfg.augment
+        self.kernel = gaussian_kernel(a.smooth_kernel_std, a.smooth_kernel_size) if a.smooth_data else None
+        lengths = np.array([f.shape[0] for f in self.train_store.features])
+        self.sampler = DayBatchSampler(self.train_store, cfg.batch_size, cfg.days_per_batch, cfg.seed,
+                                       cfg.must_include_days, lengths if cfg.length_bucketing else None)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.fingerprint = self._fingerprint(manifest_path)
+        # progress of the run (saved in resume checkpoints)
+        self.step = 0
+        self.best: ValResult | None = None
+        self.best_step = -1
+        self.stale = 0
+        self.metrics: list[dict] = []
+        self.log_lines: list[str] = []
+        self.running: list[float] = []
+
+    # ------------------------------------------------------------------ setup helpers
+    def _load(self, manifest: pd.DataFrame, split: str) -> TrialStore:
+        store = TrialStore.load(self.data_dir, manifest, split, self.sessions)
+        if self.cfg.feature_subset:
+            subset = list(self.cfg.feature_subset)
+            if max(subset) >= 512 or min(subset) < 0:
+                raise B2txtError("train.feature_subset: indices must be within 0..511")
+            store.features = [f[:, subset] for f in store.features]
+        return store
+
+    def _fingerprint(self, manifest_path: str | Path) -> str:
+        """What a resume checkpoint must match: the config (bar run-time knobs) and the data."""
+        cfg = self.cfg.model_dump(mode="json")
+        for key in ("threads", "device", "batches_per_checkpoint"):
+            cfg.pop(key)
+        h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+        h.update(Path(manifest_path).read_bytes())
+        return h.hexdigest()[:16]
+
+    def note(self, msg: str) -> None:
+        self.log_lines.append(msg)
+        self.log(msg)
+
+    # ------------------------------------------------------------------ one batch
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sample, pad, augment, cut and smooth one batch (all on the CPU, then moved)."""
+        store, cfg = self.train_store, self.cfg
+        idx = self.sampler.next_batch()
+        x, lengths = pad_batch([store.features[i] for i in idx])
+        x = augment(x, cfg.augment, self.gen)
+        x, lengths = random_cut(x, lengths, cfg.augment.random_cut, self.gen)
+        if self.kernel is not None:
+            x = smooth(x, self.kernel)
+        if self.device.type == "xla":  # a few static lengths keep XLA from recompiling
+            m = cfg.xla_pad_multiple
+            x = torch.nn.functional.pad(x, (0, 0, 0, -x.shape[1] % m))
+        labels = [store.labels[i] for i in idx]
+        targets = torch.from_numpy(np.concatenate(labels))
+        tgt_len = torch.tensor([len(lab) for lab in labels])
+        day_idx = torch.as_tensor(store.day_idx[idx])
+        out_len = self.model.output_lengths(lengths).clamp(min=1)
+        return x, day_idx, targets, tgt_len, out_len
+
+    def loss(self, x, day_idx, targets, tgt_len, out_len) -> tuple[torch.Tensor, dict[str, float]]:
+        dev = self.device
+        x, day_idx = x.to(dev, non_blocking=True), day_idx.to(dev, non_blocking=True)
+        targets, tgt_len, out_len = targets.to(dev), tgt_len.to(dev), out_len.to(dev)
+
+        def ctc(logits):
+            lp = logits.float().log_softmax(-1).transpose(0, 1)
+            return self.ctc(lp, targets, out_len, tgt_len).mean()
+
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.bf16):
+            if self.cfg.model.architecture == "triple":
+                clean, noisy, _ = self.model(x, day_idx, mode="full")
+            else:
+                clean, noisy = self.model(x, day_idx), None
+        clean_loss = ctc(clean)
+        if noisy is None:
+            return clean_loss, {}
+        noisy_loss = ctc(noisy)
+        return clean_loss + self.cfg.adversarial_weight * noisy_loss, {"clean_loss": clean_loss, "noisy_loss": noisy_loss}
+
+    def train_step(self) -> float:
+        self.model.train()
+        loss, parts = self.loss(*self.batch())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_norm_clip_value)
+        self.opt.step()
+        self.sched.step()
+        if self.device.type == "xla":
+            import torch_xla.core.xla_model as xm
+            xm.mark_step()
+        self.step += 1
+        value = loss.item()
+        self.running.append(value)
+        self._last = {"grad_norm": float(grad_norm), **{k: float(v) for k, v in parts.items()}}
+        return value
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_best(self, val: ValResult) -> None:
+        with atomic_file(self.work / "checkpoint" / "best_checkpoint") as tmp:
+            torch.save({
+                "model_state_dict": self.model.state_dict(),
+                "optimizer_state_dict": self.opt.state_dict(),
+                "scheduler_state_dict": self.sched.state_dict(),
+                "val_PER": val.per, "val_loss": val.loss, "step": self.step,
+                "b2txt": {"sessions": self.sessions, "train": self.cfg.model_dump(mode="json")},
+            }, tmp)
+
+    def _save_resume(self) -> None:
+        state = {
+            "fingerprint": self.fingerprint, "step": self.step,
+            "model_state_dict": self.model.state_dict(), "optimizer_state_dict": self.opt.state_dict(),
+            "scheduler_state_dict": self.sched.state_dict(),
+            "torch_rng": torch.get_rng_state(), "augment_rng": self.gen.get_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "sampler_rng": json.dumps(self.sampler.rng.bit_generator.state),
+            "best": None if self.best is None else [self.best.loss, self.best.per, self.best.per_session],
+            "best_step": self.best_step, "stale": self.stale, "running": list(self.running),
+            "metrics": json.dumps(self.metrics), "log_lines": list(self.log_lines),
+        }
+        with atomic_file(self.work / "checkpoint" / "last_checkpoint") as tmp:
+            torch.save(state, tmp)
+        self._write_metrics(self.work)
+
+    def _try_resume(self) -> bool:
+        path = self.work / "checkpoint" / "last_checkpoint"
+        if not path.is_file():
+            return False
+        state = safe_load(path)
+        if state.get("fingerprint") != self.fingerprint:
+            self.log(f"{self.work}: left by a run with another config or data; starting afresh")
+            return False
+        self.model.load_state_dict(state["model_state_dict"])
+        self.opt.load_state_dict(state["optimizer_state_dict"])
+        self.sched.load_state_dict(state["scheduler_state_dict"])
+        torch.set_rng_state(state["torch_rng"])
+        self.gen.set_state(state["augment_rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.sampler.rng.bit_generator.state = json.loads(state["sampler_rng"])
+        self.step, self.best_step, self.stale = state["step"], state["best_step"], state["stale"]
+        self.best = None if state["best"] is None else ValResult(*state["best"])
+        self.running = list(state["running"])
+        self.metrics = json.loads(state["metrics"])
+        self.log_lines = list(state["log_lines"])
+        return True
+
+    def _write_metrics(self, directory: Path) -> None:
+        with atomic_file(directory / "metrics.csv") as tmp:
+            pd.DataFrame(self.metrics).to_csv(tmp, index=False)
+
+    # ------------------------------------------------------------------ the loop
+    def validate(self) -> ValResult:
+        if len(self.val_store) == 0:
+            return ValResult(float("nan"), float("nan"))
+        return validation_pass(self.model, self.val_store, self.kernel, self.device)
+
+    def _log_step(self, t0: float) -> None:
+        row = {"step": self.step, "train_loss": float(np.mean(self.running)), "lr": self.sched.get_last_lr()[0],
+               **self._last, "val_loss": float("nan"), "val_PER": float("nan"), "seconds": time.time() - t0}
+        self.metrics.append(row)
+        self.running = []
+        extra = "".join(f", {k} {v:.4f}" for k, v in self._last.items() if k.endswith("_loss"))
+        self.note(f"step {self.step}: train loss {row['train_loss']:.4f}{extra}, grad norm {row['grad_norm']:.2f}, "
+                  f"lr {row['lr']:.2e}")
+
+    def _val_step(self, t0: float) -> bool:
+        """Validate, keep the best checkpoint; returns True when early stopping triggers."""
+        val = self.validate()
+        if not self.metrics or self.metrics[-1]["step"] != self.step:
+            self.metrics.append({"step": self.step, "lr": self.sched.get_last_lr()[0], "seconds": time.time() - t0})
+        self.metrics[-1].update(val_loss=val.loss, val_PER=val.per)
+        self.note(f"step {self.step}: val loss {val.loss:.4f}, val PER {val.per:.4f}")
+        if self.best is None or not (val.per >= self.best.per):  # NaN PER (no val data): keep the latest
+            self.best, self.best_step, self.stale = val, self.step, 0
+            self._save_best(val)
+        else:
+            self.stale += 1
+        limit = self.cfg.early_stopping_val_steps
+        if limit and self.stale >= limit:
+            self.note(f"early stopping at step {self.step}: no improvement for {self.stale} validations")
+            return True
+        return False
+
+    def run(self, stop_after: int | None = None) -> ValResult:
+        """Train to the end (or early stop) and publish the model directory."""
+        cfg = self.cfg
+        if self._try_resume():
+            self.note(f"resuming from step {self.step} ({self.work})")
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)  # anything left there is stale
+            (self.work / "checkpoint").mkdir(parents=True)
+            n_params = sum(p.numel() for p in self.model.parameters())
+            self.note(f"{cfg.model.architecture} model, {n_params / 1e6:.2f} M parameters, device {self.device}, "
+                      f"bf16 {self.bf16}, {len(self.sessions)} sessions, {len(self.train_store)} train / "
+                      f"{len(self.val_store)} val trials")
+        t0 = time.time() - (self.metrics[-1]["seconds"] if self.metrics else 0.0)
+        bar = progress(desc="train", total=cfg.num_training_batches, unit="batch")
+        bar.update(self.step)
+        stopped = False
+        while self.step < cfg.num_training_batches and not stopped:
+            self.train_step()
+            bar.update()
+            last = self.step == cfg.num_training_batches
+            if self.step % cfg.batches_per_train_log == 0 or last:
+                self._log_step(t0)
+            if self.step % cfg.batches_per_val_step == 0 or last:
+                stopped = self._val_step(t0)
+            if self.step % cfg.batches_per_checkpoint == 0 and not (last or stopped):
+                self._save_resume()
+                if stop_after is not None and self.step >= stop_after:
+                    bar.close()
+                    raise TrainingInterrupted(f"stopped after step {self.step}")
+        bar.close()
+        if self.best is None:  # resumed exactly at the end of a run without validation
+            self._val_step(t0)
+        self.note(f"best val PER {self.best.per:.4f} at step {self.best_step}")
+        self._publish()
+        return self.best
+
+    def _publish(self) -> None:
+        args = published_args(self.cfg, self.sessions, str(self.data_dir), str(self.out_dir))
+        (self.work / "checkpoint" / "args.yaml").write_text(yaml.safe_dump(args, sort_keys=False))
+        self._write_metrics(self.work)
+        (self.work / "training_log").write_text("\n".join(self.log_lines) + "\n")
+        resume = self.work / "checkpoint" / "last_checkpoint"
+        if resume.exists():
+            resume.unlink()
+        if self.out_dir.exists():
+            shutil.rmtree(self.out_dir)
+        os.replace(self.work, self.out_dir)
+
+
 def train(cfg: TrainConfig, data_dir: str | Path, manifest_path: str | Path, out_dir: str | Path,
           log=print) -> ValResult:
-    """Train, validate periodically, keep the best checkpoint; returns the best validation result."""
-    torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = select_device(cfg.device)
-    bf16 = use_bf16(cfg.amp, device)
-    manifest = read_manifest(manifest_path)
-    sessions = sorted(manifest["session"].unique())
-    train_store = TrialStore.load(data_dir, manifest, "train", sessions)
-    val_store = TrialStore.load(data_dir, manifest, "val", sessions)
-    if len(train_store) == 0:
-        raise B2txtError(f"{manifest_path}: no training trials")
-    short = _too_short_for_ctc(train_store, cfg)
-    if short:
-        log(f"warning: {len(short)} training trial(s) are too short for CTC and will add no loss, e.g. {short[0]}")
-
-    mcfg = GRUDecoderConfig(n_days=len(sessions), **cfg.model.model_dump())
-    model = GRUDecoder(mcfg).to(device)
-    opt, sched = build_optimizer(model, cfg)
-    ctc = torch.nn.CTCLoss(blank=0, reduction="none", zero_infinity=True)
-    kernel = gaussian_kernel(cfg.augment.smooth_kernel_std, cfg.augment.smooth_kernel_size) if cfg.augment.smooth_data else None
-    sampler = DayBatchSampler(train_store, cfg.batch_size, cfg.days_per_batch, cfg.seed,
-                              cfg.must_include_days)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    n_params = sum(p.numel() for p in model.parameters())
-
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        (tmp / "checkpoint").mkdir()
-        log_lines: list[str] = []
-
-        def note(msg: str) -> None:
-            log_lines.append(msg)
-            log(msg)
-
-        note(f"device {device}, bf16 {bf16}, {n_params / 1e6:.2f} M parameters, {len(sessions)} sessions, "
-             f"{len(train_store)} train / {len(val_store)} val trials")
-        metrics = []
-        best: ValResult | None = None
-        best_step = -1
-        stale = 0
-        t0 = time.time()
-        running = []
-        bar = progress(desc="train", total=cfg.num_training_batches, unit="batch")
-        for step in range(cfg.num_training_batches):
-            model.train()
-            idx = sampler.next_batch()
-            x, lengths = pad_batch([train_store.features[i] for i in idx])
-            labels = [train_store.labels[i] for i in idx]
-            day_idx = torch.as_tensor(train_store.day_idx[idx])
-            x = augment(x, cfg.augment, gen)
-            x, lengths = random_cut(x, lengths, cfg.augment.random_cut, gen)
-            if kernel is not None:
-                x = smooth(x, kernel)
-            x, day_idx = x.to(device), day_idx.to(device)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(x, day_idx)
-            out_len = model.output_lengths(lengths).clamp(min=1)
-            targets = torch.cat([torch.from_numpy(lab) for lab in labels]).to(device)
-            tgt_len = torch.tensor([len(lab) for lab in labels])
-            log_probs = logits.float().log_softmax(-1).transpose(0, 1)
-            loss = ctc(log_probs, targets, out_len, tgt_len).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_norm_clip_value)
-            opt.step()
-            sched.step()
-            running.append(loss.item())
-            bar.update()
-
-            last = step == cfg.num_training_batches - 1
-            if (step + 1) % cfg.batches_per_train_log == 0 or last:
-                row = {"step": step + 1, "train_loss": float(np.mean(running)), "lr": sched.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "val_loss": float("nan"), "val_PER": float("nan"),
-                       "seconds": time.time() - t0}
-                metrics.append(row)
-                running = []
-                note(f"step {step + 1}: train loss {row['train_loss']:.4f}, grad norm {row['grad_norm']:.2f}, "
-                     f"lr {row['lr']:.2e}, {row['seconds']:.0f} s")
-            if (step + 1) % cfg.batches_per_val_step == 0 or last:
-                val = validation_pass(model, val_store, kernel, device) if len(val_store) else ValResult(float("nan"), float("nan"))
-                if not metrics or metrics[-1]["step"] != step + 1:
-                    metrics.append({"step": step + 1, "train_loss": float("nan"), "lr": sched.get_last_lr()[0],
-                                    "grad_norm": float("nan"), "seconds": time.time() - t0})
-                metrics[-1].update(val_loss=val.loss, val_PER=val.per)
-                note(f"step {step + 1}: val loss {val.loss:.4f}, val PER {val.per:.4f}")
-                improved = best is None or not (val.per >= best.per)  # NaN PER (no val data): keep the latest
-                if improved:
-                    best, best_step, stale = val, step + 1, 0
-                    torch.save({
-                        "model_state_dict": model.state_dict(),
-                        "optimizer_state_dict": opt.state_dict(),
-                        "scheduler_state_dict": sched.state_dict(),
-                        "val_PER": val.per, "val_loss": val.loss, "step": step + 1,
-                        "b2txt": {"model": mcfg.to_dict(), "sessions": sessions,
-                                  "train": cfg.model_dump(mode="json")},
-                    }, tmp / "checkpoint" / "best_checkpoint")
-                else:
-                    stale += 1
-                if cfg.early_stopping_val_steps and stale >= cfg.early_stopping_val_steps:
-                    note(f"early stopping at step {step + 1}: no improvement for {stale} validations")
-                    break
-        bar.close()
-        assert best is not None
-        note(f"best val PER {best.per:.4f} at step {best_step}")
-        args = published_args(cfg, sessions, str(data_dir), str(out_dir))
-        (tmp / "checkpoint" / "args.yaml").write_text(yaml.safe_dump(args, sort_keys=False))
-        pd.DataFrame(metrics).to_csv(tmp / "metrics.csv", index=False)
-        (tmp / "training_log").write_text("\n".join(log_lines) + "\n")
-    return best
+    """Train (resuming a killed run when possible); returns the best validation result."""
+    return Trainer(cfg, data_dir, manifest_path, out_dir, log).run()

@@ -20,7 +20,7 @@ rule infer:
     shell:
         "b2txt infer --model {input.model} --data {input.data} --manifest {input.manifest}"
         " --split {wildcards.split} --out {output} --device {params.device}"
-        " --batch-size {params.batch_size} 2> {log}"
+        " --batch-size {params.batch_size} --known-sessions-only 2> {log}"
 
 
 rule score:

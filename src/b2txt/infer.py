@@ -106,11 +106,12 @@ def read_logits(path: str | Path) -> list[LogitsTrial]:
 
 def infer_split(model_dir: str | Path, data_dir: str | Path, manifest_path: str | Path, split: str,
                 out: str | Path, device: str = "auto", batch_size: int = 32, known_sessions_only: bool = False,
-                log=lambda msg: None) -> int:
+                chunk_bins: int | None = None, log=lambda msg: None) -> int:
     """Write the logits of every trial of ``split``; returns the number of trials.
 
     Trials of sessions the model does not know are an error, or skipped (and reported) with
-    ``known_sessions_only``.
+    ``known_sessions_only``. With ``chunk_bins`` the trials are decoded online, that many bins
+    at a time (:mod:`b2txt.streaming`); the logits equal the one-pass ones.
     """
     from .checkpoint import load_model
     from .train import select_device
@@ -133,6 +134,11 @@ def infer_split(model_dir: str | Path, data_dir: str | Path, manifest_path: str 
                          "fit a day layer for a new session with `b2txt calibrate`, or skip them with --known-sessions-only")
     store = TrialStore.load(data_dir, manifest, split, loaded.sessions)
     features = [loaded.select_features(f) for f in store.features]
-    logits = run_model(loaded.model, features, store.day_idx, loaded.kernel, dev, batch_size, show_progress=True)
+    if chunk_bins:
+        from .streaming import stream_logits
+
+        logits = stream_logits(loaded.model, features, store.day_idx, loaded.kernel, chunk_bins, dev)
+    else:
+        logits = run_model(loaded.model, features, store.day_idx, loaded.kernel, dev, batch_size, show_progress=True)
     write_logits(out, store.rows, logits, store.labels)
     return len(logits)

@@ -204,3 +204,19 @@ class StreamingDecoder:
         self._smooth = self._smooth[drop:]
         self._smooth_start += drop
         return logits
+
+
+def stream_logits(model: GRUDecoder, features: list[np.ndarray], day_idx, kernel: torch.Tensor | None,
+                  chunk_bins: int, device: torch.device | str | None = None) -> list[np.ndarray]:
+    """Logits of whole trials computed online, ``chunk_bins`` bins at a time (as a BCI would)."""
+    if chunk_bins < 1:
+        raise B2txtError(f"chunk size must be at least 1 bin, got {chunk_bins}")
+    out = []
+    decoders: dict[int, StreamingDecoder] = {}
+    for feats, day in zip(features, day_idx):
+        dec = decoders.setdefault(int(day), StreamingDecoder(model, int(day), kernel, device))
+        dec.reset()
+        parts = [dec.push(feats[i: i + chunk_bins]) for i in range(0, len(feats), chunk_bins)]
+        parts.append(dec.finish())
+        out.append(np.concatenate(parts, axis=0))
+    return out

@@ -221,6 +221,8 @@ class Trainer:
         self.metrics: list[dict] = []
         self.log_lines: list[str] = []
         self.running: list[float] = []
+        # batch assembly vs forward/backward/step time and padding, for the log and benchmarks
+        self.stats = {"data_s": 0.0, "compute_s": 0.0, "padding": 0.0, "steps": 0}
 
     # ------------------------------------------------------------------ setup helpers
     def _load(self, manifest: pd.DataFrame, split: str) -> TrialStore:
@@ -251,6 +253,7 @@ class Trainer:
         store, cfg = self.train_store, self.cfg
         idx = self.sampler.next_batch()
         x, lengths = pad_batch([store.features[i] for i in idx])
+        self.stats["padding"] += 1 - float(lengths.sum()) / (len(idx) * x.shape[1])
         x = augment(x, cfg.augment, self.gen)
         x, lengths = random_cut(x, lengths, cfg.augment.random_cut, self.gen)
         if self.kernel is not None:
@@ -287,7 +290,10 @@ class Trainer:
 
     def train_step(self) -> float:
         self.model.train()
-        loss, parts = self.loss(*self.batch())
+        t0 = time.perf_counter()
+        batch = self.batch()
+        t1 = time.perf_counter()
+        loss, parts = self.loss(*batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_norm_clip_value)
@@ -297,9 +303,12 @@ class Trainer:
             import torch_xla.core.xla_model as xm
             xm.mark_step()
         self.step += 1
-        value = loss.item()
+        value = loss.item()  # waits for the device, so the compute time below is real
+        self.stats["data_s"] += t1 - t0
+        self.stats["compute_s"] += time.perf_counter() - t1
+        self.stats["steps"] += 1
         self.running.append(value)
-        self._last = {"grad_norm": float(grad_norm), **{k: float(v) for k, v in parts.items()}}
+        self._last = {"grad_norm": float(grad_norm), **{k: v.item() for k, v in parts.items()}}
         return value
 
     # ------------------------------------------------------------------ checkpoints
@@ -422,6 +431,11 @@ class Trainer:
         if self.best is None:  # resumed exactly at the end of a run without validation
             self._val_step(t0)
         self.note(f"best val PER {self.best.per:.4f} at step {self.best_step}")
+        if self.stats["steps"]:
+            st = self.stats
+            self.note(f"time in batch assembly {100 * st['data_s'] / (st['data_s'] + st['compute_s']):.1f} %, "
+                      f"padding {100 * st['padding'] / st['steps']:.1f} % of batch bins, "
+                      f"{st['steps'] / (st['data_s'] + st['compute_s']):.2f} batches/s")
         self._publish()
         return self.best
 

@@ -125,10 +125,11 @@ class DayBatchSampler:
     (always including ``must_include_days``), then ``batch_size // days_per_batch`` random
     trials of each (remainder spread over the first days). Deterministic for a seed.
 
-    With ``lengths`` (length bucketing), every batch first draws a length quantile q; each
-    session's trials are then drawn from the 2n trials around quantile q of that session's
-    lengths, so a batch holds trials of similar length and padding shrinks, while over many
-    batches every trial is still drawn.
+    With ``lengths`` (length bucketing), every batch first draws a position q in [0, 1]; each
+    session's trials are then drawn from a window of 2n neighbours in that session's
+    length order, starting at q of the way from 2n-1 places before its first trial to its last
+    (clipped to the trials there are), so a batch holds trials of similar length, padding
+    shrinks, and every trial lies in as many windows as any other (no edge is under-drawn).
     """
 
     def __init__(self, store: TrialStore, batch_size: int, days_per_batch: int, seed: int,
@@ -161,7 +162,7 @@ class DayBatchSampler:
             pool = self.by_day[day]
             if self.bucketing and len(pool) > 2 * n:
                 width = 2 * n
-                start = int(round(quantile * (len(pool) - width)))
-                pool = pool[start: start + width]
+                start = int(np.floor(quantile * (len(pool) + width - 1))) - (width - 1)
+                pool = pool[max(start, 0): start + width]
             picks.append(self.rng.choice(pool, size=n, replace=n > len(pool)))
         return np.concatenate(picks)

@@ -1,0 +1,525 @@
+"""Training: exact resume (in-process and after a real SIGKILL), determinism, the published
+optimizer groups and schedules, length bucketing, feature subsets, held-out sessions, the
+triple architecture, early stopping, device selection and safe checkpoint loading.
+
+Every model is tiny (16 units, 1 layer) and trains for a handful of batches on one thread.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from b2txt.checkpoint import build_model, load_model, safe_load
+from b2txt.cli import main
+from b2txt.config import ModelConfig, SimulateConfig, TrainConfig, merge
+from b2txt.data.store import DayBatchSampler, TrialStore, build_manifest, read_manifest, write_manifest
+from b2txt.errors import B2txtError
+from b2txt.models import TripleGRUDecoder
+from b2txt.simulate import simulate
+from b2txt.train import (Trainer, TrainingInterrupted, build_optimizer, lr_lambda, partial_dir, select_device,
+                         use_bf16)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_GRU = {"n_units": 16, "n_layers": 1}
+TINY_TRIPLE = {"architecture": "triple", "n_units": 16, "n_layers": 1, "noise_units": 8, "noise_layers": 1,
+               "noisy_units": 8, "noisy_layers": 1}
+
+BASE = {
+    "seed": 1, "model": TINY_GRU, "num_training_batches": 8, "batch_size": 4, "days_per_batch": 2,
+    "lr_warmup_steps": 2, "lr_decay_steps": 8, "lr_warmup_steps_day": 2, "lr_decay_steps_day": 8,
+    "batches_per_train_log": 2, "batches_per_val_step": 2, "batches_per_checkpoint": 2, "threads": 1,
+}
+
+
+def tcfg(**overrides) -> TrainConfig:
+    return TrainConfig.model_validate(merge(BASE, overrides))
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory, lexicon, sentences):
+    """3 sessions x (8 train, 4 val, 4 test) trials and their manifest. Read-only."""
+    root = tmp_path_factory.mktemp("train_sim")
+    data = simulate(SimulateConfig(n_sessions=3, train_blocks=2, val_blocks=1, test_blocks=1, trials_per_block=4,
+                                   span_days=30, max_words=5), sentences, root / "data", lexicon)
+    manifest = root / "manifest.csv"
+    write_manifest(build_manifest(data), manifest)
+    return data, manifest
+
+
+def sessions_of(manifest: Path) -> list[str]:
+    return sorted(pd.read_csv(manifest)["session"].unique())
+
+
+def run_trainer(cfg: TrainConfig, sim, out: Path, stop_after: int | None = None) -> tuple[Trainer, list[str]]:
+    messages: list[str] = []
+    trainer = Trainer(cfg, sim[0], sim[1], out, log=messages.append)
+    trainer.run(stop_after=stop_after)
+    return trainer, messages
+
+
+def best_state(out: Path) -> dict[str, torch.Tensor]:
+    return safe_load(out / "checkpoint" / "best_checkpoint")["model_state_dict"]
+
+
+def assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def metrics_without_seconds(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "metrics.csv").drop(columns="seconds")
+
+
+def assert_published(out: Path) -> None:
+    assert (out / "checkpoint" / "best_checkpoint").is_file()
+    assert (out / "checkpoint" / "args.yaml").is_file()
+    assert (out / "training_log").is_file() and (out / "metrics.csv").is_file()
+    assert not (out / "checkpoint" / "last_checkpoint").exists()
+    assert not partial_dir(out).exists()
+
+
+# ----------------------------------------------------------------------------- resume
+
+@pytest.mark.parametrize("model", [TINY_GRU, TINY_TRIPLE], ids=["gru", "triple"])
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(sim, tmp_path, model):
+    cfg = tcfg(model=model)
+    full, _ = run_trainer(cfg, sim, tmp_path / "full")
+    assert_published(tmp_path / "full")
+
+    out = tmp_path / "resumed"
+    with pytest.raises(TrainingInterrupted):
+        run_trainer(cfg, sim, out, stop_after=4)
+    assert (partial_dir(out) / "checkpoint" / "last_checkpoint").is_file()
+    assert (partial_dir(out) / "metrics.csv").is_file()
+    assert not out.exists()  # a half-trained model never appears where infer would read it
+
+    resumed, messages = run_trainer(cfg, sim, out)
+    assert any("resuming from step 4" in m for m in messages), messages
+    assert_published(out)
+    # the final weights and the best checkpoint are bit-identical ...
+    assert_states_equal(full.model.state_dict(), resumed.model.state_dict())
+    assert_states_equal(best_state(tmp_path / "full"), best_state(out))
+    a, b = (safe_load(p / "checkpoint" / "best_checkpoint") for p in (tmp_path / "full", out))
+    assert (a["step"], a["val_PER"]) == (b["step"], b["val_PER"])
+    # ... and so is the whole training history but its wall-clock column
+    pd.testing.assert_frame_equal(metrics_without_seconds(tmp_path / "full"), metrics_without_seconds(out))
+    assert metrics_without_seconds(out)["step"].max() == cfg.num_training_batches
+    log = (out / "training_log").read_text()
+    assert "resuming from step 4" in log and log.count(", val PER ") == cfg.num_training_batches // 2
+
+
+def test_killed_cli_run_resumes_and_publishes(sim, tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"train": merge(BASE, {
+        "num_training_batches": 150, "lr_decay_steps": 150, "lr_decay_steps_day": 150,
+        "batches_per_train_log": 25, "batches_per_val_step": 75, "batches_per_checkpoint": 5})}))
+    out = tmp_path / "model"
+    cmd = [sys.executable, "-m", "b2txt.cli", "train", "--config", str(config), "--data", str(sim[0]),
+           "--manifest", str(sim[1]), "--out", str(out), "--threads", "1"]
+    env = dict(os.environ, B2TXT_PROGRESS="0")
+    last = partial_dir(out) / "checkpoint" / "last_checkpoint"
+    with open(tmp_path / "first.log", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + 120
+            while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert last.exists(), f"no resume checkpoint appeared: {(tmp_path / 'first.log').read_text()[-2000:]}"
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+    assert last.is_file() and not out.exists()
+
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed_at = re.search(r"resuming from step (\d+)", r.stderr)
+    assert resumed_at and int(resumed_at[1]) % 5 == 0 and 5 <= int(resumed_at[1]) < 150, r.stderr[-3000:]
+    assert_published(out)
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert metrics["step"].max() == 150 and metrics["step"].is_unique and metrics["step"].is_monotonic_increasing
+    assert "resuming from step" in (out / "training_log").read_text()
+
+
+def test_resume_checkpoint_of_another_config_is_not_used(sim, tmp_path):
+    out = tmp_path / "model"
+    with pytest.raises(TrainingInterrupted):
+        run_trainer(tcfg(seed=1), sim, out, stop_after=4)
+    assert (partial_dir(out) / "checkpoint" / "last_checkpoint").is_file()
+
+    new = tcfg(seed=2)
+    trainer, messages = run_trainer(new, sim, out)
+    assert not any("resuming" in m for m in messages)
+    assert any("another config" in m and "starting afresh" in m for m in messages), messages
+    assert_published(out)
+    reference, _ = run_trainer(new, sim, tmp_path / "reference")
+    assert_states_equal(reference.model.state_dict(), trainer.model.state_dict())
+    assert_states_equal(best_state(tmp_path / "reference"), best_state(out))
+    pd.testing.assert_frame_equal(metrics_without_seconds(tmp_path / "reference"), metrics_without_seconds(out))
+
+
+def test_run_time_knobs_do_not_prevent_resuming(sim, tmp_path):
+    out = tmp_path / "model"
+    with pytest.raises(TrainingInterrupted):
+        run_trainer(tcfg(), sim, out, stop_after=2)
+    # threads None keeps torch's current setting (1 here): other test modules are not affected
+    _, messages = run_trainer(tcfg(threads=None, device="cpu", batches_per_checkpoint=3), sim, out)
+    assert any("resuming from step 2" in m for m in messages), messages
+
+
+# ----------------------------------------------------------------------------- determinism
+
+def test_same_seed_same_weights_other_seed_other_weights(sim, tmp_path):
+    a, _ = run_trainer(tcfg(seed=5), sim, tmp_path / "a")
+    b, _ = run_trainer(tcfg(seed=5), sim, tmp_path / "b")
+    c, _ = run_trainer(tcfg(seed=6), sim, tmp_path / "c")
+    assert_states_equal(a.model.state_dict(), b.model.state_dict())
+    assert_states_equal(best_state(tmp_path / "a"), best_state(tmp_path / "b"))
+    pd.testing.assert_frame_equal(metrics_without_seconds(tmp_path / "a"), metrics_without_seconds(tmp_path / "b"))
+    assert not states_equal(a.model.state_dict(), c.model.state_dict())
+    assert not metrics_without_seconds(tmp_path / "a")["train_loss"].equals(
+        metrics_without_seconds(tmp_path / "c")["train_loss"])
+
+
+# ----------------------------------------------------------------------------- optimizer and schedules
+
+@pytest.mark.parametrize("model", [TINY_GRU, TINY_TRIPLE], ids=["gru", "triple"])
+def test_optimizer_groups_are_the_published_ones(model):
+    cfg = tcfg(model=model, weight_decay=0.01, weight_decay_day=0.002, beta0=0.8, beta1=0.99, epsilon=0.05)
+    net = build_model(cfg.model, n_days=3, neural_dim=32)
+    opt, _ = build_optimizer(net, cfg)
+    names = {id(p): n for n, p in net.named_parameters()}
+    groups = opt.param_groups
+    assert [g["group_type"] for g in groups] == ["bias", "day_layer", "other"]
+    group_names = [{names[id(p)] for p in g["params"]} for g in groups]
+    bias, day, other = group_names
+    # every parameter in exactly one group
+    assert sum(len(g) for g in group_names) == len(names) and bias | day | other == set(names.values())
+    assert day == {f"day_weights.{i}" for i in range(3)} | {f"day_biases.{i}" for i in range(3)}
+    for name in names.values():
+        if not name.startswith("day_") and (name.endswith(".bias") or ".bias_" in name):
+            assert name in bias, name
+    assert all(not n.startswith("day_") and (n.endswith(".bias") or ".bias_" in n) for n in bias)
+    if model is TINY_GRU:
+        assert bias == {"gru.bias_ih_l0", "gru.bias_hh_l0", "out.bias"}
+        assert other == {"gru.weight_ih_l0", "gru.weight_hh_l0", "out.weight", "h0"}
+    else:
+        assert {"clean_speech_model.h0", "noise_model.h0", "noisy_speech_model.h0",
+                "noise_model.out.weight"} <= other
+        assert {"noise_model.gru.bias_ih_l0", "clean_speech_model.out.bias"} <= bias
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.002, 0.01]
+    assert [g["initial_lr"] for g in groups] == [cfg.lr_max, cfg.lr_max_day, cfg.lr_max]
+    assert all(g["betas"] == (0.8, 0.99) and g["eps"] == 0.05 for g in groups)
+    assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_published_defaults_of_the_optimizer():
+    cfg = TrainConfig()
+    assert (cfg.lr_max, cfg.lr_min, cfg.lr_warmup_steps, cfg.lr_decay_steps) == (0.005, 0.0001, 1000, 120_000)
+    assert (cfg.beta0, cfg.beta1, cfg.epsilon, cfg.weight_decay, cfg.weight_decay_day) == (0.9, 0.999, 0.1, 0.001, 0)
+    assert (cfg.grad_norm_clip_value, cfg.batch_size, cfg.days_per_batch) == (10, 64, 4)
+    assert cfg.lr_scheduler_type == "cosine" and cfg.num_training_batches == 120_000
+
+
+def test_lr_lambda_cosine_and_linear():
+    f = lr_lambda(1.0, 0.1, 10, 110, "cosine")
+    assert f(0) == 0.0 and f(5) == pytest.approx(0.5) and f(10) == pytest.approx(1.0)
+    assert [f(s) for s in range(11)] == pytest.approx([s / 10 for s in range(11)])
+    assert f(35) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 0.25)))
+    assert f(60) == pytest.approx(0.55)
+    decay = [f(s) for s in range(10, 111)]
+    assert all(x >= y for x, y in zip(decay, decay[1:]))  # monotone cosine decay
+    assert f(110) == pytest.approx(0.1) and f(109) > 0.1
+    assert f(111) == f(500) == pytest.approx(0.1)  # flat at lr_min / lr_max afterwards
+    g = lr_lambda(2.0, 0.2, 10, 110, "linear")
+    assert g(0) == 0.0 and g(5) == pytest.approx(0.5)
+    assert g(35) == pytest.approx(1 - 0.9 * 0.25) and g(60) == pytest.approx(0.55)
+    assert g(110) == pytest.approx(0.1) and g(1000) == pytest.approx(0.1)
+    h = lr_lambda(1.0, 0.0, 0, 100, "cosine")  # no warm-up: full rate at once
+    assert h(0) == pytest.approx(1.0) and h(100) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_scheduler_gives_the_day_group_its_own_schedule(kind):
+    cfg = tcfg(lr_scheduler_type=kind, lr_max=0.01, lr_min=0.001, lr_warmup_steps=4, lr_decay_steps=20,
+               lr_max_day=0.02, lr_min_day=0.0005, lr_warmup_steps_day=2, lr_decay_steps_day=10)
+    net = build_model(cfg.model, n_days=2, neural_dim=16)
+    opt, sched = build_optimizer(net, cfg)
+    main_f = lr_lambda(0.01, 0.001, 4, 20, kind)
+    day_f = lr_lambda(0.02, 0.0005, 2, 10, kind)
+    seen = []
+    for step in range(26):
+        lrs = [g["lr"] for g in opt.param_groups]
+        assert lrs[0] == pytest.approx(0.01 * main_f(step), abs=1e-12)
+        assert lrs[2] == pytest.approx(0.01 * main_f(step), abs=1e-12)
+        assert lrs[1] == pytest.approx(0.02 * day_f(step), abs=1e-12)
+        seen.append(lrs)
+        opt.step()
+        sched.step()
+    assert seen[0] == [0.0, 0.0, 0.0]
+    assert seen[2][1] == pytest.approx(0.02) and seen[2][0] == pytest.approx(0.005)  # day warm-up done first
+    assert seen[10][1] == pytest.approx(0.0005) and seen[25][1] == pytest.approx(0.0005)
+    assert seen[20][0] == pytest.approx(0.001) and seen[25][0] == pytest.approx(0.001)
+
+
+# ----------------------------------------------------------------------------- length bucketing
+
+def fake_store(lengths_per_day: list[np.ndarray]) -> tuple[TrialStore, np.ndarray]:
+    lengths = np.concatenate(lengths_per_day)
+    day_idx = np.concatenate([np.full(len(x), d) for d, x in enumerate(lengths_per_day)]).astype(np.int64)
+    features = [np.zeros((int(n), 1), dtype=np.float32) for n in lengths]
+    store = TrialStore(features, [np.array([1])] * len(lengths), day_idx,
+                       [f"s{d}" for d in range(len(lengths_per_day))], pd.DataFrame(index=range(len(lengths))))
+    return store, lengths
+
+
+def padding_waste(batches: list[np.ndarray], lengths: np.ndarray) -> float:
+    return float(np.mean([1 - lengths[b].sum() / (len(b) * lengths[b].max()) for b in batches]))
+
+
+def test_length_bucketing_reduces_padding_and_still_draws_every_trial():
+    rng = np.random.default_rng(0)
+    store, lengths = fake_store([rng.integers(50, 800, size=n) for n in (100, 80, 120)])
+    plain = DayBatchSampler(store, 16, 2, seed=3)
+    bucketed = DayBatchSampler(store, 16, 2, seed=3, lengths=lengths)
+    waste_plain = padding_waste([plain.next_batch() for _ in range(200)], lengths)
+    waste_bucketed = padding_waste([bucketed.next_batch() for _ in range(200)], lengths)
+    assert waste_plain > 0.35
+    assert waste_bucketed < 0.5 * waste_plain, (waste_bucketed, waste_plain)
+    drawn = np.concatenate([bucketed.next_batch() for _ in range(10000)])
+    assert set(drawn.tolist()) == set(range(len(lengths)))  # the shortest and longest trials too
+    for batch in (bucketed.next_batch() for _ in range(50)):
+        assert len(batch) == 16
+        days = store.day_idx[batch]
+        assert len(set(days.tolist())) == 2 and all((days == d).sum() == 8 for d in set(days.tolist()))
+
+
+def test_length_bucketing_draws_trials_about_equally_often():
+    rng = np.random.default_rng(0)
+    store, lengths = fake_store([rng.integers(50, 800, size=n) for n in (100, 80, 120)])
+    bucketed = DayBatchSampler(store, 16, 2, seed=3, lengths=lengths)
+    counts = np.bincount(np.concatenate([bucketed.next_batch() for _ in range(10000)]), minlength=len(lengths))
+    assert counts.min() > 0.25 * np.median(counts), (counts.min(), np.median(counts))
+
+
+@pytest.mark.parametrize("bucketing", [False, True])
+def test_sampler_must_include_days_and_is_deterministic(bucketing):
+    rng = np.random.default_rng(1)
+    store, lengths = fake_store([rng.integers(50, 800, size=n) for n in (20, 20, 20, 20)])
+    lens = lengths if bucketing else None
+    a = DayBatchSampler(store, 9, 2, seed=7, must_include_days=[2], lengths=lens)
+    b = DayBatchSampler(store, 9, 2, seed=7, must_include_days=[2], lengths=lens)
+    c = DayBatchSampler(store, 9, 2, seed=8, must_include_days=[2], lengths=lens)
+    batches_a = [a.next_batch() for _ in range(200)]
+    batches_b = [b.next_batch() for _ in range(200)]
+    batches_c = [c.next_batch() for _ in range(200)]
+    assert all(np.array_equal(x, y) for x, y in zip(batches_a, batches_b))
+    assert not all(np.array_equal(x, y) for x, y in zip(batches_a, batches_c))
+    for batch in batches_a:
+        assert len(batch) == 9 and 2 in store.day_idx[batch]
+        assert (store.day_idx[batch] == 2).sum() == 5  # the remainder goes to the first (must-include) day
+    other_days = {int(d) for batch in batches_a for d in store.day_idx[batch]} - {2}
+    assert other_days == {0, 1, 3}
+
+
+# ----------------------------------------------------------------------------- feature subsets, held-out sessions
+
+def test_feature_subset_trains_and_infers(sim, tmp_path, capsys):
+    out = tmp_path / "model"
+    subset = list(range(256))
+    run_trainer(tcfg(feature_subset=subset, num_training_batches=4, lr_decay_steps=4, lr_decay_steps_day=4), sim, out)
+    args = yaml.safe_load((out / "checkpoint" / "args.yaml").read_text())
+    assert args["dataset"]["feature_subset"] == subset
+    assert args["model"]["n_input_features"] == 256 and args["dataset"]["neural_dim"] == 256
+    loaded = load_model(out)
+    assert loaded.feature_subset == subset
+    assert tuple(loaded.model.day_weights[0].shape) == (256, 256)
+    assert loaded.select_features(np.zeros((30, 512), dtype=np.float32)).shape == (30, 256)
+    logits = tmp_path / "val.hdf5"
+    assert main(["infer", "--model", str(out), "--data", str(sim[0]), "--manifest", str(sim[1]), "--split", "val",
+                 "--out", str(logits), "--device", "cpu"]) == 0
+    with h5py.File(logits) as f:
+        assert len(f) == 12
+        assert all(g["logits"].ndim == 2 and g["logits"].shape[1] == 41 for g in f.values())
+
+
+def test_empty_feature_subset_is_refused_or_means_all_features(sim, tmp_path):
+    out = tmp_path / "model"
+    try:
+        run_trainer(tcfg(feature_subset=[], num_training_batches=2, lr_decay_steps=2, lr_decay_steps_day=2), sim, out)
+    except (B2txtError, ValueError):
+        return  # refused upfront: fine
+    assert load_model(out).model.day_weights[0].shape[0] == 512
+
+
+def test_bad_feature_subset_is_a_clear_error(sim, tmp_path):
+    with pytest.raises(B2txtError, match="feature_subset"):
+        Trainer(tcfg(feature_subset=[0, 512]), sim[0], sim[1], tmp_path / "m", log=lambda m: None)
+
+
+def test_holdout_session_is_left_out_and_infer_names_it(sim, tmp_path, capsys):
+    out = tmp_path / "model"
+    all_sessions = sessions_of(sim[1])
+    trainer, _ = run_trainer(tcfg(holdout_sessions=[-1], num_training_batches=4, lr_decay_steps=4,
+                                  lr_decay_steps_day=4), sim, out)
+    held_out = all_sessions[-1]
+    assert trainer.sessions == all_sessions[:-1]
+    assert held_out not in set(trainer.train_store.rows["session"]) | set(trainer.val_store.rows["session"])
+    args = yaml.safe_load((out / "checkpoint" / "args.yaml").read_text())
+    assert args["dataset"]["sessions"] == all_sessions[:-1]
+    assert len(load_model(out).model.day_weights) == 2
+
+    base = ["infer", "--model", str(out), "--data", str(sim[0]), "--manifest", str(sim[1]), "--split", "val",
+            "--device", "cpu"]
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "all.hdf5")]) == 2
+    err = capsys.readouterr().err
+    assert held_out in err and "calibrate" in err and "--known-sessions-only" in err
+    assert not (tmp_path / "all.hdf5").exists()
+    assert main(base + ["--out", str(tmp_path / "known.hdf5"), "--known-sessions-only"]) == 0
+    assert held_out in capsys.readouterr().err  # the skipped trials are reported
+    with h5py.File(tmp_path / "known.hdf5") as f:
+        assert {g.attrs["session"] for g in f.values()} == set(all_sessions[:-1])
+        assert len(f) == 8
+
+
+def test_holdout_by_name_and_bad_holdouts(sim, tmp_path):
+    all_sessions = sessions_of(sim[1])
+    trainer = Trainer(tcfg(holdout_sessions=[all_sessions[0]]), sim[0], sim[1], tmp_path / "m", log=lambda m: None)
+    assert trainer.sessions == all_sessions[1:]
+    with pytest.raises(B2txtError, match="out of range"):
+        Trainer(tcfg(holdout_sessions=[3]), sim[0], sim[1], tmp_path / "m", log=lambda m: None)
+    with pytest.raises(B2txtError, match="unknown session"):
+        Trainer(tcfg(holdout_sessions=["t15.1999.01.01"]), sim[0], sim[1], tmp_path / "m", log=lambda m: None)
+    with pytest.raises(B2txtError, match="no session"):
+        Trainer(tcfg(holdout_sessions=[0, 1, 2]), sim[0], sim[1], tmp_path / "m", log=lambda m: None)
+
+
+# ----------------------------------------------------------------------------- triple through the CLI
+
+def test_triple_architecture_trains_through_the_cli(sim, tmp_path, capsys):
+    config = tmp_path / "triple.yaml"
+    config.write_text(yaml.safe_dump({"train": merge(BASE, {"model": TINY_TRIPLE, "num_training_batches": 4,
+                                                            "lr_decay_steps": 4, "lr_decay_steps_day": 4})}))
+    out = tmp_path / "model"
+    assert main(["train", "--config", str(config), "--data", str(sim[0]), "--manifest", str(sim[1]),
+                 "--out", str(out), "--threads", "1"]) == 0
+    assert_published(out)
+    args = yaml.safe_load((out / "checkpoint" / "args.yaml").read_text())
+    assert args["model"]["architecture"] == "triple"
+    assert args["model"]["triple"]["noise_units"] == 8 and args["model"]["triple"]["adversarial_weight"] == 0.5
+    log = (out / "training_log").read_text()
+    assert "triple model" in log and "clean_loss" in log and "noisy_loss" in log
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert {"clean_loss", "noisy_loss"} <= set(metrics.columns)
+
+    loaded = load_model(out)
+    assert isinstance(loaded.model, TripleGRUDecoder)
+    assert loaded.model.cfg.noise_units == 8 and loaded.model.cfg.noisy_layers == 1
+    # the trained weights, in a model built from the config (not from args.yaml)
+    trained = build_model(ModelConfig(**TINY_TRIPLE), 3)
+    trained.load_state_dict(best_state(out))
+    trained.eval()
+    store = TrialStore.load(sim[0], read_manifest(sim[1]), "val", sessions_of(sim[1]))
+    x = torch.from_numpy(store.features[0])[None]
+    day = torch.tensor([int(store.day_idx[0])])
+    with torch.no_grad():
+        clean, _, _ = trained(x, day, mode="full")
+        assert torch.equal(loaded.model(x, day), clean)
+
+
+# ----------------------------------------------------------------------------- early stopping
+
+def test_early_stopping_when_nothing_improves(sim, tmp_path):
+    cfg = tcfg(num_training_batches=20, lr_decay_steps=20, lr_decay_steps_day=20, lr_max=1e-12, lr_min=0.0,
+               lr_max_day=1e-12, lr_min_day=0.0, early_stopping_val_steps=1, batches_per_checkpoint=100)
+    trainer, messages = run_trainer(cfg, sim, tmp_path / "model")
+    assert trainer.step == 4 < cfg.num_training_batches  # val at 2 sets the best, val at 4 does not improve
+    assert any("early stopping at step 4" in m for m in messages), messages
+    assert_published(tmp_path / "model")
+    metrics = pd.read_csv(tmp_path / "model" / "metrics.csv")
+    assert metrics["step"].max() == 4
+    per = metrics["val_PER"].dropna()
+    assert len(per) == 2 and per.iloc[0] == per.iloc[1]
+    assert safe_load(tmp_path / "model" / "checkpoint" / "best_checkpoint")["step"] == 2
+    assert "early stopping" in (tmp_path / "model" / "training_log").read_text()
+    args = yaml.safe_load((tmp_path / "model" / "checkpoint" / "args.yaml").read_text())
+    assert args["early_stopping"] is True and args["early_stopping_val_steps"] == 1
+
+
+# ----------------------------------------------------------------------------- devices
+
+def test_select_device_and_bf16():
+    assert select_device("cpu") == torch.device("cpu")
+    cpu = torch.device("cpu")
+    assert use_bf16("auto", cpu) is False
+    assert use_bf16("bf16", cpu) is True
+    assert use_bf16("off", cpu) is False
+    with pytest.raises(B2txtError, match="unknown device"):
+        select_device("tpu-please")
+
+
+def test_xla_without_torch_xla_is_a_clear_error():
+    try:
+        import torch_xla  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("torch_xla is installed")
+    with pytest.raises(B2txtError, match="torch_xla"):
+        select_device("xla")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_is_a_clear_error():
+    with pytest.raises(B2txtError, match="CUDA"):
+        select_device("cuda:0")
+    with pytest.raises(B2txtError, match="CUDA"):
+        select_device("cuda")
+    assert select_device("auto") == torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- safe loading
+
+def test_numpy_metric_in_checkpoint_loads_and_pickled_objects_are_refused(sim, tmp_path):
+    out = tmp_path / "model"
+    run_trainer(tcfg(num_training_batches=2, lr_decay_steps=2, lr_decay_steps_day=2), sim, out)
+    state = best_state(out)
+    ckpt = out / "checkpoint" / "best_checkpoint"
+    torch.save({"model_state_dict": state, "val_PER": np.float64(0.1), "val_loss": np.float32(2.5),
+                "step": np.int64(7)}, ckpt)
+    raw = safe_load(ckpt)
+    assert raw["val_PER"] == pytest.approx(0.1) and raw["step"] == 7
+    loaded = load_model(out)
+    assert loaded.checkpoint["val_PER"] == pytest.approx(0.1)
+    assert_states_equal(loaded.model.state_dict(), state)
+
+    torch.save({"model_state_dict": state, "val_PER": 0.1, "extra": Path("/somewhere")}, ckpt)
+    with pytest.raises(B2txtError, match="cannot load checkpoint safely"):
+        safe_load(ckpt)
+    with pytest.raises(B2txtError, match="cannot load checkpoint safely"):
+        load_model(out)
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(B2txtError, match="cannot load checkpoint safely"):
+        load_model(out)

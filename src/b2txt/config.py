@@ -83,6 +83,9 @@ class NeuralModelConfig(Section):
     mixing_timescale_days: float = Field(300.0, gt=0)
     dead_fraction_start: float = Field(0.02, ge=0, le=1)
     dead_fraction_per_month: float = Field(0.01, ge=0, le=1)
+    session_gain_sd: float = Field(0.3, ge=0)
+    session_offset_sd: float = Field(0.5, ge=0)
+    session_tuning_change: float = Field(0.3, ge=0, le=1)
 
 
 class SimulateConfig(Section):

@@ -34,6 +34,11 @@ Generative model (all knobs in ``simulate.neural`` of ``config/config.yaml``)
    random tuning, ``W ← ρW + sqrt(1-ρ²)N``, ``ρ = exp(-Δ/mixing_timescale_days)``; electrodes
    die (both features flat: no crossings, SBP noise only) with a fraction
    ``dead_fraction_start`` dead at the first session and a hazard of ``dead_fraction_per_month``.
+   On top, each session has changes of its own that do not carry over to the next
+   (impedance, micro-motion of the arrays): log-gains ``+N(0, session_gain_sd)``, offsets
+   ``+N(0, session_offset_sd)`` and tuning ``W ← sqrt(1-e²)W + e·N`` with
+   ``e = session_tuning_change``. These make a new session's data differ from every earlier one,
+   which is what rapid calibration (:mod:`b2txt.calibrate`) corrects.
 
 Everything is deterministic for ``seed``: session parameters come from one generator, each
 trial from a generator keyed by (seed, session, block, trial).
@@ -117,7 +122,13 @@ class NeuralModel:
             offset = offset + rng.normal(0.0, cfg.offset_drift_per_month * scale, size=N_ELECTRODES)
             rho = math.exp(-gap / cfg.mixing_timescale_days)
             tuning = rho * tuning + math.sqrt(1 - rho**2) * rng.normal(size=tuning.shape) / math.sqrt(d)
-            states.append(SessionState(day, log_gain.copy(), offset.copy(), tuning.copy(), death_day <= day))
+            # Day-specific changes that do not carry over (impedance, array micro-motion).
+            e = cfg.session_tuning_change
+            states.append(SessionState(
+                day, log_gain + rng.normal(0.0, cfg.session_gain_sd, size=N_ELECTRODES),
+                offset + rng.normal(0.0, cfg.session_offset_sd, size=N_ELECTRODES),
+                math.sqrt(1 - e * e) * tuning + e * rng.normal(size=tuning.shape) / math.sqrt(d),
+                death_day <= day))
             prev = day
         return states
 

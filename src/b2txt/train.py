@@ -4,8 +4,9 @@
 checkpoint (model, optimizer, scheduler, every RNG and the batch sampler's state, metrics so
 far) atomically into ``MODEL_DIR.partial/``; a killed run started again with the same config
 and data continues from there and ends bit-identical to an uninterrupted run on CPU. When
-training ends, the directory is completed (``args.yaml``, ``training_log``, ``metrics.csv``)
-and renamed to ``MODEL_DIR`` (published layout, see :mod:`b2txt.checkpoint`), so a half-trained
+training ends, the directory is completed (``args.yaml``, ``training_log``, ``metrics.csv`` with
+step, training loss, learning rate, gradient norm, validation loss and PER overall and per
+session as ``val_PER:<session>``) and renamed to ``MODEL_DIR`` (published layout, see :mod:`b2txt.checkpoint`), so a half-trained
 model never appears where ``infer`` would read it.
 
 Objectives. ``gru``: mean over trials of the CTC loss of the logits. ``triple``
@@ -385,7 +386,8 @@ class Trainer:
         val = self.validate()
         if not self.metrics or self.metrics[-1]["step"] != self.step:
             self.metrics.append({"step": self.step, "lr": self.sched.get_last_lr()[0], "seconds": time.time() - t0})
-        self.metrics[-1].update(val_loss=val.loss, val_PER=val.per)
+        self.metrics[-1].update(val_loss=val.loss, val_PER=val.per,
+                                **{f"val_PER:{name}": per for name, per in val.per_session.items()})
         self.note(f"step {self.step}: val loss {val.loss:.4f}, val PER {val.per:.4f}")
         if self.best is None or not (val.per >= self.best.per):  # NaN PER (no val data): keep the latest
             self.best, self.best_step, self.stale = val, self.step, 0

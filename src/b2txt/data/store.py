@@ -126,7 +126,7 @@ class DayBatchSampler:
     trials of each (remainder spread over the first days). Deterministic for a seed.
 
     With ``lengths`` (length bucketing), every batch first draws a position q in [0, 1]; each
-    session's trials are then drawn from a window of 2n neighbours in that session's
+    session's n trials are then drawn from a window of 1.5 n neighbours in that session's
     length order, starting at q of the way from 2n-1 places before its first trial to its last
     (clipped to the trials there are), so a batch holds trials of similar length, padding
     shrinks, and every trial lies in as many windows as any other (no edge is under-drawn).
@@ -160,8 +160,8 @@ class DayBatchSampler:
         picks = []
         for day, n in zip(chosen, per_day):
             pool = self.by_day[day]
-            if self.bucketing and len(pool) > 2 * n:
-                width = 2 * n
+            width = n + max(n // 2, 1)  # some choice within the window, little length spread
+            if self.bucketing and len(pool) > width:
                 start = int(np.floor(quantile * (len(pool) + width - 1))) - (width - 1)
                 pool = pool[max(start, 0): start + width]
             picks.append(self.rng.choice(pool, size=n, replace=n > len(pool)))

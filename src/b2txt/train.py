@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,6 +171,11 @@ def _too_short_for_ctc(store: TrialStore, cfg: TrainConfig) -> list[str]:
     return notes
 
 
+def new_stats() -> dict:
+    """Counters of where training time goes: waiting for batches vs forward/backward/step."""
+    return {"data_s": 0.0, "compute_s": 0.0, "steps": 0, "padding": 0.0, "built": 0}
+
+
 def partial_dir(out_dir: Path) -> Path:
     return out_dir.with_name(out_dir.name + ".partial")
 
@@ -223,7 +229,9 @@ class Trainer:
         self.log_lines: list[str] = []
         self.running: list[float] = []
         # batch assembly vs forward/backward/step time and padding, for the log and benchmarks
-        self.stats = {"data_s": 0.0, "compute_s": 0.0, "padding": 0.0, "steps": 0}
+        self.stats = new_stats()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: tuple[Future, dict] | None = None
 
     # ------------------------------------------------------------------ setup helpers
     def _load(self, manifest: pd.DataFrame, split: str) -> TrialStore:
@@ -255,6 +263,7 @@ class Trainer:
         idx = self.sampler.next_batch()
         x, lengths = pad_batch([store.features[i] for i in idx])
         self.stats["padding"] += 1 - float(lengths.sum()) / (len(idx) * x.shape[1])
+        self.stats["built"] += 1
         x = augment(x, cfg.augment, self.gen)
         x, lengths = random_cut(x, lengths, cfg.augment.random_cut, self.gen)
         if self.kernel is not None:
@@ -289,10 +298,39 @@ class Trainer:
         noisy_loss = ctc(noisy)
         return clean_loss + self.cfg.adversarial_weight * noisy_loss, {"clean_loss": clean_loss, "noisy_loss": noisy_loss}
 
+    # On an accelerator the next batch is assembled in a worker thread while the current one
+    # trains (torch releases the GIL), hiding sampling, augmentation and smoothing behind the
+    # forward/backward pass. On the CPU both would share the same cores (measured: 1.6x slower
+    # steps), so batches are built in line there. The random-generator states from before a
+    # pending batch are kept, so resume checkpoints stay exact either way.
+    def _data_rng_state(self) -> dict:
+        return {"augment_rng": self.gen.get_state(), "sampler_rng": json.dumps(self.sampler.rng.bit_generator.state)}
+
+    def _prefetch(self) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="b2txt-batch")
+        self._pending = (self._pool.submit(self.batch), self._data_rng_state())
+
+    def _next_batch(self):
+        if self.device.type == "cpu":
+            return self.batch()
+        if self._pending is None:
+            self._prefetch()
+        batch = self._pending[0].result()
+        self._pending = None
+        if self.step + 1 < self.cfg.num_training_batches:
+            self._prefetch()
+        return batch
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._pending = None, None
+
     def train_step(self) -> float:
         self.model.train()
         t0 = time.perf_counter()
-        batch = self.batch()
+        batch = self._next_batch()
         t1 = time.perf_counter()
         loss, parts = self.loss(*batch)
         self.opt.zero_grad(set_to_none=True)
@@ -328,9 +366,10 @@ class Trainer:
             "fingerprint": self.fingerprint, "step": self.step,
             "model_state_dict": self.model.state_dict(), "optimizer_state_dict": self.opt.state_dict(),
             "scheduler_state_dict": self.sched.state_dict(),
-            "torch_rng": torch.get_rng_state(), "augment_rng": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "sampler_rng": json.dumps(self.sampler.rng.bit_generator.state),
+            # the data generators as they were before the batch now being prefetched
+            **(self._pending[1] if self._pending is not None else self._data_rng_state()),
             "best": None if self.best is None else [self.best.loss, self.best.per, self.best.per_session],
             "best_step": self.best_step, "stale": self.stale, "running": list(self.running),
             "metrics": json.dumps(self.metrics), "log_lines": list(self.log_lines),
@@ -416,28 +455,31 @@ class Trainer:
         bar = progress(desc="train", total=cfg.num_training_batches, unit="batch")
         bar.update(self.step)
         stopped = False
-        while self.step < cfg.num_training_batches and not stopped:
-            self.train_step()
-            bar.update()
-            last = self.step == cfg.num_training_batches
-            if self.step % cfg.batches_per_train_log == 0 or last:
-                self._log_step(t0)
-            if self.step % cfg.batches_per_val_step == 0 or last:
-                stopped = self._val_step(t0)
-            if self.step % cfg.batches_per_checkpoint == 0 and not (last or stopped):
-                self._save_resume()
-                if stop_after is not None and self.step >= stop_after:
-                    bar.close()
-                    raise TrainingInterrupted(f"stopped after step {self.step}")
-        bar.close()
+        try:
+            while self.step < cfg.num_training_batches and not stopped:
+                self.train_step()
+                bar.update()
+                last = self.step == cfg.num_training_batches
+                if self.step % cfg.batches_per_train_log == 0 or last:
+                    self._log_step(t0)
+                if self.step % cfg.batches_per_val_step == 0 or last:
+                    stopped = self._val_step(t0)
+                if self.step % cfg.batches_per_checkpoint == 0 and not (last or stopped):
+                    self._save_resume()
+                    if stop_after is not None and self.step >= stop_after:
+                        raise TrainingInterrupted(f"stopped after step {self.step}")
+        finally:
+            bar.close()
+            self.close()
         if self.best is None:  # resumed exactly at the end of a run without validation
             self._val_step(t0)
         self.note(f"best val PER {self.best.per:.4f} at step {self.best_step}")
         if self.stats["steps"]:
             st = self.stats
-            self.note(f"time in batch assembly {100 * st['data_s'] / (st['data_s'] + st['compute_s']):.1f} %, "
-                      f"padding {100 * st['padding'] / st['steps']:.1f} % of batch bins, "
-                      f"{st['steps'] / (st['data_s'] + st['compute_s']):.2f} batches/s")
+            self.note(f"time waiting for batches {100 * st['data_s'] / (st['data_s'] + st['compute_s']):.1f} %, "
+                      f"padding {100 * st['padding'] / max(st['built'], 1):.1f} % of batch bins, "
+                      f"{st['steps'] / (st['data_s'] + st['compute_s']):.2f} batches/s "
+                      + ("(batches built during the previous step)" if self.device.type != "cpu" else ""))
         self._publish()
         return self.best
 

@@ -116,3 +116,16 @@ def make_trial_file(tmp_path, lexicon) -> Callable[..., Path]:
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def small_sim(tmp_path_factory, lexicon) -> tuple[Path, Path]:
+    """3 sessions x (8 train, 4 val, 4 test) trials and their manifest, for training tests. Read-only."""
+    from b2txt.data.store import build_manifest, write_manifest
+
+    root = tmp_path_factory.mktemp("small_sim")
+    data = simulate(SimulateConfig(n_sessions=3, train_blocks=2, val_blocks=1, test_blocks=1, trials_per_block=4,
+                                   span_days=30, max_words=5), list(SENTENCES), root / "data", lexicon)
+    manifest = root / "manifest.csv"
+    write_manifest(build_manifest(data), manifest)
+    return data, manifest

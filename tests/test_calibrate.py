@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import h5py
 import numpy as np
 import pandas as pd
@@ -14,10 +12,9 @@ import yaml
 from b2txt.calibrate import calibrate, fit, session_per, with_new_session
 from b2txt.checkpoint import load_model
 from b2txt.cli import main
-from b2txt.config import AugmentConfig, CalibrateConfig, SimulateConfig, TrainConfig
-from b2txt.data.store import TrialStore, build_manifest, read_manifest, write_manifest
+from b2txt.config import AugmentConfig, CalibrateConfig, TrainConfig
+from b2txt.data.store import TrialStore, read_manifest
 from b2txt.errors import B2txtError
-from b2txt.simulate import simulate
 from b2txt.train import Trainer
 
 TRAIN = {
@@ -30,14 +27,10 @@ CAL = {"steps": 3, "batch_size": 2, "lr": 0.01}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, lexicon, sentences):
+def trained(tmp_path_factory, small_sim):
     """(data dir, manifest, model dir trained without the last session, all sessions). Read-only."""
-    root = tmp_path_factory.mktemp("calibrate")
-    data = simulate(SimulateConfig(n_sessions=3, train_blocks=2, val_blocks=1, test_blocks=1, trials_per_block=4,
-                                   span_days=30, max_words=5), sentences, root / "data", lexicon)
-    manifest = root / "manifest.csv"
-    write_manifest(build_manifest(data), manifest)
-    model = root / "model"
+    data, manifest = small_sim
+    model = tmp_path_factory.mktemp("calibrate") / "model"
     Trainer(TrainConfig.model_validate(TRAIN), data, manifest, model, log=lambda m: None).run()
     return data, manifest, model, sorted(read_manifest(manifest)["session"].unique())
 

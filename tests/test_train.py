@@ -24,11 +24,10 @@ import yaml
 
 from b2txt.checkpoint import build_model, load_model, safe_load
 from b2txt.cli import main
-from b2txt.config import ModelConfig, SimulateConfig, TrainConfig, merge
-from b2txt.data.store import DayBatchSampler, TrialStore, build_manifest, read_manifest, write_manifest
+from b2txt.config import ModelConfig, TrainConfig, merge
+from b2txt.data.store import DayBatchSampler, TrialStore, read_manifest
 from b2txt.errors import B2txtError
 from b2txt.models import TripleGRUDecoder
-from b2txt.simulate import simulate
 from b2txt.train import (Trainer, TrainingInterrupted, build_optimizer, lr_lambda, partial_dir, select_device,
                          use_bf16)
 
@@ -50,14 +49,8 @@ def tcfg(**overrides) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory, lexicon, sentences):
-    """3 sessions x (8 train, 4 val, 4 test) trials and their manifest. Read-only."""
-    root = tmp_path_factory.mktemp("train_sim")
-    data = simulate(SimulateConfig(n_sessions=3, train_blocks=2, val_blocks=1, test_blocks=1, trials_per_block=4,
-                                   span_days=30, max_words=5), sentences, root / "data", lexicon)
-    manifest = root / "manifest.csv"
-    write_manifest(build_manifest(data), manifest)
-    return data, manifest
+def sim(small_sim):
+    return small_sim
 
 
 def sessions_of(manifest: Path) -> list[str]:

@@ -24,10 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
-from .config import ModelConfig, TrainConfig
+from .config import ModelConfig, TrainConfig, read_yaml
 from .errors import B2txtError
 from .models import GRUDecoder, GRUDecoderConfig, TripleGRUDecoder, TripleGRUDecoderConfig
 from .phonemes import N_CLASSES
@@ -155,16 +154,8 @@ class LoadedModel:
 
 
 def read_args(model_dir: str | Path) -> dict[str, Any]:
-    path = Path(model_dir) / "checkpoint" / "args.yaml"
-    if not path.is_file():
-        raise B2txtError(f"{path}: not found; expected a model directory with checkpoint/args.yaml")
-    try:
-        args = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise B2txtError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(args, dict):
-        raise B2txtError(f"{path}: not a valid args.yaml (no mapping)")
-    return args
+    return read_yaml(Path(model_dir) / "checkpoint" / "args.yaml",
+                     "args.yaml (expected a model directory with checkpoint/args.yaml)")
 
 
 def load_model(model_dir: str | Path, device: torch.device | str = "cpu",

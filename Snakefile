@@ -22,8 +22,10 @@ validate(CFG.model_dump(mode="json"), "workflow/schemas/config.schema.json")
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
-include: "workflow/rules/figures.smk"
 include: "workflow/rules/calibrate.smk"
+include: "workflow/rules/lm.smk"
+include: "workflow/rules/decode.smk"
+include: "workflow/rules/figures.smk"
 
 
 rule all:
@@ -32,4 +34,7 @@ rule all:
         expand(f"{RUN}/logits/{{split}}.hdf5", split=CFG.infer.splits),
         rules.figures.output,
         rules.calibrate.output if CFG.calibrate.enabled else [],
+        expand(f"{LM}/{{order}}gram/{{f}}", order=CFG.lm.orders, f=["TLG.fst", "lm.bin"]),
+        rules.score_words.output,
+        expand(rules.evaluate.output.summary, split=[s for s in ("val", "test") if s in CFG.infer.splits]),
     default_target: True

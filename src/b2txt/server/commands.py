@@ -1,0 +1,291 @@
+"""``b2txt lm-server`` and ``b2txt evaluate``: argparse definitions and the command functions.
+
+Register both on the main parser with ``add_commands(subparsers)``; ``python -m b2txt.server``
+runs them without the main CLI (``b2txt evaluate`` starts its LM server that way).
+
+``lm-server`` accepts the published ``language-model-standalone.py`` flags (underscore names,
+same meaning) where they apply, so scripts written for it keep working; its own flags use
+dashes. Option values not given on the command line come from the config file's ``decode``
+and ``rescore`` sections (``--config``), else the built-in defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..config import DEFAULT_CONFIGS, DecodeConfig, PipelineConfig, RescoreConfig, load_config
+from ..errors import B2txtError
+
+#: Published flag -> our DecodeConfig field.
+DECODE_FLAGS = {
+    "max_active": "max_active", "min_active": "min_active", "beam": "beam", "lattice_beam": "lattice_beam",
+    "acoustic_scale": "acoustic_scale", "ctc_blank_skip_threshold": "blank_skip_threshold",
+    "length_penalty": "length_penalty", "nbest": "nbest", "blank_penalty": "blank_penalty",
+    "top_candidates_to_augment": "augment_top", "score_penalty_percent": "augment_penalty",
+    "decoder": "decoder", "beam_size_token": "beam_size_token",
+}
+
+
+def _log(msg: str) -> None:
+    print(f"[b2txt] {msg}", file=sys.stderr, flush=True)
+
+
+def _load_config(args: argparse.Namespace) -> PipelineConfig:
+    paths = args.config or [p for p in DEFAULT_CONFIGS if p.is_file()] or None
+    return load_config(paths)
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, action="append", metavar="FILE",
+                   help="config YAML (repeat to merge; default: config/config.yaml + config/model/baseline.yaml "
+                        "where present); its decode and rescore sections give the defaults")
+
+
+def _add_decode_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoder options (published names; default: the config's decode section)")
+    g.add_argument("--decoder", choices=["wfst", "lexicon"], help="wfst: TLG.fst + words.txt; lexicon: KenLM lm.bin/lm.arpa")
+    g.add_argument("--max_active", type=int)
+    g.add_argument("--min_active", type=int)
+    g.add_argument("--beam", type=float)
+    g.add_argument("--lattice_beam", type=float)
+    g.add_argument("--acoustic_scale", type=float)
+    g.add_argument("--ctc_blank_skip_threshold", type=float)
+    g.add_argument("--length_penalty", type=float)
+    g.add_argument("--nbest", type=int, help="candidates per trial (1: fastest, no scoring rows beyond the best)")
+    g.add_argument("--blank_penalty", type=float, help="the blank's log-probability is lowered by log(blank_penalty)")
+    g.add_argument("--top_candidates_to_augment", type=int)
+    g.add_argument("--score_penalty_percent", type=float)
+    g.add_argument("--beam_size_token", type=int, help="lexicon decoder: tokens tried per frame")
+    g.add_argument("--rescore", action="store_true", default=None,
+                   help="rescore the n-best with G_no_prune.fst (when the LM directory has it)")
+    g.add_argument("--do_opt", action="store_true", default=None, help="rescore the n-best with the LLM")
+    g.add_argument("--alpha", type=float, help="LLM weight in [0, 1] (default: rescore.alpha)")
+    g.add_argument("--llm", metavar="NAME", help="LLM for --do_opt: Hub name or local directory (default: rescore.model)")
+    g.add_argument("--opt_cache_dir", type=Path, help="Hugging Face cache directory for the LLM")
+    g.add_argument("--gpu_number", type=int, help="LLM on cuda:N (default: rescore.device)")
+
+
+def _add_redis_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Redis connection (default 127.0.0.1:6379; never a LAN address unless --allow-remote)")
+    g.add_argument("--redis-socket", "--redis_socket", dest="redis_socket", type=Path, metavar="PATH",
+                   help="Unix socket of the Redis server (preferred over TCP)")
+    g.add_argument("--redis_ip", default="127.0.0.1", help="Redis host (loopback unless --allow-remote)")
+    g.add_argument("--redis_port", type=int, default=6379)
+    g.add_argument("--allow-remote", action="store_true", help="allow a non-loopback Redis host")
+    g.add_argument("--password-env", default="B2TXT_REDIS_PASSWORD", metavar="NAME",
+                   help="environment variable holding the Redis password (used when set)")
+
+
+def decode_options(args: argparse.Namespace, base: DecodeConfig) -> DecodeConfig:
+    """The config's decode section with the flags given on the command line applied (and validated)."""
+    changes = {field: getattr(args, flag) for flag, field in DECODE_FLAGS.items()
+               if getattr(args, flag, None) is not None}
+    if getattr(args, "rescore", None):
+        changes["rescore_unpruned"] = True
+    if getattr(args, "workers", None):
+        changes["workers"] = args.workers
+    try:
+        return DecodeConfig.model_validate({**base.model_dump(), **changes})
+    except Exception as exc:  # pydantic ValidationError: one line per bad flag
+        raise B2txtError(f"bad decoder option: {exc}") from None
+
+
+def rescore_config(args: argparse.Namespace, base: RescoreConfig) -> tuple[RescoreConfig | None, float, bool]:
+    """(LLM config when an LLM must be loaded, alpha, do_opt in force at start)."""
+    alpha = args.alpha if args.alpha is not None else base.alpha
+    if not 0 <= alpha <= 1:
+        raise B2txtError(f"--alpha {alpha}: must be within [0, 1]")
+    do_opt = bool(args.do_opt) or base.enabled
+    changes: dict[str, Any] = {"alpha": alpha, "enabled": do_opt}
+    if args.llm:
+        changes["model"] = args.llm
+    if args.gpu_number is not None:
+        changes["device"] = f"cuda:{args.gpu_number}"
+    if args.opt_cache_dir:
+        os.environ["HF_HUB_CACHE"] = str(args.opt_cache_dir.expanduser())
+    cfg = base.model_copy(update=changes)
+    return (cfg if (do_opt or args.llm) else None), alpha, do_opt
+
+
+def redis_address(args: argparse.Namespace) -> Any:
+    from .connection import RedisAddress, check_address
+
+    if args.redis_socket:
+        address = RedisAddress(socket=args.redis_socket, password_env=args.password_env)
+    else:
+        address = RedisAddress(host=args.redis_ip, port=args.redis_port, password_env=args.password_env)
+    return check_address(address, allow_remote=args.allow_remote)
+
+
+# ----------------------------------------------------------------------------- lm-server
+
+def server_settings(args: argparse.Namespace) -> Any:
+    from . import protocol as P
+    from ..lm.decode import default_workers
+    from .lm_server import ServerSettings
+
+    cfg = _load_config(args)
+    options = decode_options(args, cfg.decode)
+    llm, alpha, do_opt = rescore_config(args, cfg.rescore)
+    lm_dir = Path(os.path.expanduser(str(args.lm_path)))
+    if not lm_dir.is_dir():
+        raise B2txtError(f"{lm_dir}: language model directory not found")
+    for name, value in (("--workers", args.workers), ("--max-sessions", args.max_sessions),
+                        ("--max-logits-bytes", args.max_logits_bytes), ("--max-trial-frames", args.max_trial_frames)):
+        if value is not None and value < 1:
+            raise B2txtError(f"{name} {value}: must be at least 1")
+    return ServerSettings(
+        lm_dir=lm_dir, address=redis_address(args),
+        params=P.SessionParams(decode=options, alpha=alpha, do_opt=do_opt),
+        workers=args.workers or options.workers or default_workers(), llm=llm,
+        max_logits_bytes=args.max_logits_bytes, max_trial_frames=args.max_trial_frames,
+        max_sessions=args.max_sessions, drain_timeout=args.drain_timeout,
+        default_streams=P.Streams(input_name=args.input_stream, partial_name=args.partial_output_stream,
+                                  final_name=args.final_output_stream))
+
+
+def cmd_lm_server(args: argparse.Namespace) -> int:
+    from .lm_server import serve
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(processName)s: %(message)s", stream=sys.stderr)
+    return serve(server_settings(args))
+
+
+def add_lm_server_arguments(p: argparse.ArgumentParser) -> None:
+    _add_config(p)
+    p.add_argument("--lm_path", "--lm", dest="lm_path", type=Path, required=True, metavar="DIR",
+                   help="language model directory: TLG.fst + words.txt (wfst), or lm.bin/lm.arpa (lexicon)")
+    _add_decode_flags(p)
+    _add_redis_flags(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--workers", type=int, help="decoding processes (default: decode.workers, else all cores)")
+    g.add_argument("--input_stream", default="remote_lm_input", help="default session's logits stream")
+    g.add_argument("--partial_output_stream", default="remote_lm_output_partial")
+    g.add_argument("--final_output_stream", default="remote_lm_output_final")
+    g.add_argument("--max-logits-bytes", type=int, default=16 * 1024 * 1024, help="largest logits entry accepted")
+    g.add_argument("--max-trial-frames", type=int, default=100_000, help="most frames one trial may accumulate")
+    g.add_argument("--max-sessions", type=int, default=256, help="sessions (extension) held at once")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="after SIGTERM, seconds to let trials under way finish before exiting")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import EvalSettings, evaluate
+
+    cfg = _load_config(args)
+    options = decode_options(args, cfg.decode)
+    llm, alpha, do_opt = rescore_config(args, cfg.rescore)
+    if args.no_rescore:
+        llm, do_opt = None, False
+    external = None
+    if args.server:
+        from .connection import RedisAddress, check_address
+
+        external = check_address(RedisAddress.parse(args.server, args.password_env), allow_remote=args.allow_remote)
+    server = cfg.server  # command-line flags win over the config's `server` section
+
+    def pick(flag: str, field: str):
+        value = getattr(args, flag)
+        return getattr(server, field) if value is None else value
+
+    settings = EvalSettings(
+        logits=args.logits, lm_dir=args.lm_path, out=args.out, options=options,
+        rescore=llm.model_copy(update={"enabled": do_opt}) if llm else None, alpha=alpha,
+        sessions=pick("sessions", "sessions"), timeout=pick("timeout", "timeout"),
+        startup_timeout=pick("startup_timeout", "startup_timeout"),
+        max_attempts=pick("max_attempts", "max_attempts"), chunk_frames=pick("chunk_frames", "chunk_frames"),
+        run_dir=args.run_dir, external=external, split=args.split, max_restarts=pick("max_restarts", "max_restarts"),
+        server_log_level=args.server_log_level)
+    summary = evaluate(settings, log=_log)
+    _log(f"{args.out}: {summary['n_trials']} trials in {summary['seconds']:.1f} s "
+         f"({summary['trials_per_second']:.1f} trials/s); " +
+         (f"WER {summary['WER']:.4f}" if summary.get("WER") is not None else "no labelled trials (no WER)"))
+    return 0
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    _add_config(p)
+    p.add_argument("--logits", type=Path, required=True, metavar="LOGITS_H5", help="logits file from `b2txt infer`")
+    p.add_argument("--lm_path", "--lm", dest="lm_path", type=Path, required=True, metavar="DIR",
+                   help="language model directory for the LM server")
+    p.add_argument("--out", type=Path, required=True, metavar="OUT_DIR",
+                   help="decoded.csv, nbest.jsonl, submission.csv, WER/PER tables (replaced atomically)")
+    p.add_argument("--split", help="split name in the metrics (default: from the logits file)")
+    _add_decode_flags(p)
+    p.add_argument("--no-rescore", action="store_true", help="no LLM rescoring whatever the config says")
+    p.add_argument("--workers", type=int, help="LM server processes (default: decode.workers, else all cores)")
+    p.add_argument("--sessions", type=int, help="trials in flight at once (default: 2 x workers); 0: the published "
+                                                "single-client protocol (one trial at a time)")
+    p.add_argument("--timeout", type=float, help="seconds to wait for one reply before re-sending the trial "
+                                                 "(default: server.timeout, 60)")
+    p.add_argument("--startup-timeout", type=float,
+                   help="seconds to wait for the LM server to load its graph and answer")
+    p.add_argument("--max-attempts", type=int, help="sends of one trial before giving up (default: server.max_attempts)")
+    p.add_argument("--max-restarts", type=int,
+                   help="restarts of redis-server / the LM server before giving up (default: server.max_restarts)")
+    p.add_argument("--chunk-frames", type=int, help="send each trial in chunks of N frames (streaming; default: whole)")
+    p.add_argument("--run-dir", type=Path, help="where the private redis-server's socket and the logs go "
+                                                "(default: a new temporary directory, removed afterwards)")
+    p.add_argument("--server", metavar="ADDRESS", help="use the LM server behind this Redis (unix:PATH, PATH, "
+                                                       "HOST:PORT) instead of starting redis-server and an LM server")
+    p.add_argument("--allow-remote", action="store_true", help="with --server: allow a non-loopback host")
+    p.add_argument("--password-env", default="B2TXT_REDIS_PASSWORD", metavar="NAME",
+                   help="environment variable holding the Redis password (used when set)")
+    p.add_argument("--server-log-level", default="warning", choices=["debug", "info", "warning", "error"])
+
+
+LM_SERVER_HELP = "serve LM decoding over Redis streams (the published LM server protocol)"
+LM_SERVER_DESCRIPTION = (
+    "A drop-in replacement for the published language-model-standalone.py: the same Redis streams, keys "
+    "and fields (remote_lm_input, remote_lm_output_partial/final, reset/finalize/update_params with "
+    "acknowledgements, remote_lm_args, contextual_decoding_current_context), the same flags where they "
+    "apply. Decodes with N worker processes; clients may open independent sessions (stream prefix "
+    "SESSION:) to decode many trials at once. Malformed requests get an 'error' field in the reply. "
+    "SIGTERM finishes the trials under way, then exits 0.")
+EVALUATE_HELP = "decode a logits file through a private Redis + LM server and score it"
+EVALUATE_DESCRIPTION = (
+    "Starts redis-server (Unix socket, no persistence) and `b2txt lm-server` as children that die with this "
+    "process, sends every trial's logits (LM column order) over the published protocol with several "
+    "sessions at once, re-sends trials that got no answer (timeouts, server restarts) and writes OUT_DIR/"
+    "decoded.csv, nbest.jsonl, submission.csv (id,text) and, for labelled trials, WER tables (wer.json, "
+    "wer_per_session.csv, wer_per_corpus.csv) and greedy PER tables (metrics.json, per_session.csv, ...).")
+
+
+def add_commands(sub: Any) -> None:
+    """Register ``lm-server`` and ``evaluate`` on an ``add_subparsers()`` object."""
+    p = sub.add_parser("lm-server", help=LM_SERVER_HELP, description=LM_SERVER_DESCRIPTION)
+    add_lm_server_arguments(p)
+    p.set_defaults(func=cmd_lm_server)
+    p = sub.add_parser("evaluate", help=EVALUATE_HELP, description=EVALUATE_DESCRIPTION)
+    add_evaluate_arguments(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+register = add_commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m b2txt.server")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except B2txtError as exc:
+        print(f"b2txt {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,445 @@
+"""Evaluation through the LM server: a logits file in, decoded sentences and scores out.
+
+:func:`evaluate` starts a private ``redis-server`` (Unix socket in the run directory, no
+persistence) and ``lm-server`` as children that die with this process even when it is
+SIGKILLed, sends every trial over the published protocol from several sessions at once,
+and writes the same ``decoded.csv`` / ``nbest.jsonl`` as ``b2txt decode`` plus
+``submission.csv``, WER and PER tables.
+
+No trial is lost or duplicated when things fail mid-run:
+
+- a monitor thread owns both children: it restarts whichever dies (bounded) and bumps a
+  *generation* counter; a client waiting on a reply from the old generation gives up at
+  once and re-sends its trial (re-opening its session first), instead of waiting out its
+  timeout;
+- a reply that does not come within ``timeout`` also gets the trial re-sent;
+- replies are matched to requests by ``request_id``, so a late reply to an abandoned attempt
+  is never taken for another trial's; results are stored by trial index, once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from ..config import DecodeConfig, RescoreConfig
+from ..errors import B2txtError
+from ..fileio import atomic_dir, progress, write_text_atomic
+from ..lm.nbest import check_logits
+from ..logits import LogitsTrial, read_logits
+from ..phonemes import normalize_text, to_lm_order
+from .client import FinalResult, LMAborted, LMClient, LMServerError, LMTimeout
+from . import protocol as P
+from .connection import CONNECTION_ERRORS, RedisAddress, connect
+from .redis_process import RedisServer, die_with_parent, tail
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    logits: Path
+    lm_dir: Path
+    out: Path
+    options: DecodeConfig = field(default_factory=DecodeConfig)
+    rescore: RescoreConfig | None = None
+    alpha: float = 0.55
+    sessions: int | None = None  # None: 2 x workers; 0: the published default session only
+    timeout: float = 60.0
+    startup_timeout: float = 600.0
+    max_attempts: int = 5
+    chunk_frames: int | None = None
+    run_dir: Path | None = None
+    external: RedisAddress | None = None
+    split: str | None = None
+    max_restarts: int = 5
+    server_log_level: str = "warning"
+    workers: int | None = None
+
+    @property
+    def n_workers(self) -> int:
+        from ..lm.decode import default_workers
+
+        return self.workers or self.options.workers or default_workers()
+
+
+# ============================================================================ services
+
+class Services:
+    """redis-server + lm-server, started, watched and restarted by one monitor thread.
+
+    The monitor thread starts the children itself: ``PR_SET_PDEATHSIG`` fires when the thread
+    that forked a child ends, so the children must belong to a thread that lives exactly as
+    long as they should. It blocks on the children's pidfds (no polling) and a wake-up pipe.
+    """
+
+    def __init__(self, run_dir: Path, settings: EvalSettings, log: Log):
+        self.run_dir = run_dir
+        self.settings = settings
+        self.log = log
+        self.redis = RedisServer(run_dir)
+        self.lm: subprocess.Popen[bytes] | None = None
+        self.generation = 0
+        self.restarts = {"redis-server": 0, "lm-server": 0}
+        self.failed: str | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._monitor, name="b2txt-services", daemon=True)
+
+    @property
+    def address(self) -> RedisAddress:
+        return self.redis.address
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+        if self._start_error is not None:
+            raise self._start_error
+
+    def stop(self) -> None:
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout=60)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # ---- children
+    def _server_config(self) -> Path:
+        rescore = self.settings.rescore or RescoreConfig(enabled=False)  # no LLM unless asked for
+        cfg = {"decode": self.settings.options.model_dump(mode="json"), "rescore": rescore.model_dump(mode="json")}
+        path = self.run_dir / "lm-server-config.yaml"
+        write_text_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    def _start_lm(self) -> None:
+        """Start lm-server; its options appearing on remote_lm_args (deleted first) say it is serving."""
+        s = self.settings
+        try:
+            connect(self.redis.address, timeout=5).delete(P.ARGS)
+        except CONNECTION_ERRORS:
+            pass  # Redis is being restarted too: it comes back empty
+        cmd = [sys.executable, "-m", "b2txt.server", "lm-server", "--lm_path", str(s.lm_dir),
+               "--redis-socket", str(self.redis.socket), "--password-env", self.redis.password_env,
+               "--workers", str(s.n_workers), "--config", str(self._server_config()),
+               "--alpha", str(s.alpha), "--log-level", s.server_log_level]
+        with open(self.run_dir / "lm-server.log", "ab") as logf:
+            self.lm = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                       preexec_fn=lambda: die_with_parent(signal.SIGKILL), close_fds=True)
+        (self.run_dir / "lm-server.pid").write_text(f"{self.lm.pid}\n")
+
+    def _start_redis(self) -> None:
+        self.redis.restart()
+        (self.run_dir / "redis-server.pid").write_text(f"{self.redis.pid}\n")
+
+    def _restart(self, name: str) -> None:
+        self.restarts[name] += 1
+        if self.restarts[name] > self.settings.max_restarts:
+            self.failed = f"{name} died {self.restarts[name]} times; giving up"
+            return
+        self.log(f"{name} died; restarting it (restart {self.restarts[name]} of at most {self.settings.max_restarts})")
+        try:
+            self._start_redis() if name == "redis-server" else self._start_lm()
+        except B2txtError as exc:
+            self.failed = f"cannot restart {name}: {exc}"
+        self.generation += 1
+
+    def _lm_exit_is_fatal(self) -> bool:
+        """Exit status 2 is a usage/config error (bad graph, bad option): restarting cannot help."""
+        assert self.lm is not None
+        if self.lm.returncode == 2:
+            self.failed = f"lm-server failed:\n{tail(self.run_dir / 'lm-server.log')}"
+            return True
+        return False
+
+    def _monitor(self) -> None:
+        try:
+            self._start_redis()
+            self._start_lm()
+        except BaseException as exc:  # noqa: BLE001 - handed to start()
+            self._start_error = exc
+            self._ready.set()
+            self.redis.stop()
+            return
+        self._ready.set()
+        try:
+            while self.failed is None:
+                assert self.lm is not None and self.redis.proc is not None
+                fds = {os.pidfd_open(self.redis.proc.pid): "redis-server", os.pidfd_open(self.lm.pid): "lm-server"}
+                try:
+                    ready, _, _ = select.select([self._wake_r, *fds], [], [])
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+                if self._wake_r in ready:
+                    return
+                for fd in ready:
+                    name = fds[fd]
+                    if name == "lm-server":
+                        self.lm.wait()
+                        if self._lm_exit_is_fatal():
+                            return
+                    else:
+                        self.redis.proc.wait()
+                    self._restart(name)
+        finally:
+            self._stop_children()
+
+    def _stop_children(self) -> None:
+        if self.lm is not None and self.lm.poll() is None:
+            self.lm.terminate()  # the server finishes trials under way, then exits
+            try:
+                self.lm.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.lm.kill()
+                self.lm.wait()
+        self.redis.stop()
+
+
+# ============================================================================ sending trials
+
+@dataclass
+class TrialOutcome:
+    result: FinalResult
+    attempts: int
+    seconds: float
+
+
+class TrialRunner:
+    """Sends trials from ``n_sessions`` threads (one client session each) until all are answered."""
+
+    def __init__(self, address: RedisAddress, settings: EvalSettings, n_sessions: int,
+                 generation: Callable[[], int], failed: Callable[[], str | None], log: Log):
+        self.address = address
+        self.settings = settings
+        self.n_sessions = n_sessions
+        self.generation = generation
+        self.failed = failed
+        self.log = log
+        self.results: dict[int, TrialOutcome] = {}
+        self.error: str | None = None
+        self.lock = threading.Lock()
+        self.todo: queue.Queue[int] = queue.Queue()
+        self.tag = uuid.uuid4().hex[:6]
+
+    def run(self, logits: dict[int, np.ndarray]) -> dict[int, TrialOutcome]:
+        for index in logits:
+            self.todo.put(index)
+        bar = progress(desc="evaluate", total=len(logits), unit="trial")
+        threads = [threading.Thread(target=self._session, args=(k, logits, bar), name=f"b2txt-eval-{k}", daemon=True)
+                   for k in range(max(self.n_sessions, 1))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        bar.close()
+        reason = self._stop_reason()
+        if reason is not None:
+            raise B2txtError(reason)
+        missing = sorted(set(logits) - set(self.results))
+        if missing:
+            raise B2txtError(f"{len(missing)} trial(s) got no answer, e.g. {missing[:5]}")
+        return self.results
+
+    def _stop_reason(self) -> str | None:
+        return self.error or self.failed()
+
+    def _connect(self, session: str | None) -> LMClient:
+        """A client, waiting (bounded) while Redis is away (e.g. being restarted)."""
+        deadline = time.monotonic() + self.settings.startup_timeout
+        delay = 0.05
+        while True:
+            try:
+                return LMClient(self.address, session=session, timeout=self.settings.timeout)
+            except CONNECTION_ERRORS as exc:
+                if time.monotonic() > deadline or self._stop_reason():
+                    raise B2txtError(f"cannot reach Redis at {self.address}: {exc}") from None
+                time.sleep(delay)
+                delay = min(2 * delay, 1.0)
+
+    def _session(self, k: int, logits: dict[int, np.ndarray], bar: Any) -> None:
+        session = f"eval-{self.tag}-{k}" if self.n_sessions > 0 else None
+        client: LMClient | None = None
+        opened_generation = -1
+        try:
+            while self._stop_reason() is None:
+                try:
+                    index = self.todo.get_nowait()
+                except queue.Empty:
+                    return
+                t0 = time.perf_counter()
+                attempts, failures = 0, 0
+                while True:
+                    if self._stop_reason():
+                        return
+                    attempts += 1
+                    generation = self.generation()
+                    try:
+                        if client is None:
+                            client = self._connect(session)
+                        client.abort = lambda g=generation: self.generation() != g or self._stop_reason() is not None
+                        if opened_generation != generation:
+                            client.open(timeout=self.settings.startup_timeout)
+                            opened_generation = generation
+                        result = client.decode(logits[index], self.settings.chunk_frames)
+                        break
+                    except LMAborted:
+                        continue  # a child was restarted: send again at once
+                    except CONNECTION_ERRORS:
+                        if client is not None:
+                            client.close()
+                        client, opened_generation = None, -1
+                        continue  # Redis went away: reconnect (bounded by startup_timeout) and send again
+                    except (LMTimeout, LMServerError) as exc:
+                        failures += 1
+                        opened_generation = -1
+                        if failures >= self.settings.max_attempts:
+                            self.error = f"trial {index}: no result after {failures} failed attempts: {exc}"
+                            return
+                        self.log(f"trial {index}: {exc}; sending it again")
+                with self.lock:
+                    if index not in self.results:
+                        self.results[index] = TrialOutcome(result, attempts, time.perf_counter() - t0)
+                        bar.update(1)
+        except B2txtError as exc:
+            self.error = self.error or str(exc)
+        finally:
+            if client is not None:
+                try:
+                    client.close_session()
+                    client.close()
+                except CONNECTION_ERRORS:
+                    pass
+
+
+# ============================================================================ the evaluation
+
+def prepare_trials(trials: list[LogitsTrial], path: Path) -> dict[int, np.ndarray]:
+    """LM-order, checked logits of every trial that has frames (empty trials decode to '')."""
+    out = {}
+    for i, t in enumerate(trials):
+        if len(t.logits):
+            x = check_logits(np.asarray(t.logits), f"{path}: trial {i} ({t.attrs.get('session', '?')})")
+            out[i] = np.ascontiguousarray(to_lm_order(x))
+    return out
+
+
+def decoded_table(trials: list[LogitsTrial], outcomes: dict[int, TrialOutcome]) -> pd.DataFrame:
+    """One row per trial: the columns of ``b2txt decode``'s decoded.csv, + latency and attempts."""
+    rows = []
+    for i, t in enumerate(trials):
+        a = t.attrs
+        o = outcomes.get(i)
+        label = str(a.get("sentence_label", "") or "")
+        rows.append({
+            "trial": i, "session": a.get("session", ""), "split": a.get("split", ""),
+            "source_trial": a.get("source_trial", ""), "block_num": int(a.get("block_num", -1)),
+            "trial_num": int(a.get("trial_num", -1)), "corpus": a.get("corpus", "unknown"),
+            "post_implant_day": int(a.get("post_implant_day", -1)),
+            "reference": normalize_text(label) if label else "",
+            "decoded": o.result.sentence if o else "", "n_candidates": len(o.result.nbest) if o else 0,
+            "decode_ms": round(1000 * o.seconds, 3) if o else 0.0, "attempts": o.attempts if o else 0,
+        })
+    return pd.DataFrame(rows)
+
+
+def write_outputs(tmp: Path, trials: list[LogitsTrial], table: pd.DataFrame,
+                  outcomes: dict[int, TrialOutcome], split: str) -> dict[str, Any]:
+    from ..evaluate import phoneme_table, write_scores, write_submission, write_word_scores
+
+    # decoded.csv is deterministic (the same file as `b2txt decode` writes); latency and
+    # re-sends vary from run to run, so they go to timing.csv
+    table.drop(columns=["decode_ms", "attempts"]).to_csv(tmp / "decoded.csv", index=False)
+    table[["trial", "session", "decode_ms", "attempts"]].to_csv(tmp / "timing.csv", index=False)
+    with open(tmp / "nbest.jsonl", "w") as f:
+        for i, row in table.iterrows():
+            o = outcomes.get(int(row["trial"]))
+            cands = [list(c) for c in o.result.nbest.candidates] if o else []
+            f.write(json.dumps({"trial": int(row["trial"]), "session": row["session"], "candidates": cands}) + "\n")
+    write_submission(table, tmp / "submission.csv")
+    metrics: dict[str, Any] = {"WER": None, "PER": None}
+    if (table["reference"].astype(str).str.strip() != "").any():
+        metrics["WER"] = write_word_scores(table, tmp, split)["WER"]
+    phonemes = phoneme_table(trials)
+    if len(phonemes):
+        metrics["PER"] = write_scores(phonemes, tmp, split)["PER"]
+    return metrics
+
+
+def _run_dir(settings: EvalSettings) -> tuple[Path, bool]:
+    """(run directory, whether to remove it afterwards); short enough for a Unix socket path."""
+    if settings.run_dir is not None:
+        settings.run_dir.mkdir(parents=True, exist_ok=True)
+        return settings.run_dir.resolve(), False
+    return Path(tempfile.mkdtemp(prefix="b2txt-eval-")), True
+
+
+def evaluate(settings: EvalSettings, log: Log = print) -> dict[str, Any]:
+    """Decode every trial of ``settings.logits`` through Redis; write ``settings.out``; return a summary."""
+    trials = read_logits(settings.logits)
+    if not trials:
+        raise B2txtError(f"{settings.logits}: no trials")
+    logits = prepare_trials(trials, settings.logits)
+    split = settings.split or str(trials[0].attrs.get("split", "") or "unknown")
+    n_sessions = settings.sessions if settings.sessions is not None else 2 * settings.n_workers
+    run_dir, remove = _run_dir(settings)
+    try:
+        return _evaluate_in(run_dir, settings, trials, logits, split, n_sessions, log)
+    finally:
+        if remove:  # a failure's message already carries the lm-server log tail
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _evaluate_in(run_dir: Path, settings: EvalSettings, trials: list[LogitsTrial], logits: dict[int, np.ndarray],
+                 split: str, n_sessions: int, log: Log) -> dict[str, Any]:
+    services: Services | None = None
+    t0 = time.perf_counter()
+    try:
+        if settings.external is None:
+            services = Services(run_dir, settings, log)
+            services.start()
+            address = services.address
+            log(f"redis-server on {address}, lm-server with {settings.n_workers} worker(s) (run dir {run_dir})")
+        else:
+            address = settings.external
+        svc = services
+        runner = TrialRunner(address, settings, n_sessions, generation=lambda: svc.generation if svc else 0,
+                             failed=lambda: svc.failed if svc else None, log=log)
+        outcomes = runner.run(logits)
+        seconds = time.perf_counter() - t0
+        restarts = dict(services.restarts) if services else {}
+    finally:
+        if services is not None:
+            services.stop()
+    table = decoded_table(trials, outcomes)
+    with atomic_dir(settings.out) as tmp:
+        metrics = write_outputs(tmp, trials, table, outcomes, split)
+        summary = {
+            "n_trials": len(trials), "n_sent": len(logits), "seconds": round(seconds, 3),
+            "trials_per_second": round(len(logits) / max(seconds, 1e-9), 3),
+            "resent_trials": int((table["attempts"] > 1).sum()), "restarts": restarts,
+            "sessions": n_sessions, "workers": settings.n_workers if settings.external is None else None,
+            "split": split, **metrics,
+        }
+        write_text_atomic(tmp / "evaluation.json", json.dumps(summary, indent=2) + "\n")
+        for name in ("lm-server.log", "redis.log"):
+            if (run_dir / name).is_file():
+                shutil.copy(run_dir / name, tmp / name)
+    return summary

@@ -1,0 +1,182 @@
+"""LLM rescoring with a real (tiny) causal LM: an OPT of a few thousand parameters and a
+word-level tokenizer, built and trained here, saved with ``save_pretrained`` and loaded back
+through :class:`LLMRescorer`'s ``from_pretrained`` path."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from b2txt.config import DecodeConfig, RescoreConfig
+from b2txt.errors import B2txtError
+from b2txt.lm.nbest import Candidate, NBest, make_nbest, total_score
+from b2txt.lm.rescore import LLMRescorer, is_unsure
+
+TARGET = "the cat sat on the mat"
+DISTRACTORS = ["the cat sat on the hat", "the bat sat on the mat", "a cat sat in the mat",
+               "the cat sat on a mat", "the hat sat on the cat"]
+#: Training text: the target many times, plus a context-dependent pair.
+TRAIN = [TARGET] * 6 + ["where is the dog ? the dog is at home", "the bird can sing", "my dog runs fast"]
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+OPTS = DecodeConfig(acoustic_scale=0.5)
+
+
+def _build_tiny_opt(out: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
+
+    words = sorted({w for s in [*TRAIN, *DISTRACTORS, "context words here"] for w in s.split()})
+    vocab = {tok: i for i, tok in enumerate([*SPECIALS, *words])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    config = OPTConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                       num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16,
+                       pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
+                       dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    model = OPTForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) < 10_000
+    batch = tokenizer(["<s> " + s for s in TRAIN], add_special_tokens=False, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optim = torch.optim.Adam(model.parameters(), lr=0.02)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared machine
+    try:
+        for _ in range(150):
+            loss = model(**batch, labels=labels).loss
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory) -> Path:
+    return _build_tiny_opt(tmp_path_factory.mktemp("tiny_opt"))
+
+
+@pytest.fixture(scope="module")
+def rescorer(tiny_llm) -> LLMRescorer:
+    return LLMRescorer(RescoreConfig(model=str(tiny_llm), batch_size=4, device="cpu"))
+
+
+def _nbest(sentences: list[str], ngram: list[float], acoustic: float = -20.0) -> NBest:
+    return make_nbest(Candidate(s, acoustic, g, 0.0, total_score(acoustic, g, len(s.split()), OPTS))
+                      for s, g in zip(sentences, ngram))
+
+
+def test_loads_through_from_pretrained(rescorer, tiny_llm):
+    assert rescorer.device.type == "cpu" and rescorer.dtype == torch.float32
+    assert not rescorer.model.training
+    assert (tiny_llm / "config.json").is_file() and (tiny_llm / "tokenizer.json").is_file()
+
+
+def test_log_probs_match_a_direct_forward_pass(rescorer):
+    """The batched sum equals the chain rule computed by hand on one unpadded sequence."""
+    tok = rescorer.tokenizer
+    ids = [tok.bos_token_id, *tok(TARGET, add_special_tokens=False)["input_ids"]]
+    with torch.no_grad():
+        logp = torch.log_softmax(rescorer.model(torch.tensor([ids])).logits[0].float(), -1)
+    expected = sum(logp[p, ids[p + 1]].item() for p in range(len(ids) - 1))
+    got = rescorer.log_probs([TARGET, *DISTRACTORS])
+    assert got[0] == pytest.approx(expected, abs=1e-4)
+    assert all(x < 0 for x in got)
+    assert got[0] > max(got[1:])  # training made the target the likeliest
+    assert rescorer.log_probs([""]) == [0.0]
+
+
+def test_log_probs_do_not_depend_on_batch_composition(tiny_llm, rescorer):
+    sentences = [TARGET, *DISTRACTORS, "the cat", "sat", "the dog is at home"]
+    reference = rescorer.log_probs(sentences)
+    for batch_size in (1, 3, 16):
+        other = LLMRescorer(RescoreConfig(model=str(tiny_llm), batch_size=batch_size, device="cpu"))
+        assert other.log_probs(sentences) == pytest.approx(reference, abs=1e-4)
+    # alone or in a reversed list: the same score
+    assert rescorer.log_probs([sentences[-1]])[0] == pytest.approx(reference[-1], abs=1e-4)
+    assert rescorer.log_probs(sentences[::-1]) == pytest.approx(reference[::-1], abs=1e-4)
+
+
+def test_context_changes_scores(rescorer):
+    plain = rescorer.log_probs(["the dog is at home", TARGET])
+    with_context = rescorer.log_probs(["the dog is at home", TARGET], context="where is the dog ?")
+    assert with_context != pytest.approx(plain, abs=1e-3)
+    # the context is conditioned on, not scored: one token's worth, not the context's sum
+    context_alone = rescorer.log_probs(["where is the dog ?"])[0]
+    assert with_context[0] > plain[0] + context_alone
+
+
+def test_rescoring_moves_the_llm_favourite_up(rescorer):
+    nbest = _nbest([DISTRACTORS[0], TARGET, DISTRACTORS[1]], [-10.0, -11.0, -11.5])
+    assert nbest.best == DISTRACTORS[0]
+    out = rescorer.rescore(nbest, OPTS, RescoreConfig(model="unused", alpha=0.55))
+    assert out.best == TARGET
+    assert {c.sentence for c in out.candidates} == {c.sentence for c in nbest.candidates}
+    llm = dict(zip([c.sentence for c in nbest.candidates], rescorer.log_probs([c.sentence for c in nbest.candidates])))
+    for c in out.candidates:
+        assert c.llm == pytest.approx(llm[c.sentence])
+        assert c.total == pytest.approx(total_score(c.acoustic, c.ngram, c.n_words, OPTS, llm=c.llm, alpha=0.55))
+    assert [c.total for c in out.candidates] == sorted((c.total for c in out.candidates), reverse=True)
+
+
+def test_alpha_zero_keeps_the_ngram_order(rescorer):
+    nbest = _nbest([DISTRACTORS[0], TARGET, DISTRACTORS[1], DISTRACTORS[2]], [-10.0, -11.0, -11.5, -12.0])
+    out = rescorer.rescore(nbest, OPTS, RescoreConfig(model="unused", alpha=0.0))
+    assert [c.sentence for c in out.candidates] == [c.sentence for c in nbest.candidates]
+    assert [c.total for c in out.candidates] == pytest.approx([c.total for c in nbest.candidates])
+    assert all(c.llm < 0 for c in out.candidates)  # filled in all the same
+
+
+def test_unsure_margin_skips_confident_lists(rescorer):
+    close = _nbest([DISTRACTORS[0], TARGET], [-10.0, -10.5])
+    confident = _nbest([DISTRACTORS[0], TARGET], [-10.0, -30.0])
+    cfg = RescoreConfig(model="unused", alpha=0.55, unsure_margin=2.0)
+    assert is_unsure(close, OPTS, 2.0) and not is_unsure(confident, OPTS, 2.0)
+    assert rescorer.rescore(confident, OPTS, cfg) == confident
+    assert rescorer.rescore(close, OPTS, cfg).best == TARGET
+    single = _nbest([DISTRACTORS[0]], [-10.0])
+    assert rescorer.rescore(single, OPTS, cfg) == single
+
+
+def test_empty_nbest_is_unchanged(rescorer):
+    assert rescorer.rescore(NBest(()), OPTS) == NBest(())
+
+
+def test_scoring_time_is_small(rescorer):
+    sentences = [TARGET, *DISTRACTORS] * 16  # an n-best list of ~100
+    t0 = time.perf_counter()
+    scores = rescorer.log_probs(sentences)
+    assert len(scores) == len(sentences) and all(math.isfinite(s) for s in scores)
+    assert time.perf_counter() - t0 < 5.0
+
+
+@pytest.mark.parametrize("model", ["/nonexistent/model-dir", "./no/such/dir/here"])
+def test_missing_local_model_is_a_clear_error(model):
+    with pytest.raises(B2txtError, match="rescore.model.*no such local model directory"):
+        LLMRescorer(RescoreConfig(model=model, device="cpu"))
+
+
+def test_directory_without_a_model_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(B2txtError, match=rf"rescore.model = '{tmp_path}'.*cannot load"):
+        LLMRescorer(RescoreConfig(model=str(tmp_path), device="cpu"))
+
+
+def test_tokenizer_without_model_is_a_clear_error(tiny_llm, tmp_path):
+    import shutil
+
+    for name in tiny_llm.iterdir():
+        if "token" in name.name or name.name == "special_tokens_map.json":
+            shutil.copy(name, tmp_path / name.name)
+    with pytest.raises(B2txtError, match="cannot load it as a causal LM"):
+        LLMRescorer(RescoreConfig(model=str(tmp_path), device="cpu"))

@@ -28,13 +28,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from b2txt.config import DecodeConfig  # noqa: E402
+from b2txt.config import DecodeConfig, load_config  # noqa: E402
 from b2txt.lm.decode import default_workers, make_decoder  # noqa: E402
 from b2txt.lm.nbest import augment_nbest  # noqa: E402
 from b2txt.phonemes import Lexicon  # noqa: E402
 from b2txt.server.client import LMClient  # noqa: E402
 from b2txt.server.demo import synthetic_logits  # noqa: E402
 from b2txt.server.redis_process import RedisServer  # noqa: E402
+
+
+CONFIG = Path(__file__).resolve().parents[1] / "config" / "config.yaml"
 
 
 def demo_graph(out: Path, lexicon: Lexicon) -> tuple[Path, list[str]]:
@@ -65,7 +68,8 @@ def in_process(lm: Path, options: DecodeConfig, trials: list[np.ndarray]) -> tup
 
 class Server:
     def __init__(self, lm: Path, redis_server: RedisServer, workers: int, nbest: int, log: Path):
-        cmd = [sys.executable, "-m", "b2txt.server", "lm-server", "--lm_path", str(lm), "--redis-socket",
+        cmd = [sys.executable, "-m", "b2txt.server", "lm-server", "--config", str(CONFIG), "--lm_path", str(lm),
+               "--redis-socket",
                str(redis_server.socket), "--workers", str(workers), "--nbest", str(nbest), "--log-level", "warning"]
         self.proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
         probe = LMClient(redis_server.address, session="probe", timeout=120)
@@ -164,7 +168,8 @@ def main() -> None:
         rng = np.random.default_rng(0)
         trials = [synthetic_logits(sentences[i % len(sentences)], lexicon, rng) for i in range(args.trials)]
         frames = np.array([len(x) for x in trials])
-        options = DecodeConfig(nbest=args.nbest)
+        # the same options on both paths: config/config.yaml's decode section
+        options = load_config(CONFIG).decode.model_copy(update={"nbest": args.nbest})
         local, local_best = in_process(lm, options, trials)
         print(f"{args.trials} trials, {frames.mean():.0f} frames each on average, nbest {args.nbest}, graph {lm}")
         print(f"in-process decode+augment: p50 {ms(local, 50)}, p99 {ms(local, 99)}, "

@@ -54,6 +54,24 @@ class DownloadConfig(Section):
     retries: int = Field(5, ge=0)
 
 
+class ModelSourceConfig(Section):
+    """Where the phoneme decoder comes from: trained here, or the published checkpoint (REFERENCE §3)."""
+
+    source: Literal["train", "pretrained"] = Field(
+        "train", description="train: the train stage makes results/<run>/model | pretrained: `b2txt download` "
+                             "fetches the published checkpoint (no training)")
+    file: str = Field("t15_pretrained_rnn_baseline.zip",
+                      description="the checkpoint archive's name in the data dataset (download.datasets.data)")
+    dir: str = Field("data/pretrained", description="download directory; the archive unpacks to <dir>/<file stem>/")
+
+    @property
+    def model_dir(self) -> str:
+        """The unpacked published model directory (``checkpoint/best_checkpoint`` + ``args.yaml``)."""
+        from .download import unpack_target
+
+        return f"{self.dir.rstrip('/')}/{unpack_target(self.file)}"
+
+
 class CorpusConfig(Section):
     source_dir: str | None = "/usr/share/games/fortunes"
     files: list[str] = Field(default_factory=lambda: ["fortunes"])
@@ -310,6 +328,16 @@ class PipelineConfig(Section):
     rescore: RescoreConfig = RescoreConfig()
     server: ServerConfig = ServerConfig()
     download: DownloadConfig = DownloadConfig()
+    model: ModelSourceConfig = ModelSourceConfig()
+
+    @model_validator(mode="after")
+    def _separate_downloads(self) -> "PipelineConfig":
+        if self.model.source == "pretrained" and self.data.source != "simulated":
+            a, b = Path(self.model.dir), Path(self.data.dir)
+            if a == b or a in b.parents or b in a.parents:
+                raise ValueError(f"model.dir ({a}) and data.dir ({b}) must not contain each other: "
+                                 "the model is downloaded into a directory of its own")
+        return self
 
     @property
     def results_dir(self) -> Path:

@@ -9,7 +9,13 @@ CFG = parse_config(config, "snakemake config")
 RUN = f"results/{CFG.run}"
 LOGS = f"{RUN}/logs"
 DATA = CFG.data.dir
+PRETRAINED = CFG.model.source == "pretrained"  # no training: calibrate and figures are skipped
 
 
 def config_for(*sections):
     return section_config_file(config, ".snakemake/b2txt", *sections)
+
+
+def model_dir(wildcards, input):
+    """The model directory of `infer`: ours, or the unpacked archive inside the download directory."""
+    return CFG.model.model_dir if PRETRAINED else input.model

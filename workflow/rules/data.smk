@@ -1,4 +1,4 @@
-# Data: corpus -> simulate (only for simulated data) -> validate -> preprocess (manifest).
+# Data: corpus -> simulate (simulated data) or download (data.source: dryad) -> validate -> preprocess.
 
 if CFG.data.source == "simulated":
 
@@ -27,6 +27,22 @@ if CFG.data.source == "simulated":
             "../../envs/data.yaml"
         shell:
             "b2txt simulate --config {params.config} --sentences {input} --out {output} 2> {log}"
+
+elif CFG.data.source == "dryad":
+
+    # The published data through the Dryad API (`b2txt download`: checked, resumable, unpacked);
+    # download.files selects files (null: all of them, pickles and the pretrained model included).
+    rule download:
+        output:
+            directory(DATA),
+        params:
+            config=config_for("download"),
+        log:
+            f"{LOGS}/download.log",
+        conda:
+            "../../envs/data.yaml"
+        shell:
+            "b2txt download --config {params.config} --dataset data --out {output} 2> {log}"
 
 
 rule validate:

@@ -3,7 +3,7 @@
 
 rule infer:
     input:
-        model=rules.train.output,
+        model=MODEL_INPUT,
         data=DATA,
         manifest=rules.preprocess.output,
     output:
@@ -11,6 +11,7 @@ rule infer:
     wildcard_constraints:
         split="train|val|test",
     params:
+        model=model_dir,
         batch_size=CFG.infer.batch_size,
         device=CFG.train.device,
     log:
@@ -18,7 +19,7 @@ rule infer:
     conda:
         "../../envs/train.yaml"
     shell:
-        "b2txt infer --model {input.model} --data {input.data} --manifest {input.manifest}"
+        "b2txt infer --model {params.model} --data {input.data} --manifest {input.manifest}"
         " --split {wildcards.split} --out {output} --device {params.device}"
         " --batch-size {params.batch_size} --known-sessions-only 2> {log}"
 

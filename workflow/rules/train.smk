@@ -1,4 +1,5 @@
-# Train the GRU phoneme decoder.
+# Train the GRU phoneme decoder, or (model.source: pretrained) fetch the published checkpoint.
+# MODEL_INPUT is what `infer` depends on; model_dir() (common.smk) the directory it reads.
 
 
 rule train:
@@ -17,3 +18,24 @@ rule train:
     shell:
         "b2txt train --config {params.config} --data {input.data} --manifest {input.manifest}"
         " --out {output} --threads {threads} 2> {log}"
+
+
+if PRETRAINED:
+
+    rule download_model:
+        output:
+            directory(CFG.model.dir),
+        params:
+            config=config_for("download"),
+            file=CFG.model.file,
+        log:
+            f"{LOGS}/download_model.log",
+        conda:
+            "../../envs/data.yaml"
+        shell:
+            "b2txt download --config {params.config} --dataset data --files {params.file} --out {output} 2> {log}"
+
+    MODEL_INPUT = rules.download_model.output
+else:
+    MODEL_INPUT = rules.train.output
+

@@ -34,7 +34,9 @@ rule all:
         expand(f"{RUN}/logits/{{split}}.hdf5", split=CFG.infer.splits),
         rules.figures.output if not PRETRAINED else [],  # figures and calibration need our training
         rules.calibrate.output if CFG.calibrate.enabled and not PRETRAINED else [],
-        expand(f"{LM}/{{order}}gram/{{f}}", order=CFG.lm.orders, f=["TLG.fst", "lm.bin"]),
+        expand(f"{LM}/{{order}}gram/{{f}}", order=CFG.lm.orders, f=["TLG.fst", "lm.bin"])
+        if CFG.lm.source == "build"
+        else [],
         rules.score_words.output,
         expand(rules.evaluate.output.summary, split=[s for s in ("val", "test") if s in CFG.infer.splits]),
     default_target: True

@@ -154,3 +154,19 @@ def test_existing_data_directory_skips_corpus_and_simulation(tmp_path, tiny_sim)
     r = run(["snakemake", "-n", "--cores", "1", "--config", f"data={{source: dir, dir: {tiny_sim}}}"], project)
     assert planned_rules(r.stdout) == {"validate", "preprocess", "train", "infer", "score", "figures",
                                        "calibrate"} | LM_BUILD | DECODING
+
+
+def test_given_graph_directory_skips_the_lm_build(tmp_path, tiny_sim):
+    """lm.source dir (e.g. a published TLG.fst + words.txt): no LM stages, decoding reads it."""
+    project = make_project(tmp_path)
+    graph = tmp_path / "published-lm"
+    graph.mkdir()
+    (graph / "TLG.fst").write_bytes(b"")
+    (graph / "words.txt").write_text("<eps> 0\n")
+    r = run(["snakemake", "-n", "-p", "--cores", "1", "--config", f"data={{source: dir, dir: {tiny_sim}}}",
+             f"lm={{source: dir, dir: {graph}}}"], project)
+    assert planned_rules(r.stdout) == {"validate", "preprocess", "train", "infer", "score", "figures",
+                                       "calibrate"} | DECODING
+    assert f"--lm {graph}" in r.stdout
+    r = run(["snakemake", "-n", "--cores", "1", "--config", "lm={source: dir}"], project, check=False)
+    assert r.returncode != 0 and "lm.dir" in r.stdout + r.stderr

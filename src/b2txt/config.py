@@ -237,6 +237,10 @@ class InferConfig(Section):
 class LMConfig(Section):
     """n-gram language models and decoding graphs (REFERENCE §4), built by ``b2txt lm …``."""
 
+    source: Literal["build", "dir"] = Field(
+        "build", description="build: text -> n-gram -> graph here | dir: decode with the graph directory lm.dir")
+    dir: str | None = Field(None, description="with source dir: a graph directory (TLG.fst + words.txt), "
+                                              "e.g. a published one unpacked by `b2txt download --dataset lm`")
     text: str | None = Field(None, description="LM training text, one sentence per line (default: the corpus section's sources)")
     exclude_splits: list[Literal["train", "val", "test"]] = Field(
         default_factory=lambda: ["val", "test"],
@@ -254,6 +258,8 @@ class LMConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "LMConfig":
+        if self.source == "dir" and not self.dir:
+            raise ValueError("source dir needs lm.dir (a directory holding TLG.fst and words.txt)")
         if self.decode_order not in self.orders:
             raise ValueError(f"decode_order {self.decode_order} is not in orders {self.orders}")
         for order, thresholds in self.prune.items():

@@ -3,7 +3,8 @@
 # the competition CSV. `decode` + `score_words` decode the same val logits in process (a pool of
 # decoder processes) for comparison; both must give the same sentences.
 
-DECODE_LM = f"{LM}/{CFG.lm.decode_order}gram"
+# lm.source dir: a given graph directory (e.g. a published one); otherwise the one built here
+DECODE_LM = CFG.lm.dir if CFG.lm.source == "dir" else f"{LM}/{CFG.lm.decode_order}gram"
 
 
 rule decode:
@@ -11,7 +12,7 @@ rule decode:
         logits=f"{RUN}/logits/{{split}}.hdf5",
         tlg=f"{DECODE_LM}/TLG.fst",
         words=f"{DECODE_LM}/words.txt",
-        kenlm=f"{DECODE_LM}/lm.bin",
+        kenlm=f"{DECODE_LM}/lm.bin" if CFG.decode.decoder == "lexicon" else [],
     output:
         decoded=f"{RUN}/decode/{{split}}/decoded.csv",
         nbest=f"{RUN}/decode/{{split}}/nbest.jsonl",

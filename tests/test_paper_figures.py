@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from b2txt.errors import B2txtError
-from b2txt.figures import add_figures_paper_arguments, cmd_figures_paper, make_paper_figures, make_pipeline_figures
+from b2txt.cli import add_figures_paper_arguments, cmd_figures_paper
+from b2txt.figures import make_paper_figures, make_pipeline_figures
 from b2txt.paper import (RATING_GROUPS, load_pickle, read_copy_task, read_personal_use, session_of_day)
 from b2txt.phonemes import N_CLASSES, PHONEME_TO_ID, from_lm_order
 

@@ -7,6 +7,7 @@ redis-py calls), not by ``b2txt.server.client``, so the two cannot share a misun
 from __future__ import annotations
 
 import shutil
+import contextlib
 import signal
 import subprocess
 import sys
@@ -73,6 +74,25 @@ def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait()
+
+
+@contextlib.contextmanager
+def own_service(lm_dir: Path, run_dir: Path, *args: str, ready_timeout: float = 60):
+    """A redis-server + lm-server of this test's own (for tests that kill or restart them).
+
+    Yields (redis server, lm-server process, client connection, log path) once the server is ready.
+    """
+    rs = RedisServer(run_dir)
+    rs.start()
+    log = run_dir / "server.log"
+    proc = start_server(lm_dir, rs.socket, log, *args)
+    try:
+        r = redis.Redis(unix_socket_path=str(rs.socket))
+        wait_ready(r, proc, log, timeout=ready_timeout)
+        yield rs, proc, r, log
+    finally:
+        stop(proc)
+        rs.stop()
 
 
 class Service:
@@ -268,36 +288,22 @@ def test_idle_server_blocks_instead_of_spinning(service):
 # ----------------------------------------------------------------------------- faults (own processes)
 
 def test_reconnects_after_redis_restarts(lm_dir, run_dir):
-    rs = RedisServer(run_dir)
-    rs.start()
-    proc = start_server(lm_dir, rs.socket, run_dir / "server.log")
-    try:
-        r = redis.Redis(unix_socket_path=str(rs.socket))
-        wait_ready(r, proc, run_dir / "server.log")
+    with own_service(lm_dir, run_dir) as (rs, proc, r, log):
         rs.proc.kill()  # Redis goes away without a goodbye
         rs.proc.wait()
         time.sleep(0.5)
         rs.restart()
         r = redis.Redis(unix_socket_path=str(rs.socket))
-        wait_ready(r, proc, run_dir / "server.log", timeout=20)  # re-published its args on the empty Redis
+        wait_ready(r, proc, log, timeout=20)  # re-published its args on the empty Redis
         client = LMClient(rs.address, session="after", timeout=20)
         client.open(timeout=20)
         assert client.decode(GOOD).sentence == SENTENCES[0]
         client.close()
         assert proc.poll() is None
-    finally:
-        stop(proc)
-        rs.stop()
 
 
 def test_sigterm_finishes_the_trial_under_way_and_exits_0(lm_dir, run_dir):
-    rs = RedisServer(run_dir)
-    rs.start()
-    log = run_dir / "server.log"
-    proc = start_server(lm_dir, rs.socket, log)
-    try:
-        r = redis.Redis(unix_socket_path=str(rs.socket))
-        wait_ready(r, proc, log)
+    with own_service(lm_dir, run_dir) as (rs, proc, r, log):
         c = RawClient(r)
         r.xadd("remote_lm_reset", {"done": 1})
         c.read("remote_lm_done_resetting")
@@ -309,19 +315,10 @@ def test_sigterm_finishes_the_trial_under_way_and_exits_0(lm_dir, run_dir):
         r.xadd("remote_lm_finalize", {"done": 1})
         assert c.read("remote_lm_output_final")[b"lm_response_final"].decode() == SENTENCES[0]
         assert proc.wait(timeout=20) == 0
-    finally:
-        stop(proc)
-        rs.stop()
 
 
 def test_a_dead_worker_is_replaced(lm_dir, run_dir):
-    rs = RedisServer(run_dir)
-    rs.start()
-    log = run_dir / "server.log"
-    proc = start_server(lm_dir, rs.socket, log)
-    try:
-        r = redis.Redis(unix_socket_path=str(rs.socket))
-        wait_ready(r, proc, log)
+    with own_service(lm_dir, run_dir) as (rs, proc, r, log):
         for child in psutil.Process(proc.pid).children():
             child.kill()
         time.sleep(0.3)  # died while idle
@@ -329,9 +326,6 @@ def test_a_dead_worker_is_replaced(lm_dir, run_dir):
         assert client.decode(GOOD).sentence == SENTENCES[0]
         client.close()
         assert "died" in log.read_text()
-    finally:
-        stop(proc)
-        rs.stop()
 
 
 def test_lan_address_is_refused_by_default(lm_dir):
@@ -391,21 +385,12 @@ def _tiny_opt(out: Path, words: list[str]) -> Path:
 def test_llm_rescoring_fills_the_llm_scores(lm_dir, run_dir, tmp_path):
     words = sorted({w for s in SENTENCES for w in s.split()} | {"what", "did", "say"})
     llm = _tiny_opt(tmp_path / "tiny_opt", words)
-    rs = RedisServer(run_dir)
-    rs.start()
-    log = run_dir / "server.log"
-    proc = start_server(lm_dir, rs.socket, log, "--do_opt", "--llm", str(llm), "--alpha", "0.5", "--workers", "1",
-                        "--acoustic_scale", "0.325")
-    try:
-        r = redis.Redis(unix_socket_path=str(rs.socket))
-        wait_ready(r, proc, log, timeout=120)
+    with own_service(lm_dir, run_dir, "--do_opt", "--llm", str(llm), "--alpha", "0.5", "--workers", "1",
+                     "--acoustic_scale", "0.325", ready_timeout=120) as (rs, proc, r, log):
         client = LMClient(rs.address, timeout=60)
         client.set_context("what did you say")
         result = client.decode(GOOD)
         client.close()
-    finally:
-        stop(proc)
-        rs.stop()
     assert result.context == "what did you say"
     assert result.nbest.candidates and all(c.llm < 0 for c in result.nbest.candidates)
     best = result.nbest.candidates[0]

@@ -255,6 +255,25 @@ def cmd_figures(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_figures_paper(args: argparse.Namespace) -> int:
+    from .figures import make_paper_figures
+
+    paths = make_paper_figures(args.copy_task, args.personal_use, args.out, args.seed, args.example_trial)
+    log(f"{args.out}: {len(paths)} files ({', '.join(sorted({p.stem for p in paths}))})")
+    return 0
+
+
+def add_figures_paper_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``b2txt figures paper`` (here, so that ``b2txt --help`` does not import matplotlib)."""
+    p.add_argument("--copy-task", type=Path, metavar="PKL", help="t15_copyTask.pkl (figure 2)")
+    p.add_argument("--personal-use", type=Path, metavar="PKL", help="t15_personalUse.pkl (figure 4)")
+    p.add_argument("--out", type=Path, required=True, metavar="FIG_DIR")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap confidence intervals")
+    p.add_argument("--example-trial", type=int, default=0, metavar="N",
+                   help="copy-task trial whose logits figure 2 shows (default 0)")
+    return p
+
+
 def cmd_config_schema(args: argparse.Namespace) -> int:
     text = json.dumps(json_schema(), indent=2) + "\n"
     if args.out:
@@ -395,8 +414,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logits", type=Path, metavar="LOGITS_HDF5", help="draw an example trial's logits from here")
     p.add_argument("--calibration", type=Path, metavar="CALIBRATION_CSV", help="draw the calibration curve")
     p.add_argument("--example-trial", type=int, default=0, metavar="N", help="the example trial (default 0)")
-
-    from .figures import add_figures_paper_arguments, cmd_figures_paper
 
     p = add("figures-paper", cmd_figures_paper, "the paper's figures 2 and 4 from the Dryad pickles (also: `figures paper`)",
             "Figure 2 from t15_copyTask.pkl, figure 4 from t15_personalUse.pkl (REFERENCE §6), PDF + PNG, with the "

@@ -18,7 +18,6 @@ figure-2 panels below are drawn by the same code from either.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,24 +368,3 @@ def make_pipeline_figures(model_dir: str | Path, scores_dir: str | Path, out_dir
     if calibration is not None:
         paths += save(calibration_curve(_read_csv(Path(calibration))), out_dir, "calibration_curve")
     return paths
-
-
-# ----------------------------------------------------------------------------- CLI pieces
-
-def add_figures_paper_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Options of ``b2txt figures paper`` (the lead wires the subcommand to :func:`cmd_figures_paper`)."""
-    p.add_argument("--copy-task", type=Path, metavar="PKL", help="t15_copyTask.pkl (figure 2)")
-    p.add_argument("--personal-use", type=Path, metavar="PKL", help="t15_personalUse.pkl (figure 4)")
-    p.add_argument("--out", type=Path, required=True, metavar="FIG_DIR")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap confidence intervals")
-    p.add_argument("--example-trial", type=int, default=0, metavar="N",
-                   help="copy-task trial whose logits figure 2 shows (default 0)")
-    return p
-
-
-def cmd_figures_paper(args: argparse.Namespace) -> int:
-    from .cli import log
-
-    paths = make_paper_figures(args.copy_task, args.personal_use, args.out, args.seed, args.example_trial)
-    log(f"{args.out}: {len(paths)} files ({', '.join(sorted({p.stem for p in paths}))})")
-    return 0

@@ -270,22 +270,8 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
-register = add_commands
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m b2txt.server")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_commands(sub)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except B2txtError as exc:
-        print(f"b2txt {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+    """``python -m b2txt.server COMMAND …``: the ``b2txt`` command line (one parser, one error path)."""
+    from ..cli import main as cli_main
+
+    return cli_main(argv)

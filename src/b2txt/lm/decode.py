@@ -131,9 +131,17 @@ def rescore_all(nbests: list[NBest], options: DecodeConfig, cfg: RescoreConfig,
     return [rescorer.rescore(nb, options, cfg) for nb in progress(nbests, desc="rescore", unit="trial")]
 
 
-def _reference(trial: LogitsTrial) -> str:
-    label = str(trial.attrs.get("sentence_label", "") or "")
-    return normalize_text(label) if label else ""
+def decoded_row(index: int, trial: LogitsTrial, sentence: str, n_candidates: int) -> dict:
+    """One row of ``decoded.csv`` (``b2txt decode`` and ``b2txt evaluate`` write the same columns)."""
+    a = trial.attrs
+    label = str(a.get("sentence_label", "") or "")
+    return {
+        "trial": index, "session": a.get("session", ""), "split": a.get("split", ""),
+        "source_trial": a.get("source_trial", ""), "block_num": int(a.get("block_num", -1)),
+        "trial_num": int(a.get("trial_num", -1)), "corpus": a.get("corpus", "unknown"),
+        "post_implant_day": int(a.get("post_implant_day", -1)),
+        "reference": normalize_text(label) if label else "", "decoded": sentence, "n_candidates": n_candidates,
+    }
 
 
 def decode_file(logits_path: str | Path, lm_dir: str | Path, out_dir: str | Path, options: DecodeConfig,
@@ -158,17 +166,8 @@ def decode_file(logits_path: str | Path, lm_dir: str | Path, out_dir: str | Path
         nbests[i], seconds[i] = r.nbest, r.seconds
     if rescore is not None and rescore.enabled:
         nbests = rescore_all(nbests, options, rescore, log)
-    rows = []
-    for i, (t, nb) in enumerate(zip(trials, nbests)):
-        a = t.attrs
-        rows.append({
-            "trial": i, "session": a.get("session", ""), "split": a.get("split", ""),
-            "source_trial": a.get("source_trial", ""), "block_num": int(a.get("block_num", -1)),
-            "trial_num": int(a.get("trial_num", -1)), "corpus": a.get("corpus", "unknown"),
-            "post_implant_day": int(a.get("post_implant_day", -1)),
-            "reference": _reference(t), "decoded": nb.best, "n_candidates": len(nb),
-            "decode_ms": round(1000 * seconds[i], 3),
-        })
+    rows = [decoded_row(i, t, nb.best, len(nb)) | {"decode_ms": round(1000 * seconds[i], 3)}
+            for i, (t, nb) in enumerate(zip(trials, nbests))]
     table = pd.DataFrame(rows)
     ms = table["decode_ms"]
     timing = {"trials": len(table), "decoder": options.decoder, "workers": options.workers or default_workers(),

@@ -43,9 +43,10 @@ import yaml
 from ..config import DecodeConfig, RescoreConfig
 from ..errors import B2txtError
 from ..fileio import atomic_dir, progress, write_text_atomic
+from ..lm.decode import decoded_row
 from ..lm.nbest import check_logits
 from ..logits import LogitsTrial, read_logits
-from ..phonemes import normalize_text, to_lm_order
+from ..phonemes import to_lm_order
 from .client import FinalResult, LMAborted, LMClient, LMServerError, LMTimeout
 from . import protocol as P
 from .connection import CONNECTION_ERRORS, RedisAddress, connect
@@ -345,18 +346,9 @@ def decoded_table(trials: list[LogitsTrial], outcomes: dict[int, TrialOutcome]) 
     """One row per trial: the columns of ``b2txt decode``'s decoded.csv, + latency and attempts."""
     rows = []
     for i, t in enumerate(trials):
-        a = t.attrs
         o = outcomes.get(i)
-        label = str(a.get("sentence_label", "") or "")
-        rows.append({
-            "trial": i, "session": a.get("session", ""), "split": a.get("split", ""),
-            "source_trial": a.get("source_trial", ""), "block_num": int(a.get("block_num", -1)),
-            "trial_num": int(a.get("trial_num", -1)), "corpus": a.get("corpus", "unknown"),
-            "post_implant_day": int(a.get("post_implant_day", -1)),
-            "reference": normalize_text(label) if label else "",
-            "decoded": o.result.sentence if o else "", "n_candidates": len(o.result.nbest) if o else 0,
-            "decode_ms": round(1000 * o.seconds, 3) if o else 0.0, "attempts": o.attempts if o else 0,
-        })
+        row = decoded_row(i, t, o.result.sentence if o else "", len(o.result.nbest) if o else 0)
+        rows.append(row | {"decode_ms": round(1000 * o.seconds, 3) if o else 0.0, "attempts": o.attempts if o else 0})
     return pd.DataFrame(rows)
 
 

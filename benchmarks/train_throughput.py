@@ -9,13 +9,20 @@ waste of the batches (1 - real bins / padded bins) with and without length bucke
 peak resident memory of the process. Each preset runs in its own process so the peaks are its
 own. On a GPU machine pass `--device cuda` (bf16 autocast follows the preset's `amp: auto`).
 
+Then, side by side, data-parallel training of one preset with 1 and N processes (`b2txt train
+--nproc N`, the global batch split over them; on the CPU the cores are shared out, on CUDA one
+GPU each): trials/s over the training steps, from the run's own metrics (start-up, data loading
+and validation excluded).
+
     python benchmarks/train_throughput.py [--presets baseline paper triple] [--steps 5] [--device cpu]
+                                          [--nproc 1 2] [--ddp-preset baseline] [--ddp-steps 12]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -63,7 +70,7 @@ def batch_assembly_s(trainer, n: int = 5) -> float:
     """Time to assemble one batch alone (what the worker thread hides behind each step)."""
     t0 = time.perf_counter()
     for _ in range(n):
-        trainer.batch()
+        trainer.batch(0)
     return (time.perf_counter() - t0) / n
 
 
@@ -97,12 +104,40 @@ def one(preset: str, data: Path, manifest: Path, steps: int, device: str) -> dic
         }
 
 
+def data_parallel(preset: str, data: Path, manifest: Path, steps: int, nproc: int, device: str) -> dict:
+    """Trials/s of `b2txt train --nproc N` over its training steps (metrics.csv wall clock)."""
+    import pandas as pd
+    import yaml
+
+    from b2txt.config import load_config
+
+    cfg = load_config([ROOT / "config" / "config.yaml", ROOT / "config" / "model" / f"{preset}.yaml"]).train
+    train = cfg.model_dump(mode="json") | {
+        "device": device, "holdout_sessions": [], "num_training_batches": steps, "batches_per_train_log": 1,
+        "batches_per_val_step": steps, "batches_per_checkpoint": 10 * steps, "threads": None}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "train.yaml"
+        config.write_text(yaml.safe_dump({"train": train}))
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "b2txt.cli", "train", "--config", str(config), "--data", str(data),
+                        "--manifest", str(manifest), "--out", str(Path(tmp) / "model"), "--nproc", str(nproc)],
+                       check=True, capture_output=True, env={**os.environ, "B2TXT_PROGRESS": "0"})
+        total = time.perf_counter() - t0
+        m = pd.read_csv(Path(tmp) / "model" / "metrics.csv").dropna(subset=["train_loss"])
+    seconds = m["seconds"].to_numpy()  # wall clock at the end of each step; step 1 is the warm-up
+    return {"nproc": nproc, "batch": cfg.batch_size, "trials_per_s": (len(seconds) - 1) * cfg.batch_size
+            / (seconds[-1] - seconds[0]), "total_s": total}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["baseline", "paper", "triple"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data", type=Path, help="Dryad-layout data (default: simulate the default data set)")
+    ap.add_argument("--nproc", type=int, nargs="*", default=[1, 2], help="process counts for data parallelism")
+    ap.add_argument("--ddp-preset", default="baseline")
+    ap.add_argument("--ddp-steps", type=int, default=12)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--manifest", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -125,6 +160,16 @@ def main() -> None:
             print(f"{m['preset']:9s} {m['model']:15s} {m['device']:7s} {m['batch']:5d} {m['ms_per_batch']:9.0f} "
                   f"{m['batches_per_s']:8.2f} {100 * m['outside_fwd_bwd']:8.1f}% {m['assembly_ms']:6.0f}ms {100 * m['padding_bucketed']:9.1f}% "
                   f"{100 * m['padding_random']:9.1f}% {m['peak_rss_mb']:7.0f} MB")
+        if args.nproc:
+            print(f"\ndata parallel, preset {args.ddp_preset}, device {args.device}, {args.ddp_steps} steps "
+                  f"({os.cpu_count()} CPU cores)")
+            print(f"{'processes':>9s} {'batch':>5s} {'trials/s':>9s} {'vs 1':>6s} {'run s':>6s}")
+            base = None
+            for n in args.nproc:
+                r = data_parallel(args.ddp_preset, data, manifest, args.ddp_steps, n, args.device)
+                base = base or r["trials_per_s"]
+                print(f"{n:9d} {r['batch']:5d} {r['trials_per_s']:9.1f} {r['trials_per_s'] / base:5.2f}x "
+                      f"{r['total_s']:6.1f}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from .evaluate import edit_distance
 from .fileio import atomic_dir, atomic_file, progress
 from .infer import greedy_decode, run_model
 from .train import resolve_sessions
-from .transforms import augment, pad_batch, random_cut, smooth
+from .transforms import augment, cut_start, draw_cut, pad_batch, smooth, trial_generator
 
 
 def with_new_session(loaded: LoadedModel, session: str) -> tuple[torch.nn.Module, int]:
@@ -68,13 +68,13 @@ def fit(model: torch.nn.Module, day: int, features: list[np.ndarray], labels: li
     opt = torch.optim.AdamW(params, lr=cfg.lr, eps=0.1, weight_decay=0.0)
     ctc = torch.nn.CTCLoss(blank=0, reduction="mean", zero_infinity=True)
     rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
-    for _ in range(cfg.steps):
+    for step in range(cfg.steps):
         idx = rng.choice(len(features), size=min(cfg.batch_size, len(features)), replace=False)
         x, lengths = pad_batch([features[i] for i in idx])
-        x = augment(x, augment_cfg, gen)
-        x, lengths = random_cut(x, lengths, augment_cfg.random_cut, gen)
+        x = augment(x, lengths, augment_cfg, [trial_generator(cfg.seed, step, int(i)) for i in idx])
+        cut = draw_cut(augment_cfg.random_cut, trial_generator(cfg.seed, step), int(lengths.min()))
+        x, lengths = cut_start(x, lengths, cut)
         if kernel is not None:
             x = smooth(x, kernel)
         logits = model(x.to(device), torch.full((len(idx),), day, dtype=torch.long, device=device))

@@ -105,7 +105,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         tcfg = tcfg.model_copy(update={"threads": args.threads})
     if args.device:
         tcfg = tcfg.model_copy(update={"device": args.device})
-    best = train(tcfg, args.data, args.manifest, args.out, log=log)
+    if args.nproc < 1:
+        raise B2txtError(f"--nproc must be at least 1, not {args.nproc}")
+    best = train(tcfg, args.data, args.manifest, args.out, log=log, nproc=args.nproc)
     log(f"{args.out}: best val PER {best.per:.4f}")
     return 0
 
@@ -343,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR")
     p.add_argument("--threads", type=int, help="CPU threads for torch (overrides train.threads)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or xla (overrides train.device)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel processes on this machine (DistributedDataParallel: gloo on CPU, nccl "
+                        "with one GPU each); train.batch_size is split evenly over them. Under torchrun or "
+                        "srun --ntasks N leave this at 1: the launcher's processes form the group.")
 
     p = add("infer", cmd_infer, "phoneme logits of every trial of a split",
             "Runs a model directory (ours or the published layout) on a data split and writes an HDF5 file "

@@ -40,11 +40,12 @@ import yaml
 from .checkpoint import build_model, published_args, safe_load
 from .config import TrainConfig
 from .data.store import DayBatchSampler, TrialStore, read_manifest
+from .distributed import DistContext, close_group, context_from_env, init_group, launch, rendezvous
 from .errors import B2txtError
 from .evaluate import edit_distance
 from .fileio import atomic_file, progress
 from .infer import greedy_decode, run_model
-from .transforms import augment, gaussian_kernel, pad_batch, random_cut, smooth
+from .transforms import augment, cut_start, draw_cut, gaussian_kernel, pad_batch, smooth, trial_generator
 
 
 class TrainingInterrupted(Exception):
@@ -184,14 +185,22 @@ class Trainer:
     """One training run: data in memory, model, optimizer, schedules, sampler, checkpoints."""
 
     def __init__(self, cfg: TrainConfig, data_dir: str | Path, manifest_path: str | Path, out_dir: str | Path,
-                 log=print):
-        self.cfg, self.log = cfg, log
+                 log=print, dist: DistContext = DistContext()):
+        self.cfg, self.dist = cfg, dist
+        self.log = log if dist.is_main else (lambda msg: None)
         self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
         self.work = partial_dir(self.out_dir)
+        if cfg.batch_size % dist.world_size:
+            raise B2txtError(f"train.batch_size {cfg.batch_size} does not split evenly over {dist.world_size} processes")
         torch.manual_seed(cfg.seed)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        elif dist.local_world_size > 1:  # the ranks of one node share its cores
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // dist.local_world_size))
         self.device = select_device(cfg.device)
+        if dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", dist.local_rank)
+            torch.cuda.set_device(self.device)
         self.bf16 = use_bf16(cfg.amp, self.device)
 
         manifest = read_manifest(manifest_path)
@@ -211,6 +220,14 @@ class Trainer:
 
         neural_dim = len(cfg.feature_subset) if cfg.feature_subset else 512
         self.model = build_model(cfg.model, len(self.sessions), neural_dim).to(self.device)
+        # the module that trains: under data parallelism it averages the gradients of all ranks
+        self.net: torch.nn.Module = self.model
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if not dist.is_main:  # dropout masks of their own; rank 0's stream is a single process's
+                torch.manual_seed(cfg.seed + 7919 * dist.rank)
         self.opt, self.sched = build_optimizer(self.model, cfg)
         self.ctc = torch.nn.CTCLoss(blank=0, reduction="none", zero_infinity=True)
         a = cfg.augment
@@ -218,7 +235,6 @@ class Trainer:
         lengths = np.array([f.shape[0] for f in self.train_store.features])
         self.sampler = DayBatchSampler(self.train_store, cfg.batch_size, cfg.days_per_batch, cfg.seed,
                                        cfg.must_include_days, lengths if cfg.length_bucketing else None)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
         self.fingerprint = self._fingerprint(manifest_path)
         # progress of the run (saved in resume checkpoints)
         self.step = 0
@@ -257,15 +273,21 @@ class Trainer:
         self.log(msg)
 
     # ------------------------------------------------------------------ one batch
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sample, pad, augment, cut and smooth one batch (all on the CPU, then moved)."""
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sample, pad, augment, cut and smooth this rank's share of batch ``step`` (on the CPU).
+
+        Every rank draws the same global batch; the cut is decided on the global batch and the
+        noise per trial, so the shares add up to what one process would train on."""
         store, cfg = self.train_store, self.cfg
-        idx = self.sampler.next_batch()
+        everything = self.sampler.next_batch()
+        shortest = min(store.features[i].shape[0] for i in everything)
+        cut = draw_cut(cfg.augment.random_cut, trial_generator(cfg.seed, step), shortest)
+        idx = self.dist.shard(everything)
         x, lengths = pad_batch([store.features[i] for i in idx])
         self.stats["padding"] += 1 - float(lengths.sum()) / (len(idx) * x.shape[1])
         self.stats["built"] += 1
-        x = augment(x, cfg.augment, self.gen)
-        x, lengths = random_cut(x, lengths, cfg.augment.random_cut, self.gen)
+        x = augment(x, lengths, cfg.augment, [trial_generator(cfg.seed, step, int(i)) for i in idx])
+        x, lengths = cut_start(x, lengths, cut)
         if self.kernel is not None:
             x = smooth(x, self.kernel)
         if self.device.type == "xla":  # a few static lengths keep XLA from recompiling
@@ -289,9 +311,9 @@ class Trainer:
 
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.bf16):
             if self.cfg.model.architecture == "triple":
-                clean, noisy, _ = self.model(x, day_idx, mode="full")
+                clean, noisy, _ = self.net(x, day_idx, mode="full")
             else:
-                clean, noisy = self.model(x, day_idx), None
+                clean, noisy = self.net(x, day_idx), None
         clean_loss = ctc(clean)
         if noisy is None:
             return clean_loss, {}
@@ -302,24 +324,25 @@ class Trainer:
     # trains (torch releases the GIL), hiding sampling, augmentation and smoothing behind the
     # forward/backward pass. On the CPU both would share the same cores (measured: 1.6x slower
     # steps), so batches are built in line there. The random-generator states from before a
-    # pending batch are kept, so resume checkpoints stay exact either way.
+    # pending batch is kept, so resume checkpoints stay exact either way (the noise depends on
+    # the step alone).
     def _data_rng_state(self) -> dict:
-        return {"augment_rng": self.gen.get_state(), "sampler_rng": json.dumps(self.sampler.rng.bit_generator.state)}
+        return {"sampler_rng": json.dumps(self.sampler.rng.bit_generator.state)}
 
-    def _prefetch(self) -> None:
+    def _prefetch(self, step: int) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="b2txt-batch")
-        self._pending = (self._pool.submit(self.batch), self._data_rng_state())
+        self._pending = (self._pool.submit(self.batch, step), self._data_rng_state())
 
     def _next_batch(self):
         if self.device.type == "cpu":
-            return self.batch()
+            return self.batch(self.step)
         if self._pending is None:
-            self._prefetch()
+            self._prefetch(self.step)
         batch = self._pending[0].result()
         self._pending = None
         if self.step + 1 < self.cfg.num_training_batches:
-            self._prefetch()
+            self._prefetch(self.step + 1)
         return batch
 
     def close(self) -> None:
@@ -328,7 +351,7 @@ class Trainer:
             self._pool, self._pending = None, None
 
     def train_step(self) -> float:
-        self.model.train()
+        self.net.train()
         t0 = time.perf_counter()
         batch = self._next_batch()
         t1 = time.perf_counter()
@@ -342,7 +365,7 @@ class Trainer:
             import torch_xla.core.xla_model as xm
             xm.mark_step()
         self.step += 1
-        value = loss.item()  # waits for the device, so the compute time below is real
+        value = self.dist.mean(loss.item())  # waits for the device, so the compute time below is real
         self.stats["data_s"] += t1 - t0
         self.stats["compute_s"] += time.perf_counter() - t1
         self.stats["steps"] += 1
@@ -352,6 +375,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _save_best(self, val: ValResult) -> None:
+        """Rank 0 only (it alone validates)."""
         with atomic_file(self.work / "checkpoint" / "best_checkpoint") as tmp:
             torch.save({
                 "model_state_dict": self.model.state_dict(),
@@ -362,12 +386,16 @@ class Trainer:
             }, tmp)
 
     def _save_resume(self) -> None:
+        """Called on every rank (their random states are gathered); rank 0 writes."""
+        torch_rngs = self.dist.gather(torch.get_rng_state())
+        cuda_rngs = self.dist.gather(torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+        if not self.dist.is_main:
+            return
         state = {
             "fingerprint": self.fingerprint, "step": self.step,
             "model_state_dict": self.model.state_dict(), "optimizer_state_dict": self.opt.state_dict(),
             "scheduler_state_dict": self.sched.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "torch_rng": torch_rngs, "cuda_rng": cuda_rngs,  # one per rank
             # the data generators as they were before the batch now being prefetched
             **(self._pending[1] if self._pending is not None else self._data_rng_state()),
             "best": None if self.best is None else [self.best.loss, self.best.per, self.best.per_session],
@@ -389,10 +417,14 @@ class Trainer:
         self.model.load_state_dict(state["model_state_dict"])
         self.opt.load_state_dict(state["optimizer_state_dict"])
         self.sched.load_state_dict(state["scheduler_state_dict"])
-        torch.set_rng_state(state["torch_rng"])
-        self.gen.set_state(state["augment_rng"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        # the dropout streams: each rank's own when the run had as many ranks, else derived
+        rank = self.dist.rank
+        if rank < len(state["torch_rng"]):
+            torch.set_rng_state(state["torch_rng"][rank])
+        else:
+            torch.manual_seed(self.cfg.seed + 7919 * rank + self.step)
+        if rank < len(state["cuda_rng"]) and state["cuda_rng"][rank]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"][rank])
         self.sampler.rng.bit_generator.state = json.loads(state["sampler_rng"])
         self.step, self.best_step, self.stale = state["step"], state["best_step"], state["stale"]
         self.best = None if state["best"] is None else ValResult(*state["best"])
@@ -421,7 +453,12 @@ class Trainer:
                   f"lr {row['lr']:.2e}")
 
     def _val_step(self, t0: float) -> bool:
-        """Validate, keep the best checkpoint; returns True when early stopping triggers."""
+        """Validate on rank 0, which keeps the best checkpoint; True (on every rank) when early
+        stopping triggers. The other ranks wait for rank 0's decision."""
+        stop = self.dist.is_main and self._validate_and_keep_best(t0)
+        return self.dist.broadcast_flag(stop)
+
+    def _validate_and_keep_best(self, t0: float) -> bool:
         val = self.validate()
         if not self.metrics or self.metrics[-1]["step"] != self.step:
             self.metrics.append({"step": self.step, "lr": self.sched.get_last_lr()[0], "seconds": time.time() - t0})
@@ -439,18 +476,23 @@ class Trainer:
             return True
         return False
 
-    def run(self, stop_after: int | None = None) -> ValResult:
-        """Train to the end (or early stop) and publish the model directory."""
-        cfg = self.cfg
-        if self._try_resume():
+    def run(self, stop_after: int | None = None) -> ValResult | None:
+        """Train to the end (or early stop) and publish the model directory. Returns the best
+        validation result (on rank 0; None on the other ranks)."""
+        cfg, ddp = self.cfg, self.dist
+        resumed = self._try_resume()
+        ddp.barrier()  # every rank has read the resume checkpoint before rank 0 may clear it
+        if resumed:
             self.note(f"resuming from step {self.step} ({self.work})")
-        else:
+        elif ddp.is_main:
             shutil.rmtree(self.work, ignore_errors=True)  # anything left there is stale
             (self.work / "checkpoint").mkdir(parents=True)
             n_params = sum(p.numel() for p in self.model.parameters())
             self.note(f"{cfg.model.architecture} model, {n_params / 1e6:.2f} M parameters, device {self.device}, "
                       f"bf16 {self.bf16}, {len(self.sessions)} sessions, {len(self.train_store)} train / "
-                      f"{len(self.val_store)} val trials")
+                      f"{len(self.val_store)} val trials"
+                      + (f", {ddp.world_size} processes of {cfg.batch_size // ddp.world_size} trials" if ddp.enabled else ""))
+        ddp.barrier()
         t0 = time.time() - (self.metrics[-1]["seconds"] if self.metrics else 0.0)
         bar = progress(desc="train", total=cfg.num_training_batches, unit="batch")
         bar.update(self.step)
@@ -460,7 +502,7 @@ class Trainer:
                 self.train_step()
                 bar.update()
                 last = self.step == cfg.num_training_batches
-                if self.step % cfg.batches_per_train_log == 0 or last:
+                if (self.step % cfg.batches_per_train_log == 0 or last) and ddp.is_main:
                     self._log_step(t0)
                 if self.step % cfg.batches_per_val_step == 0 or last:
                     stopped = self._val_step(t0)
@@ -471,8 +513,11 @@ class Trainer:
         finally:
             bar.close()
             self.close()
+        if not ddp.is_main:
+            ddp.barrier()  # until rank 0 has published
+            return None
         if self.best is None:  # resumed exactly at the end of a run without validation
-            self._val_step(t0)
+            self._validate_and_keep_best(t0)
         self.note(f"best val PER {self.best.per:.4f} at step {self.best_step}")
         if self.stats["steps"]:
             st = self.stats
@@ -481,6 +526,7 @@ class Trainer:
                       f"{st['steps'] / (st['data_s'] + st['compute_s']):.2f} batches/s "
                       + ("(batches built during the previous step)" if self.device.type != "cpu" else ""))
         self._publish()
+        ddp.barrier()
         return self.best
 
     def _publish(self) -> None:
@@ -497,6 +543,37 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, data_dir: str | Path, manifest_path: str | Path, out_dir: str | Path,
-          log=print) -> ValResult:
-    """Train (resuming a killed run when possible); returns the best validation result."""
-    return Trainer(cfg, data_dir, manifest_path, out_dir, log).run()
+          log=print, nproc: int = 1) -> ValResult:
+    """Train (resuming a killed run when possible); returns the best validation result.
+
+    ``nproc > 1`` spawns that many data-parallel processes here; under a launcher (torchrun,
+    srun with several tasks) this process joins the launcher's group instead (see
+    :mod:`b2txt.distributed`).
+    """
+    ctx = context_from_env()
+    if ctx.enabled and nproc > 1:
+        raise B2txtError(f"--nproc {nproc} inside a launcher that already started {ctx.world_size} processes; "
+                         "use one or the other")
+    if nproc > 1:
+        if cfg.batch_size % nproc:
+            raise B2txtError(f"train.batch_size {cfg.batch_size} does not split evenly over --nproc {nproc}")
+        launch(nproc, _train_rank, cfg, str(data_dir), str(manifest_path), str(out_dir), log)
+        best = safe_load(Path(out_dir) / "checkpoint" / "best_checkpoint")
+        return ValResult(best["val_loss"], best["val_PER"])
+    if not ctx.enabled:
+        return Trainer(cfg, data_dir, manifest_path, out_dir, log).run()
+    _train_rank(ctx, *rendezvous(), cfg, data_dir, manifest_path, out_dir, log)
+    best = safe_load(Path(out_dir) / "checkpoint" / "best_checkpoint") if ctx.is_main else None
+    return ValResult(best["val_loss"], best["val_PER"]) if best else ValResult(float("nan"), float("nan"))
+
+
+def _train_rank(ctx: DistContext, addr: str, port: int, cfg: TrainConfig, data_dir: str | Path,
+                manifest_path: str | Path, out_dir: str | Path, log=print) -> None:
+    """One data-parallel process: join the group, train, leave."""
+    if not ctx.is_main:
+        os.environ["B2TXT_PROGRESS"] = "0"
+    init_group(ctx, select_device(cfg.device), addr, port)
+    try:
+        Trainer(cfg, data_dir, manifest_path, out_dir, log, dist=ctx).run()
+    finally:
+        close_group()

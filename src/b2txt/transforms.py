@@ -8,6 +8,9 @@ it saw in training; the published evaluation script pads 'valid' instead (8 fewe
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,32 +34,53 @@ def smooth(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return y.transpose(1, 2)
 
 
-def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """Training-only noise: static gain, white noise, constant offset, random walk."""
-    b, t, c = x.shape
+def trial_generator(seed: int, step: int, trial: int = -1) -> torch.Generator:
+    """The random stream of one trial in one training step (``trial=-1``: the batch's own).
+
+    Training noise depends on (seed, step, trial) only, not on which process or which place in
+    a batch the trial lands in: N data-parallel processes augment exactly as one process does.
+    """
+    state = np.random.SeedSequence([seed, step, trial + 1]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+def augment(x: torch.Tensor, lengths: torch.Tensor, cfg: AugmentConfig,
+            generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Training-only noise, drawn per trial over its own length (padding stays zero): static
+    gain, white noise, constant offset, random walk. ``generators``: one per trial."""
+    _, _, c = x.shape
     dev, dt = x.device, x.dtype
+    out = torch.zeros_like(x)
+    for i, gen in enumerate(generators):
+        n = int(lengths[i])
 
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator, dtype=torch.float32).to(device=dev, dtype=dt)
+        def randn(*shape):
+            return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=dev, dtype=dt)
 
-    if cfg.static_gain_std > 0:
-        gain = torch.eye(c, device=dev, dtype=dt) + randn(b, c, c) * cfg.static_gain_std
-        x = torch.bmm(x, gain)
-    if cfg.white_noise_std > 0:
-        x = x + randn(b, t, c) * cfg.white_noise_std
-    if cfg.constant_offset_std > 0:
-        x = x + randn(b, 1, c) * cfg.constant_offset_std
-    if cfg.random_walk_std > 0:
-        x = x + torch.cumsum(randn(b, t, c) * cfg.random_walk_std, dim=1)
-    return x
+        xi = x[i, :n]
+        if cfg.static_gain_std > 0:
+            xi = xi @ (torch.eye(c, device=dev, dtype=dt) + randn(c, c) * cfg.static_gain_std)
+        if cfg.white_noise_std > 0:
+            xi = xi + randn(n, c) * cfg.white_noise_std
+        if cfg.constant_offset_std > 0:
+            xi = xi + randn(1, c) * cfg.constant_offset_std
+        if cfg.random_walk_std > 0:
+            xi = xi + torch.cumsum(randn(n, c) * cfg.random_walk_std, dim=0)
+        out[i, :n] = xi
+    return out
 
 
-def random_cut(x: torch.Tensor, lengths: torch.Tensor, max_cut: int, generator: torch.Generator):
-    """Drop 0..max_cut-1 leading bins of the whole batch (published behaviour)."""
+def draw_cut(max_cut: int, generator: torch.Generator, shortest: int) -> int:
+    """How many leading bins to drop from every trial of a batch: 0..max_cut-1, or 0 when the
+    batch's shortest trial would vanish (published behaviour)."""
     if max_cut <= 0:
-        return x, lengths
+        return 0
     cut = int(torch.randint(0, max_cut, (1,), generator=generator))
-    if cut == 0 or cut >= int(lengths.min()):
+    return 0 if cut >= shortest else cut
+
+
+def cut_start(x: torch.Tensor, lengths: torch.Tensor, cut: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if cut == 0:
         return x, lengths
     return x[:, cut:], lengths - cut
 

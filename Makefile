@@ -6,7 +6,7 @@ export PATH := $(BIN):$(PATH)
 CORES ?= all
 PYTEST_ARGS ?=
 
-.PHONY: all bootstrap run test test-fast report lint clean help
+.PHONY: all bootstrap run test test-fast test-xla test-cluster report lint clean help
 
 all: help
 
@@ -14,6 +14,8 @@ help:
 	@echo "make run        bootstrap, then run the pipeline: snakemake --cores $(CORES)"
 	@echo "make test       bootstrap, then run the test suite (pytest)"
 	@echo "make test-fast  tests without the end-to-end pipeline runs"
+	@echo "make test-cluster  the tiny pipeline through profiles/slurm on a private Slurm cluster (root)"
+	@echo "make test-xla   the TPU path on XLA:CPU in .venv-xla (torch 2.9 + torch_xla; ~4 GB download)"
 	@echo "make report     snakemake --report results/report.html"
 	@echo "make bootstrap  apt packages (root) + $(VENV) with the package installed"
 
@@ -28,6 +30,16 @@ test: bootstrap
 
 test-fast: bootstrap
 	python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# snakemake --profile profiles/slurm on a one-node Slurm cluster of its own (munged, slurmctld and
+# slurmd on ports of their own, all stopped at the end), compared with a local run. As root it
+# installs slurmd, slurmctld, slurm-client and munge. Part of .ci/run, after `make test`.
+test-cluster: bootstrap
+	bash scripts/test_cluster.sh
+
+# Not part of `make test` or CI: builds .venv-xla (torch 2.9.0 + torch_xla 2.9.0, ~4 GB download).
+test-xla: bootstrap
+	bash scripts/test_xla.sh $(PYTEST_ARGS)
 
 report: bootstrap
 	snakemake --cores $(CORES) --report results/report.html

@@ -50,6 +50,9 @@ class DownloadConfig(Section):
     datasets: dict[str, str] = Field(
         default_factory=lambda: {"data": "doi:10.5061/dryad.dncjsxm85", "lm": "doi:10.5061/dryad.x69p8czpq"})
     files: list[str] | None = Field(None, description="file names to fetch (None: every file of the dataset)")
+    partial_dir: str | None = Field(
+        None, description="where partial downloads collect (None: <out>/.download; the Snakemake rule then uses "
+                          "<out>.partial, since Snakemake empties <out> before a rerun)")
     timeout_s: float = Field(60.0, gt=0)
     retries: int = Field(5, ge=0)
 
@@ -319,6 +322,46 @@ class ServerConfig(Section):
     max_attempts: int = Field(5, ge=1)
     max_restarts: int = Field(5, ge=0)
     chunk_frames: int | None = Field(None, ge=1, description="send logits in chunks of this many frames (None: one)")
+    group_workers: int = Field(0, ge=0, description="consumer-group mode: local lm-worker processes sharing whole "
+                               "trials through a Redis stream (0: the session mode above)")
+    claim_idle_ms: int = Field(60_000, ge=100, description="consumer-group mode: a trial pending this long on a "
+                               "worker (e.g. a dead one) is claimed by another (XAUTOCLAIM)")
+    max_deliveries: int = Field(5, ge=1, description="consumer-group mode: hand one trial to workers at most this "
+                                "often, then fail it (a trial that kills every worker)")
+
+
+class RuleResources(Section):
+    """What one job of a rule family asks for: Snakemake ``threads:``/``resources:``, Slurm ``sbatch`` options.
+
+    Locally ``cpus`` is capped at ``--cores`` and the rest is ignored (unless ``--resources`` limits
+    it); with ``--profile profiles/slurm`` each job is an ``sbatch`` with ``--cpus-per-task=cpus``,
+    ``--mem=mem_mb``, ``-t runtime``, ``--gpus=gpus`` (when > 0) and ``-p partition`` (when set).
+    """
+
+    cpus: int = Field(1, ge=1, description="threads of the rule (Slurm --cpus-per-task); locally at most --cores")
+    mem_mb: int = Field(4000, ge=1, description="memory in MB (Slurm --mem)")
+    runtime: int = Field(60, ge=1, description="wall-clock limit in minutes (Slurm -t)")
+    gpus: int = Field(0, ge=0, description="GPUs (Slurm --gpus); train: > 1 runs `b2txt train --nproc gpus` (DDP)")
+    partition: str | None = Field(None, description="Slurm partition (null: --default-resources slurm_partition, "
+                                                    "else the cluster's default)")
+    slurm_extra: str | None = Field(None, description="more sbatch options, e.g. '--qos=long --constraint=a100'")
+
+
+class ResourcesConfig(Section):
+    """Per rule family resources (``workflow/rules/common.smk``: ``rule_threads``/``rule_resources``)."""
+
+    default: RuleResources = Field(
+        RuleResources(), description="corpus, simulate, download, validate, preprocess, score, score_words, "
+                                     "kenlm_tools, lm_text")
+    train: RuleResources = Field(RuleResources(cpus=8, mem_mb=16000, runtime=720), description="train")
+    calibrate: RuleResources = Field(RuleResources(cpus=4, mem_mb=8000, runtime=60), description="calibrate")
+    infer: RuleResources = Field(RuleResources(cpus=4, mem_mb=8000, runtime=60), description="infer (per split)")
+    lm: RuleResources = Field(RuleResources(cpus=2, mem_mb=8000, runtime=120),
+                              description="lm_ngram, lm_graph (per order): memory grows with the order and vocabulary")
+    decode: RuleResources = Field(RuleResources(cpus=8, mem_mb=8000, runtime=120),
+                                  description="decode, evaluate (per split; evaluate runs redis-server and the LM "
+                                              "server inside its job)")
+    figures: RuleResources = Field(RuleResources(), description="figures")
 
 
 class PipelineConfig(Section):
@@ -335,6 +378,7 @@ class PipelineConfig(Section):
     server: ServerConfig = ServerConfig()
     download: DownloadConfig = DownloadConfig()
     model: ModelSourceConfig = ModelSourceConfig()
+    resources: ResourcesConfig = ResourcesConfig()
 
     @model_validator(mode="after")
     def _separate_downloads(self) -> "PipelineConfig":

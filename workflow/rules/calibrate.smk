@@ -12,6 +12,9 @@ rule calibrate:
     params:
         config=config_for("calibrate"),
         out=lambda w, output: os.path.dirname(output.table),
+    threads: rule_threads("calibrate")
+    resources:
+        **rule_resources("calibrate"),
     log:
         f"{LOGS}/calibrate.log",
     conda:

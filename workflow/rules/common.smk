@@ -12,6 +12,12 @@ DATA = CFG.data.dir
 PRETRAINED = CFG.model.source == "pretrained"  # no training: calibrate and figures are skipped
 
 
+def partial_download_dir(out):
+    """Partial downloads live beside `out`: Snakemake empties an output directory before its rule
+    reruns, which would throw away what a killed download had fetched."""
+    return CFG.download.partial_dir or f"{out}.partial"
+
+
 def config_for(*sections):
     return section_config_file(config, ".snakemake/b2txt", *sections)
 
@@ -19,3 +25,23 @@ def config_for(*sections):
 def model_dir(wildcards, input):
     """The model directory of `infer`: ours, or the unpacked archive inside the download directory."""
     return CFG.model.model_dir if PRETRAINED else input.model
+
+
+# Resources come from the config (`resources:` per rule family, config/config.yaml), never from
+# literals in rules: `threads: rule_threads("train")`, `resources: **rule_resources("train")`.
+# Locally threads are capped at --cores; the slurm executor (profiles/slurm) turns them into
+# sbatch options (--cpus-per-task, --mem, -t, --gpus, -p, slurm_extra).
+def rule_threads(family):
+    return getattr(CFG.resources, family).cpus
+
+
+def rule_resources(family):
+    r = getattr(CFG.resources, family)
+    res = {"mem_mb": r.mem_mb, "runtime": r.runtime}
+    if r.gpus:
+        res["gpu"] = r.gpus
+    if r.partition:
+        res["slurm_partition"] = r.partition
+    if r.slurm_extra:
+        res["slurm_extra"] = r.slurm_extra
+    return res

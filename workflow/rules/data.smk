@@ -7,6 +7,9 @@ if CFG.data.source == "simulated":
             CFG.corpus.out,
         params:
             config=config_for("corpus"),
+        threads: rule_threads("default")
+        resources:
+            **rule_resources("default"),
         log:
             f"{LOGS}/corpus.log",
         conda:
@@ -21,6 +24,9 @@ if CFG.data.source == "simulated":
             directory(DATA),
         params:
             config=config_for("simulate"),
+        threads: rule_threads("default")
+        resources:
+            **rule_resources("default"),
         log:
             f"{LOGS}/simulate.log",
         conda:
@@ -30,6 +36,9 @@ if CFG.data.source == "simulated":
 
 elif CFG.data.source == "dryad":
 
+    localrules:
+        download,  # on a cluster: on the submitting host (compute nodes often have no internet)
+
     # The published data through the Dryad API (`b2txt download`: checked, resumable, unpacked);
     # download.files selects files (null: all of them, pickles and the pretrained model included).
     rule download:
@@ -37,12 +46,17 @@ elif CFG.data.source == "dryad":
             directory(DATA),
         params:
             config=config_for("download"),
+            # outside the output directory, which Snakemake empties before a rerun: resumes survive
+            partial=partial_download_dir(DATA),
+        threads: rule_threads("default")
+        resources:
+            **rule_resources("default"),
         log:
             f"{LOGS}/download.log",
         conda:
             "../../envs/data.yaml"
         shell:
-            "b2txt download --config {params.config} --dataset data --out {output} 2> {log}"
+            "b2txt download --config {params.config} --dataset data --out {output} --partial-dir {params.partial} 2> {log}"
 
 
 rule validate:
@@ -50,6 +64,9 @@ rule validate:
         DATA,
     output:
         f"{RUN}/validation.txt",
+    threads: rule_threads("default")
+    resources:
+        **rule_resources("default"),
     log:
         f"{LOGS}/validate.log",
     conda:
@@ -64,6 +81,9 @@ rule preprocess:
         validated=rules.validate.output,
     output:
         f"{RUN}/manifest.csv",
+    threads: rule_threads("default")
+    resources:
+        **rule_resources("default"),
     log:
         f"{LOGS}/preprocess.log",
     conda:

@@ -22,7 +22,9 @@ rule decode:
         config=config_for("decode", "rescore"),
         lm=lambda w, input: os.path.dirname(input.tlg),
         out=lambda w, output: os.path.dirname(output.decoded),
-    threads: workflow.cores
+    threads: rule_threads("decode")
+    resources:
+        **rule_resources("decode"),
     log:
         f"{LOGS}/decode_{{split}}.log",
     conda:
@@ -42,6 +44,9 @@ rule score_words:
         trials=f"{RUN}/scores/val/wer_trials.csv",
     params:
         out=lambda w, output: os.path.dirname(output.metrics),
+    threads: rule_threads("default")
+    resources:
+        **rule_resources("default"),
     log:
         f"{LOGS}/score_words.log",
     conda:
@@ -65,7 +70,9 @@ rule evaluate:
         config=config_for("decode", "rescore", "server"),
         lm=lambda w, input: os.path.dirname(input.tlg),
         out=lambda w, output: os.path.dirname(output.decoded),
-    threads: workflow.cores
+    threads: rule_threads("decode")
+    resources:
+        **rule_resources("decode"),
     log:
         f"{LOGS}/evaluate_{{split}}.log",
     conda:

@@ -14,6 +14,9 @@ rule infer:
         model=model_dir,
         batch_size=CFG.infer.batch_size,
         device=CFG.train.device,
+    threads: rule_threads("infer")
+    resources:
+        **rule_resources("infer"),
     log:
         f"{LOGS}/infer_{{split}}.log",
     conda:
@@ -34,6 +37,9 @@ rule score:
         trials=f"{RUN}/scores/val/trials.csv",
     params:
         out=lambda w, output: os.path.dirname(output.metrics),
+    threads: rule_threads("default")
+    resources:
+        **rule_resources("default"),
     log:
         f"{LOGS}/score.log",
     conda:

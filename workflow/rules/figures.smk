@@ -21,6 +21,9 @@ rule figures:
         scores=lambda w, input: os.path.dirname(input.trials),
         out=lambda w, output: os.path.dirname(output[0]),
         calibration=lambda w, input: f"--calibration {input.calibration}" if input.calibration else "",
+    threads: rule_threads("figures")
+    resources:
+        **rule_resources("figures"),
     log:
         f"{LOGS}/figures.log",
     conda:

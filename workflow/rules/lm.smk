@@ -6,12 +6,21 @@ KENLM_BIN = os.path.join(os.path.expanduser(CFG.lm.kenlm_dir), "bin")
 LM = f"{RUN}/lm"
 
 
+# On a cluster (profiles/slurm) these run on the submitting host, not in a Slurm job: the build
+# downloads the pinned kenlm sdist and needs cmake/Boost, which compute nodes often lack.
+localrules:
+    kenlm_tools,
+
+
 rule kenlm_tools:
     output:
         lmplz=os.path.join(KENLM_BIN, "lmplz"),
         build_binary=os.path.join(KENLM_BIN, "build_binary"),
     params:
         dest=lambda w, output: os.path.dirname(os.path.dirname(output.lmplz)),
+    threads: rule_threads("default")
+    resources:
+        **rule_resources("default"),
     log:
         f"{LOGS}/kenlm_tools.log",
     conda:
@@ -29,6 +38,9 @@ rule lm_text:
         stats=f"{LM}/text.json",
     params:
         config=config_for("corpus", "lm"),
+    threads: rule_threads("default")
+    resources:
+        **rule_resources("default"),
     log:
         f"{LOGS}/lm_text.log",
     conda:
@@ -49,7 +61,9 @@ rule lm_ngram:
     params:
         config=config_for("lm"),
         out=lambda w, output: os.path.dirname(output.arpa),
-    threads: 2
+    threads: rule_threads("lm")
+    resources:
+        **rule_resources("lm"),
     log:
         f"{LOGS}/lm_ngram_{{order}}.log",
     conda:
@@ -71,6 +85,9 @@ rule lm_graph:
     params:
         config=config_for("lm"),
         out=lambda w, output: os.path.dirname(output.tlg),
+    threads: rule_threads("lm")
+    resources:
+        **rule_resources("lm"),
     log:
         f"{LOGS}/lm_graph_{{order}}.log",
     conda:

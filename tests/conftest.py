@@ -6,6 +6,7 @@ it first (``shutil.copytree``) or build their own file with ``make_trial_file``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,10 @@ from b2txt.config import SimulateConfig  # noqa: E402
 from b2txt.data.dryad import Trial, data_file_path, write_trials  # noqa: E402
 from b2txt.phonemes import Lexicon  # noqa: E402
 from b2txt.simulate import simulate  # noqa: E402
+
+# tests/xla needs torch_xla (.venv-xla, `make test-xla`); in the main environment it is not even
+# collected, so its conftest (another module named `conftest`) cannot shadow this one.
+collect_ignore = [] if importlib.util.find_spec("torch_xla") else ["xla"]
 
 #: Plain sentences of 3-6 common words, every word in the CMU dictionary.
 SENTENCES: list[str] = [

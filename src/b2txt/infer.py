@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .data.store import TrialStore, read_manifest
 from .errors import B2txtError
@@ -22,10 +23,11 @@ __all__ = ["LogitsTrial", "greedy_decode", "infer_split", "read_logits", "run_mo
 @torch.no_grad()
 def run_model(model: GRUDecoder, features: Sequence[np.ndarray], day_idx: Sequence[int],
               kernel: torch.Tensor | None, device: torch.device, batch_size: int = 32,
-              show_progress: bool = False) -> list[np.ndarray]:
+              show_progress: bool = False, pad_multiple: int = 64) -> list[np.ndarray]:
     """Logits per trial. Trials are batched by length; the GRU is causal, so zero padding at
     the end changes no output within a trial's own length (and 'same' smoothing pads with
-    zeros too). A trial shorter than one patch has no outputs: ``[0, 41]``."""
+    zeros too). A trial shorter than one patch has no outputs: ``[0, 41]``. On XLA batches are
+    padded to a multiple of ``pad_multiple`` bins, so a few shapes compile, not one per length."""
     model.eval()
     n_out = [int(model.output_lengths(f.shape[0])) for f in features]
     out: list[np.ndarray] = [np.zeros((0, N_CLASSES), dtype=np.float32)] * len(features)
@@ -36,6 +38,8 @@ def run_model(model: GRUDecoder, features: Sequence[np.ndarray], day_idx: Sequen
         x, _ = pad_batch([features[i] for i in b])
         if kernel is not None:
             x = smooth(x, kernel)
+        if device.type == "xla":
+            x = F.pad(x, (0, 0, 0, -x.shape[1] % pad_multiple))
         logits = model(x.to(device), torch.as_tensor(np.asarray(day_idx)[b]).to(device)).float().cpu().numpy()
         for j, i in enumerate(b):
             out[i] = logits[j, : n_out[i]]

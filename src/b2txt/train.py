@@ -52,6 +52,12 @@ class TrainingInterrupted(Exception):
     """Raised by ``Trainer.run(stop_after=...)``: stops as a kill would, after a checkpoint."""
 
 
+def cpu_copy(tree):
+    """Tensors of a (nested) state dict on the CPU: a checkpoint written on XLA or CUDA then
+    loads anywhere, also with a plain ``torch.load`` (no ``map_location``, no torch_xla)."""
+    return torch.utils._pytree.tree_map(lambda v: v.detach().cpu() if isinstance(v, torch.Tensor) else v, tree)
+
+
 def select_device(name: str) -> torch.device:
     if name == "xla":
         try:
@@ -129,9 +135,9 @@ class ValResult:
 
 
 def validation_pass(model: torch.nn.Module, store: TrialStore, kernel: torch.Tensor | None, device: torch.device,
-                    batch_size: int = 32) -> ValResult:
+                    batch_size: int = 32, pad_multiple: int = 64) -> ValResult:
     """Greedy-CTC phoneme error rate (total edits / total reference length) and mean CTC loss."""
-    logits = run_model(model, store.features, store.day_idx, kernel, device, batch_size)
+    logits = run_model(model, store.features, store.day_idx, kernel, device, batch_size, pad_multiple=pad_multiple)
     ctc = torch.nn.CTCLoss(blank=0, reduction="sum", zero_infinity=True)
     edits = np.zeros(len(store.sessions))
     lengths = np.zeros(len(store.sessions))
@@ -378,8 +384,8 @@ class Trainer:
         """Rank 0 only (it alone validates)."""
         with atomic_file(self.work / "checkpoint" / "best_checkpoint") as tmp:
             torch.save({
-                "model_state_dict": self.model.state_dict(),
-                "optimizer_state_dict": self.opt.state_dict(),
+                "model_state_dict": cpu_copy(self.model.state_dict()),
+                "optimizer_state_dict": cpu_copy(self.opt.state_dict()),
                 "scheduler_state_dict": self.sched.state_dict(),
                 "val_PER": val.per, "val_loss": val.loss, "step": self.step,
                 "b2txt": {"sessions": self.sessions, "train": self.cfg.model_dump(mode="json")},
@@ -393,7 +399,8 @@ class Trainer:
             return
         state = {
             "fingerprint": self.fingerprint, "step": self.step,
-            "model_state_dict": self.model.state_dict(), "optimizer_state_dict": self.opt.state_dict(),
+            "model_state_dict": cpu_copy(self.model.state_dict()),
+            "optimizer_state_dict": cpu_copy(self.opt.state_dict()),
             "scheduler_state_dict": self.sched.state_dict(),
             "torch_rng": torch_rngs, "cuda_rng": cuda_rngs,  # one per rank
             # the data generators as they were before the batch now being prefetched
@@ -441,7 +448,11 @@ class Trainer:
     def validate(self) -> ValResult:
         if len(self.val_store) == 0:
             return ValResult(float("nan"), float("nan"))
-        return validation_pass(self.model, self.val_store, self.kernel, self.device)
+        # On XLA, torch_xla's GRU replays the graph it recorded for a batch size whether or not
+        # autocast is on; validating in the training precision keeps the two from mixing.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16 and self.device.type == "xla"):
+            return validation_pass(self.model, self.val_store, self.kernel, self.device,
+                                   pad_multiple=self.cfg.xla_pad_multiple)
 
     def _log_step(self, t0: float) -> None:
         row = {"step": self.step, "train_loss": float(np.mean(self.running)), "lr": self.sched.get_last_lr()[0],

@@ -1,13 +1,17 @@
 """LM server throughput and the latency the Redis path adds over in-process decoding.
 
     python benchmarks/server.py [--trials 200] [--lm GRAPH_DIR] [--workers 1,2] [--nbest 100]
+                                [--group-workers 1,2,4] [--skip-session]
 
 Prints, for the same synthetic trials (known sentences, LM column order):
 
 - in-process decoding time per trial (decoder + n-best augmentation, what a server worker does);
 - the Redis path, one client, one trial at a time, 1 worker: per-trial latency and its overhead
   over in-process decoding of the same trial (p50 / p99);
-- throughput (trials/s) with 1 and N workers, 2 client sessions per worker.
+- throughput (trials/s) with 1 and N workers, 2 client sessions per worker;
+- the consumer-group mode (``b2txt lm-worker`` processes sharing whole trials through a Redis
+  stream, as ``b2txt evaluate --group-workers``): trials/s with 1, 2 and 4 workers side by side,
+  with the speed-up over one worker.
 
 Without ``--lm`` a small bigram graph is built from the test templates (tests/arpa_fixture.py).
 """
@@ -15,6 +19,7 @@ Without ``--lm`` a small bigram graph is built from the test templates (tests/ar
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("B2TXT_PROGRESS", "0")
 sys.path.insert(0, str(ROOT / "tests"))
 
 from b2txt.config import DecodeConfig, load_config  # noqa: E402
@@ -132,6 +138,48 @@ def throughput(address, trials: list[np.ndarray], n_sessions: int) -> float:
     return rate
 
 
+def group_throughput(lm: Path, run_dir: Path, trials: list[np.ndarray], options: DecodeConfig,
+                     counts: list[int]) -> dict[int, float]:
+    """Trials/s of ``k`` lm-worker processes (decoder loaded, registered) sharing the trials, for each k."""
+    import redis
+
+    from b2txt.server import group as G
+
+    rates = {}
+    for k in counts:
+        rs = RedisServer(run_dir / f"group{k}")
+        rs.start()
+        cmd = [sys.executable, "-m", "b2txt.server", "lm-worker", "--config", str(CONFIG), "--lm_path", str(lm),
+               "--redis-socket", str(rs.socket), "--nbest", str(options.nbest), "--log-level", "warning"]
+        log = open(run_dir / f"group{k}.log", "ab")
+        workers = [subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT) for _ in range(k)]
+        try:
+            r = redis.Redis(unix_socket_path=str(rs.socket))
+            deadline = time.monotonic() + 300
+            while True:  # a worker registers once its decoder is loaded
+                try:
+                    if len(r.xinfo_consumers(G.trials_stream(G.DEFAULT_QUEUE), G.GROUP)) == k:
+                        break
+                except redis.ResponseError:
+                    pass
+                if time.monotonic() > deadline or any(w.poll() is not None for w in workers):
+                    raise SystemExit(f"lm-workers did not start: see {run_dir / f'group{k}.log'}")
+                time.sleep(0.05)
+            options_json = G.options_json(options, 0.55, False)
+            G.GroupCollector(rs.address, G.DEFAULT_QUEUE, options_json, log=lambda m: None).run(
+                {i: x for i, x in enumerate(trials[:2 * k])})  # warm-up: every worker's first decode
+            t0 = time.perf_counter()
+            G.GroupCollector(rs.address, G.DEFAULT_QUEUE, options_json, log=lambda m: None).run(dict(enumerate(trials)))
+            rates[k] = len(trials) / (time.perf_counter() - t0)
+        finally:
+            for w in workers:
+                w.terminate()
+            for w in workers:
+                w.wait(timeout=60)
+            rs.stop()
+    return rates
+
+
 def cpu_seconds(server_pid: int, redis_pid: int | None) -> dict[str, float]:
     """CPU time used so far by the router, its workers, redis-server and this (client) process."""
     import psutil
@@ -155,6 +203,9 @@ def main() -> None:
     ap.add_argument("--lm", type=Path, help="graph directory (TLG.fst + words.txt); default: a small demo graph")
     ap.add_argument("--workers", default=f"1,{default_workers()}", help="comma-separated worker counts")
     ap.add_argument("--nbest", type=int, default=100)
+    ap.add_argument("--group-workers", default="1,2,4", help="comma-separated lm-worker counts for the "
+                                                            "consumer-group mode ('' to skip)")
+    ap.add_argument("--skip-session", action="store_true", help="only the consumer-group mode")
     args = ap.parse_args()
     lexicon = Lexicon.from_cmudict()
     tmp = Path(tempfile.mkdtemp(prefix="b2b-"))
@@ -174,6 +225,14 @@ def main() -> None:
         print(f"{args.trials} trials, {frames.mean():.0f} frames each on average, nbest {args.nbest}, graph {lm}")
         print(f"in-process decode+augment: p50 {ms(local, 50)}, p99 {ms(local, 99)}, "
               f"{1 / local.mean():.1f} trials/s on one core")
+        counts = sorted({int(w) for w in args.group_workers.split(",") if w.strip()})
+        if counts:
+            rates = group_throughput(lm, tmp, trials, options, counts)
+            base = rates[counts[0]]
+            print(f"consumer-group mode (lm-worker processes, whole trials; {default_workers()} cores): " +
+                  " | ".join(f"{k} worker(s) {rate:.1f} trials/s (x{rate / base:.2f})" for k, rate in rates.items()))
+        if args.skip_session:
+            return
         rs = RedisServer(tmp / "run")
         rs.start()
         try:

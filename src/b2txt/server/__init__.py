@@ -6,5 +6,7 @@
 - :mod:`b2txt.server.lm_server` — the server: a router and N decoding worker processes;
 - :mod:`b2txt.server.client` — one client session, trial by trial;
 - :mod:`b2txt.server.evaluate` — a whole logits file through Redis, scored;
-- :mod:`b2txt.server.commands` — ``b2txt lm-server`` and ``b2txt evaluate``.
+- :mod:`b2txt.server.group` — batch mode: whole trials shared by ``lm-worker`` processes on any
+  host through a Redis consumer group (claiming the trials of dead workers);
+- :mod:`b2txt.server.commands` — ``b2txt lm-server``, ``b2txt lm-worker`` and ``b2txt evaluate``.
 """

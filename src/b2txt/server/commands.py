@@ -1,4 +1,4 @@
-"""``b2txt lm-server`` and ``b2txt evaluate``: argparse definitions and the command functions.
+"""``b2txt lm-server``, ``b2txt lm-worker`` and ``b2txt evaluate``: argparse definitions and the command functions.
 
 Register both on the main parser with ``add_commands(subparsers)``; ``python -m b2txt.server``
 runs them without the main CLI (``b2txt evaluate`` starts its LM server that way).
@@ -176,7 +176,148 @@ def add_lm_server_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
+# ----------------------------------------------------------------------------- lm-worker
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise B2txtError(f"{name} {value}: must be at least 1")
+
+
+def tls_files(args: argparse.Namespace) -> Any:
+    """The --tls-ca/--tls-cert/--tls-key files (checked), or None when none is given (and no --tls)."""
+    from .connection import TlsFiles
+
+    if not (getattr(args, "tls", False) or args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    return TlsFiles(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key).check()
+
+
+def worker_settings(args: argparse.Namespace) -> Any:
+    from . import protocol as P
+    from .connection import RedisAddress, check_remote_password
+    from .group import WorkerSettings, check_queue_name
+
+    cfg = _load_config(args)
+    options = decode_options(args, cfg.decode)
+    llm, alpha, do_opt = rescore_config(args, cfg.rescore)
+    lm_dir = Path(os.path.expanduser(str(args.lm_path)))
+    if not lm_dir.is_dir():
+        raise B2txtError(f"{lm_dir}: language model directory not found")
+    _positive("--max-logits-bytes", args.max_logits_bytes)
+    _positive("--max-deliveries", args.max_deliveries)
+    claim = args.claim_idle_ms if args.claim_idle_ms is not None else cfg.server.claim_idle_ms
+    if claim < 100:
+        raise B2txtError(f"--claim-idle-ms {claim}: must be at least 100")
+    if args.idle_exit is not None and args.idle_exit <= 0:
+        raise B2txtError(f"--idle-exit {args.idle_exit}: must be positive")
+    consumer = args.consumer or ""
+    if consumer and (len(consumer) > 200 or any(c.isspace() for c in consumer)):
+        raise B2txtError(f"--consumer {consumer!r}: use 1-200 characters without spaces")
+    tls = tls_files(args)
+    if args.redis_socket:
+        if tls is not None:
+            raise B2txtError("--tls-*: a Unix socket needs no TLS (use --redis-host and --redis-port)")
+        address = RedisAddress(socket=args.redis_socket, password_env=args.password_env)
+    else:
+        address = RedisAddress(host=args.redis_host, port=args.redis_port, password_env=args.password_env, tls=tls)
+    return WorkerSettings(
+        lm_dir=lm_dir, address=check_remote_password(address),
+        params=P.SessionParams(decode=options, alpha=alpha, do_opt=do_opt), llm=llm,
+        queue=check_queue_name(args.queue), consumer=consumer, claim_idle_ms=claim,
+        max_deliveries=args.max_deliveries if args.max_deliveries is not None else cfg.server.max_deliveries,
+        max_logits_bytes=args.max_logits_bytes, connect_timeout=args.connect_timeout, idle_exit=args.idle_exit)
+
+
+def cmd_lm_worker(args: argparse.Namespace) -> int:
+    from .group import run_worker
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s lm-worker: %(message)s", stream=sys.stderr)
+    return run_worker(worker_settings(args))
+
+
+def _add_tls_flags(g: Any, what: str) -> None:
+    g.add_argument("--tls-ca", type=Path, metavar="PEM", help=what.split("|")[0])
+    g.add_argument("--tls-cert", type=Path, metavar="PEM", help=what.split("|")[1])
+    g.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
+
+
+def add_lm_worker_arguments(p: argparse.ArgumentParser) -> None:
+    _add_config(p)
+    p.add_argument("--lm_path", "--lm", dest="lm_path", type=Path, required=True, metavar="DIR",
+                   help="language model directory on this host: TLG.fst + words.txt (wfst), or lm.bin/lm.arpa")
+    _add_decode_flags(p)
+    g = p.add_argument_group("Redis connection (a non-loopback host needs the password)")
+    g.add_argument("--redis-socket", "--redis_socket", dest="redis_socket", type=Path, metavar="PATH",
+                   help="Unix socket of the Redis server (same host)")
+    g.add_argument("--redis-host", "--redis_ip", dest="redis_host", default="127.0.0.1", help="Redis host")
+    g.add_argument("--redis-port", "--redis_port", dest="redis_port", type=int, default=6379)
+    g.add_argument("--password-env", default="B2TXT_REDIS_PASSWORD", metavar="NAME",
+                   help="environment variable holding the Redis password (never a command-line argument)")
+    g.add_argument("--tls", action="store_true", help="connect with TLS (implied by the --tls-* files)")
+    _add_tls_flags(g, "CA that signed the server's certificate (default: the system's CAs)|"
+                      "client certificate, when the server asks for one")
+    g.add_argument("--connect-timeout", type=float, default=60.0,
+                   help="seconds to keep trying while Redis is unreachable (at start and after a loss)")
+    g = p.add_argument_group("worker")
+    g.add_argument("--queue", default="b2txt:batch", help="stream prefix: trials on QUEUE:trials (the evaluator's --queue)")
+    g.add_argument("--consumer", metavar="NAME", help="this worker's name in the consumer group (default: host:pid)")
+    g.add_argument("--claim-idle-ms", type=int,
+                   help="claim trials pending this long on another worker (XAUTOCLAIM; default: server.claim_idle_ms)")
+    g.add_argument("--max-deliveries", type=int,
+                   help="answer a trial handed out more often than this with an error (default: server.max_deliveries)")
+    g.add_argument("--max-logits-bytes", type=int, default=64 * 1024 * 1024, help="largest logits entry accepted")
+    g.add_argument("--idle-exit", type=float, metavar="SECONDS", help="exit 0 after this long without a trial "
+                                                                      "(default: run until SIGTERM)")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
 # ----------------------------------------------------------------------------- evaluate
+
+def group_options(args: argparse.Namespace, server: Any, external: Any) -> dict[str, Any]:
+    """EvalSettings fields of the consumer-group mode, with one clear error per bad combination."""
+    from .connection import check_remote_password
+    from .group import check_queue_name
+
+    group_workers = args.group_workers if args.group_workers is not None else server.group_workers
+    if group_workers < 0:
+        raise B2txtError(f"--group-workers {group_workers}: must be 0 or more")
+    group = group_workers > 0 or args.external_workers
+    network = args.bind is not None or args.port is not None
+    tls = tls_files(args)
+    if not group:
+        if network or tls is not None:
+            raise B2txtError("--bind, --port and --tls-*: only in the consumer-group mode "
+                             "(--group-workers N or --external-workers)")
+        return {}
+    if args.chunk_frames is not None:
+        raise B2txtError("--chunk-frames: the consumer-group mode sends whole trials (streaming needs the session mode)")
+    if external is not None:
+        if network:
+            raise B2txtError("--bind/--port: with --server the workers connect to that Redis, not to a private one")
+        check_remote_password(external)
+        tls_server = None
+    else:
+        if args.port is not None and not 0 < args.port < 65536:
+            raise B2txtError(f"--port {args.port}: out of range (1-65535)")
+        if args.bind is not None and args.port is None:
+            raise B2txtError(f"--bind {args.bind}: give the TCP port too (--port N)")
+        if tls is not None and args.port is None:
+            raise B2txtError("--tls-*: the private Redis speaks TLS on its TCP port: give --port (and --bind)")
+        tls_server = tls
+    for name, value in (("--claim-idle-ms", args.claim_idle_ms), ("--max-deliveries", args.max_deliveries),
+                        ("--window", args.window)):
+        _positive(name, value)
+    claim = args.claim_idle_ms if args.claim_idle_ms is not None else server.claim_idle_ms
+    if claim < 100:
+        raise B2txtError(f"--claim-idle-ms {claim}: must be at least 100")
+    return {"group_workers": group_workers, "external_workers": bool(args.external_workers),
+            "queue": check_queue_name(args.queue), "claim_idle_ms": claim,
+            "max_deliveries": args.max_deliveries if args.max_deliveries is not None else server.max_deliveries,
+            "window": args.window, "bind": args.bind if args.bind is not None else
+            ("127.0.0.1" if args.port is not None else None),
+            "port": args.port or 0, "tls": tls_server, "password_env": args.password_env}
+
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import EvalSettings, evaluate
@@ -188,10 +329,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         llm, do_opt = None, False
     external = None
     if args.server:
+        from dataclasses import replace
+
         from .connection import RedisAddress, check_address
 
         external = check_address(RedisAddress.parse(args.server, args.password_env), allow_remote=args.allow_remote)
+        if external.socket is None and tls_files(args) is not None:
+            external = replace(external, tls=tls_files(args))
     server = cfg.server  # command-line flags win over the config's `server` section
+    group = group_options(args, server, external)
 
     def pick(flag: str, field: str):
         value = getattr(args, flag)
@@ -204,7 +350,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         startup_timeout=pick("startup_timeout", "startup_timeout"),
         max_attempts=pick("max_attempts", "max_attempts"), chunk_frames=pick("chunk_frames", "chunk_frames"),
         run_dir=args.run_dir, external=external, split=args.split, max_restarts=pick("max_restarts", "max_restarts"),
-        server_log_level=args.server_log_level)
+        server_log_level=args.server_log_level, **group)
     summary = evaluate(settings, log=_log)
     _log(f"{args.out}: {summary['n_trials']} trials in {summary['seconds']:.1f} s "
          f"({summary['trials_per_second']:.1f} trials/s); " +
@@ -241,6 +387,26 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--password-env", default="B2TXT_REDIS_PASSWORD", metavar="NAME",
                    help="environment variable holding the Redis password (used when set)")
     p.add_argument("--server-log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    g = p.add_argument_group(
+        "consumer-group mode (whole trials on a Redis stream, decoded by `b2txt lm-worker` processes on any host)")
+    g.add_argument("--group-workers", type=int, metavar="N",
+                   help="start N local lm-worker processes and share the trials through a consumer group "
+                        "(default: server.group_workers; 0: the session mode above)")
+    g.add_argument("--external-workers", action="store_true",
+                   help="workers started elsewhere take trials too (with --group-workers 0: only they do); "
+                        "the private Redis listens on --bind/--port for them, or give --server")
+    g.add_argument("--queue", default="b2txt:batch", help="stream prefix (the workers' --queue)")
+    g.add_argument("--bind", metavar="ADDRESS", help="the private redis-server also listens on this address "
+                   "(a non-loopback one only with a password: see --password-env)")
+    g.add_argument("--port", type=int, help="... and this TCP port (default address: 127.0.0.1)")
+    _add_tls_flags(g, "private Redis: CA whose client certificates it requires; with --server: the CA that signed "
+                      "the server's certificate|private Redis: its certificate (TLS only on --port); "
+                      "with --server: this client's certificate")
+    g.add_argument("--claim-idle-ms", type=int, help="a trial pending this long on a worker is claimed by another "
+                                                     "(default: server.claim_idle_ms)")
+    g.add_argument("--max-deliveries", type=int, help="fail a trial handed to workers more often than this "
+                                                      "(default: server.max_deliveries)")
+    g.add_argument("--window", type=int, default=1024, help="trials on the queue at once")
 
 
 LM_SERVER_HELP = "serve LM decoding over Redis streams (the published LM server protocol)"
@@ -257,14 +423,31 @@ EVALUATE_DESCRIPTION = (
     "process, sends every trial's logits (LM column order) over the published protocol with several "
     "sessions at once, re-sends trials that got no answer (timeouts, server restarts) and writes OUT_DIR/"
     "decoded.csv, nbest.jsonl, submission.csv (id,text) and, for labelled trials, WER tables (wer.json, "
-    "wer_per_session.csv, wer_per_corpus.csv) and greedy PER tables (metrics.json, per_session.csv, ...).")
+    "wer_per_session.csv, wer_per_corpus.csv) and greedy PER tables (metrics.json, per_session.csv, ...). "
+    "With --group-workers N and/or --external-workers the trials go instead, whole, onto a Redis stream that "
+    "`b2txt lm-worker` processes share as a consumer group (on this host, or on others through --bind/--port "
+    "with a password and optionally TLS); the trials of a worker that dies are claimed by another, and the "
+    "outputs are the same files.")
+
+
+LM_WORKER_HELP = "decode whole trials shared through a Redis consumer group (batch evaluation on many hosts)"
+LM_WORKER_DESCRIPTION = (
+    "Loads the decoder once, then takes one trial at a time from the stream QUEUE:trials (consumer group "
+    "lm-workers, XREADGROUP), decodes it with the options the trial carries, writes the result and "
+    "acknowledges the entry atomically. Trials pending on a worker that died are claimed after "
+    "--claim-idle-ms (XAUTOCLAIM). SIGTERM finishes the trial under way, then exits 0. A wrong password "
+    "or a failed TLS handshake is a one-line error (exit 2). Start `b2txt evaluate --external-workers` "
+    "(or --group-workers) to put trials on the queue.")
 
 
 def add_commands(sub: Any) -> None:
-    """Register ``lm-server`` and ``evaluate`` on an ``add_subparsers()`` object."""
+    """Register ``lm-server``, ``lm-worker`` and ``evaluate`` on an ``add_subparsers()`` object."""
     p = sub.add_parser("lm-server", help=LM_SERVER_HELP, description=LM_SERVER_DESCRIPTION)
     add_lm_server_arguments(p)
     p.set_defaults(func=cmd_lm_server)
+    p = sub.add_parser("lm-worker", help=LM_WORKER_HELP, description=LM_WORKER_DESCRIPTION)
+    add_lm_worker_arguments(p)
+    p.set_defaults(func=cmd_lm_worker)
     p = sub.add_parser("evaluate", help=EVALUATE_HELP, description=EVALUATE_DESCRIPTION)
     add_evaluate_arguments(p)
     p.set_defaults(func=cmd_evaluate)

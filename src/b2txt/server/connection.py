@@ -4,6 +4,9 @@ The published server defaulted to a lab LAN address and no password. Here the de
 Unix socket or 127.0.0.1; a non-loopback host is refused unless asked for explicitly
 (``allow_remote``), and the password is never a command-line argument (visible in ``ps``): it
 is read from an environment variable (:data:`PASSWORD_ENV` unless another name is given).
+Across hosts (``b2txt lm-worker``) a non-loopback host needs that password, and the connection
+may use TLS (:class:`TlsFiles`: the CA that signed the server's certificate, optionally a client
+certificate and key).
 
 Connections are made without redis-py's automatic retries (which made ``SHUTDOWN`` take 3.4 s
 and hide an outage): the server and the client each handle a lost connection themselves.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,16 +33,41 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, red
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """TLS files, PEM. Client side: ``ca`` verifies the server (None: the system's CAs),
+    ``cert`` + ``key`` authenticate this client. Server side (:class:`~.redis_process.RedisServer`):
+    ``cert`` + ``key`` are the server's, ``ca`` (when given) must have signed every client's."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def check(self, flag: str = "--tls") -> "TlsFiles":
+        """One clear error for a missing file or a certificate without its key (or the reverse)."""
+        for name, path in (("ca", self.ca), ("cert", self.cert), ("key", self.key)):
+            if path is not None and not Path(path).is_file():
+                raise B2txtError(f"{flag}-{name} {path}: file not found")
+            if path is not None and any(c in str(path) for c in '"\n\r'):
+                raise B2txtError(f"{flag}-{name} {path}: the path must not contain quotes or newlines")
+        if (self.cert is None) != (self.key is None):
+            raise B2txtError(f"{flag}-cert and {flag}-key go together (a certificate and its private key)")
+        return self
+
+
+@dataclass(frozen=True)
 class RedisAddress:
-    """A Unix socket (preferred) or a TCP host and port."""
+    """A Unix socket (preferred) or a TCP host and port, optionally over TLS."""
 
     socket: Path | None = None
     host: str = "127.0.0.1"
     port: int = 6379
     password_env: str = PASSWORD_ENV
+    tls: TlsFiles | None = None
 
     def __str__(self) -> str:
-        return f"unix:{self.socket}" if self.socket else f"{self.host}:{self.port}"
+        if self.socket:
+            return f"unix:{self.socket}"
+        return f"{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
 
     @property
     def password(self) -> str | None:
@@ -87,13 +116,56 @@ def check_address(address: RedisAddress, allow_remote: bool = False) -> RedisAdd
     return address
 
 
+def check_remote_password(address: RedisAddress) -> RedisAddress:
+    """A worker's address: a non-loopback host only with a password (workers cross hosts).
+
+    Checked before any connection is made, so a password is never needed to learn the rule.
+    """
+    check_address(address, allow_remote=True)
+    if address.socket is None and not is_loopback(address.host) and not address.password:
+        raise B2txtError(f"redis host {address.host}: not a loopback address, and {address.password_env} is not "
+                         f"set: across hosts Redis must require a password (set {address.password_env}, or name "
+                         f"another variable with --password-env)")
+    return address
+
+
 def connect(address: RedisAddress, timeout: float = 10.0) -> redis.Redis:
     """A client with no automatic retries; ``timeout`` must exceed any XREAD BLOCK it will issue."""
-    common = dict(password=address.password, socket_timeout=timeout, socket_connect_timeout=timeout,
-                  retry=Retry(NoBackoff(), 0), health_check_interval=0)
+    common: dict = dict(password=address.password, socket_timeout=timeout, socket_connect_timeout=timeout,
+                        retry=Retry(NoBackoff(), 0), health_check_interval=0)
     if address.socket is not None:
         return redis.Redis(unix_socket_path=str(address.socket), **common)
+    if address.tls is not None:
+        t = address.tls
+        common.update(ssl=True, ssl_cert_reqs="required", ssl_check_hostname=True,
+                      ssl_ca_certs=str(t.ca) if t.ca else None,
+                      ssl_certfile=str(t.cert) if t.cert else None, ssl_keyfile=str(t.key) if t.key else None)
     return redis.Redis(host=address.host, port=address.port, **common)
+
+
+def is_tls_error(exc: BaseException) -> bool:
+    """A failed TLS handshake or certificate check (redis-py wraps them in ConnectionError)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        text = str(e).lower()
+        if isinstance(e, ssl.SSLError) or "ssl" in text or "handshake" in text:
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def connect_error_message(address: RedisAddress, exc: BaseException) -> str | None:
+    """One line for an error that retrying cannot fix (wrong password, TLS), else None."""
+    if isinstance(exc, redis.AuthenticationError) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+        state = "set" if address.password else "not set"
+        return (f"redis at {address}: authentication failed ({exc}); the password is read from "
+                f"{address.password_env}, which is {state}")
+    if is_tls_error(exc):
+        hint = "" if address.tls is None else " (check --tls-ca / --tls-cert / --tls-key)"
+        return f"redis at {address}: TLS failed: {exc}{hint}"
+    return None
 
 
 def server_time_ms(r: redis.Redis) -> int:

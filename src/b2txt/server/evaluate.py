@@ -15,6 +15,10 @@ No trial is lost or duplicated when things fail mid-run:
 - a reply that does not come within ``timeout`` also gets the trial re-sent;
 - replies are matched to requests by ``request_id``, so a late reply to an abandoned attempt
   is never taken for another trial's; results are stored by trial index, once.
+
+With ``group_workers`` or ``external_workers`` (the consumer-group mode, :mod:`.group`) the
+trials go instead, whole, onto a Redis stream that ``b2txt lm-worker`` processes on any host
+share; the outputs are the same files.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from ..logits import LogitsTrial, read_logits
 from ..phonemes import to_lm_order
 from .client import FinalResult, LMAborted, LMClient, LMServerError, LMTimeout
 from . import protocol as P
-from .connection import CONNECTION_ERRORS, RedisAddress, connect
+from .connection import CONNECTION_ERRORS, PASSWORD_ENV, RedisAddress, TlsFiles, connect
 from .redis_process import RedisServer, die_with_parent, tail
 
 Log = Callable[[str], None]
@@ -74,12 +78,27 @@ class EvalSettings:
     max_restarts: int = 5
     server_log_level: str = "warning"
     workers: int | None = None
+    # consumer-group mode (b2txt.server.group): whole trials shared by lm-worker processes
+    group_workers: int = 0  # local lm-worker processes
+    external_workers: bool = False  # workers started elsewhere take trials too (or only they do)
+    queue: str = "b2txt:batch"
+    claim_idle_ms: int = 60_000
+    max_deliveries: int = 5
+    window: int = 1024  # trials on the queue at once
+    bind: str | None = None  # the private redis-server also listens on bind:port (for other hosts)
+    port: int = 0
+    tls: TlsFiles | None = None  # ... and speaks TLS there
+    password_env: str = PASSWORD_ENV
 
     @property
     def n_workers(self) -> int:
         from ..lm.decode import default_workers
 
         return self.workers or self.options.workers or default_workers()
+
+    @property
+    def group_mode(self) -> bool:
+        return self.group_workers > 0 or self.external_workers
 
 
 # ============================================================================ services
@@ -399,8 +418,67 @@ def evaluate(settings: EvalSettings, log: Log = print) -> dict[str, Any]:
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def _evaluate_group(run_dir: Path, settings: EvalSettings, logits: dict[int, np.ndarray],
+                    log: Log) -> tuple[dict[int, TrialOutcome], float, dict[str, int], dict[str, Any]]:
+    """The consumer-group mode: (outcomes, seconds, restarts, summary fields)."""
+    from collections import Counter
+
+    from . import group as G
+
+    t0 = time.perf_counter()
+    redis_server: RedisServer | None = None
+    if settings.external is None:
+        redis_server = RedisServer(run_dir, port=settings.port, password_env=settings.password_env,
+                                   bind=settings.bind, tls=settings.tls)
+        redis_server.check_bind()
+        address = redis_server.address
+    else:
+        address = settings.external
+    do_opt = bool(settings.rescore and settings.rescore.enabled)
+    hint = G.worker_hint(redis_server.network_address if redis_server else None, settings)
+    pool: G.WorkerPool | None = None
+    if redis_server is not None or settings.group_workers:
+        worker_args = ["--lm_path", str(settings.lm_dir),
+                       "--config", str(G.worker_config(run_dir, settings.options, settings.rescore)),
+                       "--alpha", str(settings.alpha), "--queue", settings.queue,
+                       "--claim-idle-ms", str(settings.claim_idle_ms), "--max-deliveries", str(settings.max_deliveries),
+                       "--log-level", settings.server_log_level]
+        pool = G.WorkerPool(run_dir, redis_server, address, settings.group_workers, worker_args,
+                            settings.max_restarts, log)
+    collector = G.GroupCollector(address, settings.queue, G.options_json(settings.options, settings.alpha, do_opt),
+                                 log, stall_timeout=settings.startup_timeout, window=settings.window,
+                                 failed=lambda: pool.failed if pool else None, hint=hint)
+    try:
+        if pool is not None:
+            pool.start()
+        where = f"redis-server on {address}" if redis_server else f"Redis at {address}"
+        if redis_server is not None and redis_server.network_address:
+            where += f" and {redis_server.network_address}" + (" (TLS)" if settings.tls else "")
+        log(f"{where}; {settings.group_workers} local lm-worker(s) on queue {settings.queue} (run dir {run_dir})")
+        if settings.external_workers:
+            log("workers on other hosts: " + (hint or f"b2txt lm-worker --lm_path DIR {' '.join(G.address_args(address))} "
+                                                      f"--queue {settings.queue}"))
+        results = collector.run(logits, startup_timeout=settings.startup_timeout)
+        seconds = time.perf_counter() - t0
+        restarts = dict(pool.restarts) if pool else {}
+    finally:
+        if pool is not None:
+            pool.stop()
+    outcomes = {i: TrialOutcome(FinalResult(r.sentence, r.nbest, ""), r.deliveries, r.seconds)
+                for i, r in results.items()}
+    extra = {"mode": "consumer-group", "queue": settings.queue,
+             "consumers": dict(sorted(Counter(r.worker for r in results.values()).items())),
+             "claimed_trials": sum(r.deliveries > 1 for r in results.values()),
+             "duplicate_results": collector.duplicates, "resent_after_redis_loss": collector.resends}
+    return outcomes, seconds, restarts, extra
+
+
 def _evaluate_in(run_dir: Path, settings: EvalSettings, trials: list[LogitsTrial], logits: dict[int, np.ndarray],
                  split: str, n_sessions: int, log: Log) -> dict[str, Any]:
+    if settings.group_mode:
+        outcomes, seconds, restarts, extra = _evaluate_group(run_dir, settings, logits, log)
+        return _finish(run_dir, settings, trials, logits, split, outcomes, seconds, restarts,
+                       {"sessions": None, "workers": settings.group_workers, **extra})
     services: Services | None = None
     t0 = time.perf_counter()
     try:
@@ -420,6 +498,14 @@ def _evaluate_in(run_dir: Path, settings: EvalSettings, trials: list[LogitsTrial
     finally:
         if services is not None:
             services.stop()
+    return _finish(run_dir, settings, trials, logits, split, outcomes, seconds, restarts,
+                   {"sessions": n_sessions, "workers": settings.n_workers if settings.external is None else None})
+
+
+def _finish(run_dir: Path, settings: EvalSettings, trials: list[LogitsTrial], logits: dict[int, np.ndarray],
+            split: str, outcomes: dict[int, TrialOutcome], seconds: float, restarts: dict[str, int],
+            mode: dict[str, Any]) -> dict[str, Any]:
+    """Write the outputs (the same files in every mode) and evaluation.json; return the summary."""
     table = decoded_table(trials, outcomes)
     with atomic_dir(settings.out) as tmp:
         metrics = write_outputs(tmp, trials, table, outcomes, split)
@@ -427,11 +513,11 @@ def _evaluate_in(run_dir: Path, settings: EvalSettings, trials: list[LogitsTrial
             "n_trials": len(trials), "n_sent": len(logits), "seconds": round(seconds, 3),
             "trials_per_second": round(len(logits) / max(seconds, 1e-9), 3),
             "resent_trials": int((table["attempts"] > 1).sum()), "restarts": restarts,
-            "sessions": n_sessions, "workers": settings.n_workers if settings.external is None else None,
-            "split": split, **metrics,
+            "sessions": mode.pop("sessions"), "workers": mode.pop("workers"),
+            "split": split, **metrics, **mode,
         }
         write_text_atomic(tmp / "evaluation.json", json.dumps(summary, indent=2) + "\n")
-        for name in ("lm-server.log", "redis.log"):
+        for name in ("lm-server.log", "redis.log", *sorted(p.name for p in run_dir.glob("lm-worker-*.log"))):
             if (run_dir / name).is_file():
                 shutil.copy(run_dir / name, tmp / name)
     return summary

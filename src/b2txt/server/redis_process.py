@@ -8,7 +8,9 @@ Measured pitfalls this module handles (FIELD-NOTES, Redis):
 - ``SHUTDOWN NOSAVE`` takes seconds through a retrying client: :meth:`RedisServer.stop` uses a
   client without retries and falls back to SIGTERM/SIGKILL;
 - the password (when the environment gives one) goes into a mode-600 config file, never onto
-  the command line where ``ps`` shows it.
+  the command line where ``ps`` shows it;
+- for workers on other hosts it may listen on a network address (``bind``): refused without a
+  password, and optionally TLS-only on that port (``tls``). Local clients keep the Unix socket.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 import redis
 
 from ..errors import B2txtError
-from .connection import CONNECTION_ERRORS, PASSWORD_ENV, RedisAddress, connect
+from .connection import CONNECTION_ERRORS, PASSWORD_ENV, RedisAddress, TlsFiles, connect, is_loopback
 
 PR_SET_PDEATHSIG = 1
 
@@ -61,24 +63,50 @@ class RedisServer:
     """Start, restart and stop one private ``redis-server`` process.
 
     ``port`` 0 (the default) means no TCP at all, only the Unix socket ``run_dir/redis.sock``;
-    with a port it binds to the loopback interfaces only.
+    with a port it binds to the loopback interfaces only, unless ``bind`` names another address
+    (then a password is required, see :meth:`check_bind`). With ``tls`` (server certificate and
+    key; a CA makes client certificates mandatory) the TCP port speaks only TLS. With ``bind``
+    or ``tls`` this process's own clients (:attr:`address`) use the Unix socket.
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], port: int = 0, socket_name: str = "redis.sock",
-                 password_env: str = PASSWORD_ENV, executable: str = "redis-server"):
+                 password_env: str = PASSWORD_ENV, executable: str = "redis-server", bind: str | None = None,
+                 tls: TlsFiles | None = None):
         self.run_dir = Path(run_dir)
         self.port = port
         self.socket = self.run_dir / socket_name
         self.password_env = password_env
         self.executable = executable
+        self.bind = bind
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.run_dir / "redis.log"
 
     @property
     def address(self) -> RedisAddress:
-        if self.port:
+        if self.port and self.bind is None and self.tls is None:
             return RedisAddress(host="127.0.0.1", port=self.port, password_env=self.password_env)
         return RedisAddress(socket=self.socket, password_env=self.password_env)
+
+    @property
+    def network_address(self) -> str | None:
+        """Where other hosts connect (``HOST:PORT``), or None without TCP."""
+        if not self.port:
+            return None
+        return f"{self.bind or '127.0.0.1'}:{self.port}"
+
+    def check_bind(self) -> None:
+        """Refuse, before starting anything, a network address without a password, or TLS without a port."""
+        if (self.bind is not None or self.tls is not None) and not 0 < self.port < 65536:
+            raise B2txtError(f"redis port {self.port}: --bind and TLS need a TCP port (1-65535)")
+        if self.bind is not None and not is_loopback(self.bind) and not os.environ.get(self.password_env):
+            raise B2txtError(f"--bind {self.bind}: not a loopback address, and {self.password_env} is not set; "
+                             f"Redis on a network address must require a password (set {self.password_env}, "
+                             f"or name another variable with --password-env)")
+        if self.tls is not None:
+            self.tls.check()
+            if self.tls.cert is None:
+                raise B2txtError("--tls-cert and --tls-key: the server needs its certificate and key for TLS")
 
     @property
     def pid(self) -> int | None:
@@ -88,11 +116,12 @@ class RedisServer:
         return self.proc is not None and self.proc.poll() is None
 
     def _write_config(self) -> Path:
+        binding = "127.0.0.1 -::1" if self.bind is None else self.bind
         lines = [
-            f"port {self.port}",
+            f"port {0 if self.tls else self.port}",
             f"unixsocket {self.socket}",
             "unixsocketperm 700",
-            "bind 127.0.0.1 -::1",
+            f"bind {binding}",
             "protected-mode yes",
             'save ""',
             "appendonly no",
@@ -106,6 +135,13 @@ class RedisServer:
             if any(c in password for c in '"\n\r\\'):
                 raise B2txtError(f"{self.password_env}: the password must not contain quotes, backslashes or newlines")
             lines.append(f'requirepass "{password}"')
+        if self.tls is not None:
+            t = self.tls
+            lines += [f"tls-port {self.port}", f'tls-cert-file "{t.cert}"', f'tls-key-file "{t.key}"']
+            if t.ca is not None:
+                lines += [f'tls-ca-cert-file "{t.ca}"', "tls-auth-clients yes"]
+            else:
+                lines.append("tls-auth-clients no")
         conf = self.run_dir / "redis.conf"
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -116,6 +152,7 @@ class RedisServer:
         """Start the server and wait until it answers PING; one clear error if it cannot start."""
         if self.alive():
             return self.address
+        self.check_bind()
         exe = shutil.which(self.executable)
         if exe is None:
             raise B2txtError(f"{self.executable}: not found on PATH (install it, e.g. apt-get install redis-server)")

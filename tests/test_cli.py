@@ -107,3 +107,15 @@ def test_stages_chain_from_cli(tiny_sim, tmp_path, capsys):
     pdf = (tmp_path / "fig" / "per_session_per.pdf").read_bytes()
     assert b"/FontFile2" in pdf  # TrueType fonts embedded (pdf.fonttype 42)
     assert (tmp_path / "fig" / "training_curve.png").stat().st_size > 1000
+
+
+def test_data_command_with_a_missing_dir_source_is_one_clear_error(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {source: dir, dir: nowhere}\n")
+    assert main(["data", "--config", str(cfg), "--out", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere: data.source is 'dir' but the directory does not exist" in err and "Traceback" not in err
+    (tmp_path / "empty").mkdir()
+    assert main(["data", "--config", str(cfg), "--out", str(tmp_path / "empty")]) == 2
+    assert "no Dryad-layout data files" in capsys.readouterr().err
+    assert list((tmp_path / "empty").iterdir()) == []

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from b2txt.cli import main
 from b2txt.data.dryad import DATA_SUBDIR, discover
 from b2txt.download import (DATASETS, DownloadError, HttpOptions, add_download_command, download,
                             partial_path, list_files, unpack_archive)
@@ -252,6 +253,27 @@ def test_partial_file_of_a_killed_run_resumes(dryad, tmp_path):
     assert (out / "t15_personalUse.pkl").read_bytes() == data
     assert dryad.blob_requests("t15_personalUse.pkl") == ["bytes=123457-"]
     assert not part.exists()
+
+
+def test_partial_dir_outside_the_output_survives_the_output_being_emptied(dryad, tmp_path, capsys):
+    """Snakemake and DVC delete a rule's output directory before they rerun it: partial bytes
+    kept beside it (--partial-dir) still resume."""
+    data = b"abcdefghij" * 60_000
+    dryad.datasets[DATA_DOI] = {"t15_copyTask.pkl": Blob(data)}
+    out, partial = tmp_path / "data", tmp_path / "data.partial"
+    rf = list_files("data", DATA_DOI, dryad.url, FAST, quiet)[0]
+    part = partial_path(out, rf, partial)
+    assert part.parent == partial
+    part.parent.mkdir(parents=True)
+    part.write_bytes(data[:200_000])  # what a killed run had fetched
+    assert not out.exists()  # the workflow manager emptied the output
+    code = main(["download", "--api-root", dryad.url, "--out", str(out), "--partial-dir", str(partial),
+                 "--retries", "1"])
+    assert code == 0
+    assert (out / "t15_copyTask.pkl").read_bytes() == data
+    assert dryad.blob_requests("t15_copyTask.pkl") == ["bytes=200000-"]
+    assert "resuming after" in capsys.readouterr().err
+    assert not part.exists() and not (out / ".download" / part.name).exists()
 
 
 def test_server_ignoring_range_starts_over(dryad, tmp_path):

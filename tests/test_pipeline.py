@@ -131,7 +131,7 @@ def test_dvc_repro_runs_the_same_stages_with_the_same_results(snakemake_project,
     run(["dvc", "config", "core.analytics", "false"], project)
     r = run(["dvc", "repro"], project)
     stages = set(re.findall(r"Running stage '([\w@]+)'", r.stdout))
-    assert stages == {"corpus", "simulate", "validate", "preprocess", "train", "infer@val", "infer@test",
+    assert stages == {"corpus", "data", "validate", "preprocess", "train", "infer@val", "infer@test",
                       "score", "figures", "calibrate", "kenlm_tools", "lm_text", "lm_ngram@2", "lm_graph@2",
                       "decode", "score_words", "evaluate@val", "evaluate@test"}
     for rel in ("manifest.csv", "scores/val/per_session.csv", "scores/val/trials.csv", "calibration/calibration.csv",

@@ -114,10 +114,31 @@ def test_dvc_repro_of_the_pretrained_pipeline_fetches_instead_of_training(tmp_pa
     run(["dvc", "config", "core.analytics", "false"], project)
     r = run(["dvc", "repro", "pretrained/dvc.yaml:score"], project)
     stages = set(re.findall(r"Running stage '([\w@/.:]+)'", r.stdout))
-    assert stages == {"corpus", "simulate", "validate", "preprocess", "pretrained/dvc.yaml:download_model",
+    assert stages == {"corpus", "data", "validate", "preprocess", "pretrained/dvc.yaml:download_model",
                       "pretrained/dvc.yaml:infer@val", "pretrained/dvc.yaml:score"}
     assert (project / RUN / "pretrained/scores/val/metrics.json").is_file()
     assert not (project / RUN / "model").exists()
     run(["dvc", "repro", "pretrained/dvc.yaml:download_lm@3gram"], project)
     assert (project / "data/published-lm/3gram/languageModel/words.txt").read_bytes() == b"<eps> 0\n"
     assert "up to date" in run(["dvc", "status", "pretrained/dvc.yaml:score"], project).stdout.lower()
+
+
+def test_dvc_data_stage_follows_data_source(tmp_path, tiny_sim, dryad):
+    """dvc.yaml has one data stage; data.source picks what it does: dryad downloads, dir leaves
+    the directory as it is (and DVC does not delete it first)."""
+    sessions = serve(dryad, tiny_sim)
+    project = make_project(tmp_path)
+    configure(project, data={"source": "dryad", "dir": "data/dryad"}, download=fast_download(dryad))
+    run(["git", "init", "-q"], project)
+    run(["dvc", "init", "-q"], project)
+    run(["dvc", "config", "core.analytics", "false"], project)
+    r = run(["dvc", "repro", "preprocess"], project)
+    assert set(re.findall(r"Running stage '([\w@/.:]+)'", r.stdout)) == {"corpus", "data", "validate", "preprocess"}
+    data = project / "data/dryad"
+    assert sorted(p.name for p in (data / DATA_SUBDIR).iterdir()) == sessions
+    assert dryad.blob_requests(DATA_ZIP) and not dryad.blob_requests(MODEL_ZIP)
+    before = {p: p.stat().st_mtime_ns for p in data.rglob("*.hdf5")}
+    configure(project, data={"source": "dir", "dir": "data/dryad"})
+    r = run(["dvc", "repro", "preprocess"], project)
+    assert set(re.findall(r"Running stage '([\w@/.:]+)'", r.stdout)) == {"data"}  # same data: nothing downstream
+    assert {p: p.stat().st_mtime_ns for p in data.rglob("*.hdf5")} == before

@@ -69,6 +69,31 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """The data set data.source names, made or fetched into --out (DVC's single data stage)."""
+    from .data.dryad import discover
+    from .download import HttpOptions, download
+
+    cfg = _config(args)
+    source = cfg.data.source
+    if source == "simulated":
+        return cmd_simulate(argparse.Namespace(**vars(args), seed=None))
+    if source == "dryad":
+        d = cfg.download
+        download(["data"], args.out, d.files, d.api_root, HttpOptions(timeout_s=d.timeout_s, retries=d.retries),
+                 dois=d.datasets, log=log, partial_dir=d.partial_dir or f"{args.out}.partial")
+    if not Path(args.out).is_dir():
+        raise B2txtError(f"{args.out}: data.source is {source!r} but the directory does not exist")
+    files, problems = discover(args.out)
+    if not files:
+        raise B2txtError(f"{args.out}: no Dryad-layout data files (data.source {source!r})"
+                         + (f": {problems[0]}" if problems else ""))
+    sessions = {f.session for f in files}
+    log(f"{args.out}: {len(files)} files of {len(sessions)} sessions ({source}"
+        f"{', used as it is' if source == 'dir' else ''}); `b2txt validate` checks every trial")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from .data.validate import validate_dataset
     from .fileio import write_text_atomic
@@ -324,6 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, metavar="DATA_DIR", help="output data directory (replaced)")
     p.add_argument("--seed", type=int, help="override simulate.seed")
     p.add_argument("--sentences", type=Path, help="sentence file (default: corpus.out of the config)")
+
+    p = add("data", cmd_data, "the data set config data.source names: simulated, downloaded or used as it is",
+            "data.source simulated: as `b2txt simulate`; dryad: as `b2txt download --dataset data` (download.files, "
+            "partial files beside OUT in OUT.partial unless download.partial_dir says otherwise); dir: OUT must "
+            "already hold Dryad-layout data and is left as it is. One stage for tools that cannot switch stages on "
+            "config values (DVC).")
+    _add_config(p)
+    p.add_argument("--out", type=Path, required=True, metavar="DATA_DIR", help="the data directory (data.dir)")
+    p.add_argument("--sentences", type=Path, help="simulated: sentence file (default: corpus.out of the config)")
 
     p = add("validate", cmd_validate, "check every file and trial of a Dryad-layout data directory",
             "Report every problem with file, trial and field. Exit 0 when clean, 2 otherwise.")

@@ -9,10 +9,11 @@ Why each rule:
 
 - A file counts as downloaded only when its size and digest match the API's listing; a wrong
   digest deletes the bytes and stops, so a damaged archive is never unpacked.
-- Bytes go to ``<out>/.download/<name>.<digest>.part`` first. An interrupted transfer (a dropped
-  connection here, or a killed process earlier) resumes from the partial file with an HTTP
-  ``Range`` request; the digest in the name keeps a partial from an older dataset version from
-  being resumed by mistake.
+- Bytes go to ``<out>/.download/<name>.<digest>.part`` first (or into ``--partial-dir``: a
+  workflow manager that empties the output directory before a rerun, as Snakemake does, would
+  delete them there). An interrupted transfer (a dropped connection here, or a killed process
+  earlier) resumes from the partial file with an HTTP ``Range`` request; the digest in the name
+  keeps a partial from an older dataset version from being resumed by mistake.
 - ``<out>/.download/<name>.ok.json`` remembers a checked file (digest, size, mtime) so a second
   run does not re-hash tens of gigabytes; any change of the file or of the listing re-checks it.
 - Archives (zip, tar, tar.gz) are unpacked into a hidden staging directory inside ``<out>`` and
@@ -49,7 +50,7 @@ from typing import Any, BinaryIO
 from . import __version__
 from .data.dryad import DATA_SUBDIR
 from .errors import B2txtError
-from .fileio import progress, write_text_atomic
+from .fileio import atomic_file, progress, write_text_atomic
 
 DEFAULT_API_ROOT = "https://datadryad.org/api/v2"
 #: Dataset choices of ``--dataset`` and their DOIs (REFERENCE §1).
@@ -267,9 +268,10 @@ def file_digest(path: Path, digest_type: str) -> str:
     return h.hexdigest()
 
 
-def partial_path(out_dir: Path, rf: RemoteFile) -> Path:
+def partial_path(out_dir: Path, rf: RemoteFile, partial_dir: Path | None = None) -> Path:
     """Where the bytes of ``rf`` collect until they are checked."""
-    return Path(out_dir) / STATE_DIR / f"{rf.path}.{rf.digest[:16]}.part"
+    where = Path(partial_dir) if partial_dir is not None else Path(out_dir) / STATE_DIR
+    return where / f"{rf.path}.{rf.digest[:16]}.part"
 
 
 def _ok_marker(out_dir: Path, name: str) -> Path:
@@ -377,7 +379,8 @@ def _fetch_once(rf: RemoteFile, part: Path, options: HttpOptions, bar) -> None:
             os.fsync(dst.fileno())
 
 
-def fetch_file(rf: RemoteFile, out_dir: Path, options: HttpOptions = HttpOptions(), log: Log = print) -> Path:
+def fetch_file(rf: RemoteFile, out_dir: Path, options: HttpOptions = HttpOptions(), log: Log = print,
+               partial_dir: Path | None = None) -> Path:
     """Download ``rf`` into ``out_dir`` (resuming any partial bytes) and check size and digest.
 
     A digest mismatch deletes the downloaded bytes and raises; only a checked file is renamed
@@ -385,7 +388,7 @@ def fetch_file(rf: RemoteFile, out_dir: Path, options: HttpOptions = HttpOptions
     """
     out_dir = Path(out_dir)
     final = out_dir / rf.path
-    part = partial_path(out_dir, rf)
+    part = partial_path(out_dir, rf, partial_dir)
     part.parent.mkdir(parents=True, exist_ok=True)
     have = part.stat().st_size if part.exists() else 0
     if have:
@@ -410,7 +413,12 @@ def fetch_file(rf: RemoteFile, out_dir: Path, options: HttpOptions = HttpOptions
         part.unlink()
         raise DownloadError(f"{rf.path}: {rf.digest_type} digest {digest} does not match the API's {rf.digest} "
                             f"(from {rf.url}); the download was deleted and nothing was unpacked")
-    os.replace(part, final)
+    if part.stat().st_dev == out_dir.stat().st_dev:
+        os.replace(part, final)
+    else:  # a partial directory on another file system: copy, then rename within out_dir
+        with atomic_file(final) as tmp:
+            shutil.copyfile(part, tmp)
+        part.unlink()
     _write_ok_marker(out_dir, rf)
     return final
 
@@ -545,10 +553,10 @@ class PlannedFile:
         return 0 if self.done else self.file.size - self.partial_bytes
 
 
-def plan(files: list[RemoteFile], out_dir: Path) -> list[PlannedFile]:
+def plan(files: list[RemoteFile], out_dir: Path, partial_dir: Path | None = None) -> list[PlannedFile]:
     out = []
     for rf in files:
-        part = partial_path(out_dir, rf)
+        part = partial_path(out_dir, rf, partial_dir)
         have = part.stat().st_size if part.exists() else 0
         out.append(PlannedFile(rf, is_downloaded(out_dir, rf), min(have, rf.size)))
     return out
@@ -585,8 +593,11 @@ def check_free_space(out_dir: Path, needed: int) -> None:
 
 def download(datasets: list[str], out_dir: str | Path, names: list[str] | None = None,
              api_root: str = DEFAULT_API_ROOT, options: HttpOptions = HttpOptions(), unpack: bool = True,
-             list_only: bool = False, dois: dict[str, str] | None = None, log: Log = print) -> list[Path]:
-    """List, download, check and (for archives) unpack the chosen files; returns the paths made."""
+             list_only: bool = False, dois: dict[str, str] | None = None, log: Log = print,
+             partial_dir: str | Path | None = None) -> list[Path]:
+    """List, download, check and (for archives) unpack the chosen files; returns the paths made.
+    Partial files collect in ``partial_dir`` (default ``<out>/.download``)."""
+    partial_dir = Path(partial_dir) if partial_dir is not None else None
     dois = {**DATASETS, **(dois or {})}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -596,14 +607,14 @@ def download(datasets: list[str], out_dir: str | Path, names: list[str] | None =
             raise DownloadError(f"unknown dataset {name!r}; known: {', '.join(sorted(dois))}")
         files += list_files(name, dois[name], api_root, options, log)
     where = " and ".join(f"{d} ({dois[d]})" for d in datasets)
-    planned = plan(select_files(files, names, where), out_dir)
+    planned = plan(select_files(files, names, where), out_dir, partial_dir)
     log(f"files of {where}:\n{describe(planned)}")
     if list_only:
         return []
     check_free_space(out_dir, space_needed(planned, unpack))
     made = []
     for p in planned:
-        path = out_dir / p.file.path if p.done else fetch_file(p.file, out_dir, options, log)
+        path = out_dir / p.file.path if p.done else fetch_file(p.file, out_dir, options, log, partial_dir)
         made.append(path)
         if unpack and p.file.is_archive:
             made.append(_unpack_if_needed(path, p.file, out_dir, log))
@@ -626,6 +637,9 @@ def add_download_command(add: Callable[..., argparse.ArgumentParser]) -> argpars
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="data directory to download into")
     p.add_argument("--api-root", metavar="URL",
                    help=f"Dryad API root (default: download.api_root, else {DEFAULT_API_ROOT})")
+    p.add_argument("--partial-dir", type=Path, metavar="DIR",
+                   help="where partial downloads collect (default: download.partial_dir, else OUT/.download); "
+                        "outside OUT they survive a workflow manager emptying OUT before a rerun")
     p.add_argument("--list", action="store_true", help="show the files and their sizes, download nothing")
     p.add_argument("--no-unpack", action="store_true", help="keep archives packed")
     p.add_argument("--retries", type=int, metavar="N", help="retries of a broken transfer (default 5)")
@@ -650,7 +664,8 @@ def cmd_download(args: argparse.Namespace) -> int:
     made = download(datasets, args.out, setting("files", args.files, None),
                     setting("api_root", args.api_root, DEFAULT_API_ROOT), options,
                     unpack=not args.no_unpack, list_only=args.list,
-                    dois=setting("datasets", None, None), log=log)
+                    dois=setting("datasets", None, None), log=log,
+                    partial_dir=setting("partial_dir", args.partial_dir, None))
     if not args.list:
         log(f"{args.out}: {len(made)} files and directories ready")
     return 0

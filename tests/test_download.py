@@ -395,3 +395,18 @@ def test_cli_pieces(dryad, tmp_path, capsys):
                               "--files", "b.csv"])
     with pytest.raises(B2txtError, match="b.csv: not listed"):
         args.func(args)
+
+
+def test_unpack_target_of_the_data_zip_is_the_data_layers_directory():
+    from b2txt.download import UNPACK_TARGETS
+    assert UNPACK_TARGETS["t15_copyTask_neuralData.zip"] == DATA_SUBDIR
+
+
+def test_cli_startup_loads_no_data_libraries():
+    """`b2txt --help` and every command's start stay fast: h5py, pandas and torch load on use."""
+    import subprocess
+    import sys
+    code = ("import sys, b2txt.cli; b2txt.cli.build_parser(); "
+            "print(sorted(m for m in ('h5py', 'pandas', 'torch', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out

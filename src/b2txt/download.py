@@ -48,7 +48,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from . import __version__
-from .data.dryad import DATA_SUBDIR
 from .errors import B2txtError
 from .fileio import atomic_file, progress, write_text_atomic
 
@@ -60,7 +59,9 @@ DATASETS: dict[str, str] = {
 }
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip", ".tar")
 #: Archives whose directory is not their own name (REFERENCE §1: the neural data zip).
-UNPACK_TARGETS: dict[str, str] = {"t15_copyTask_neuralData.zip": DATA_SUBDIR}
+# "hdf5_data_final" is b2txt.data.dryad.DATA_SUBDIR (a test checks): not imported, so that `b2txt`
+# starts without loading h5py and pandas for every command.
+UNPACK_TARGETS: dict[str, str] = {"t15_copyTask_neuralData.zip": "hdf5_data_final"}
 STATE_DIR = ".download"
 #: Archive entries that are packing debris, never data (macOS zip resource forks).
 IGNORED_MEMBERS = frozenset({"__MACOSX", ".DS_Store"})

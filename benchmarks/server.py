@@ -11,7 +11,10 @@ Prints, for the same synthetic trials (known sentences, LM column order):
 - throughput (trials/s) with 1 and N workers, 2 client sessions per worker;
 - the consumer-group mode (``b2txt lm-worker`` processes sharing whole trials through a Redis
   stream, as ``b2txt evaluate --group-workers``): trials/s with 1, 2 and 4 workers side by side,
-  with the speed-up over one worker.
+  with the speed-up over one worker;
+- streaming partials (what a server worker does per chunk of a trial sent in small chunks, as a
+  real-time client does): re-decoding everything received so far on each chunk, against one
+  search advanced chunk by chunk (``Decoder.stream``), plus the one n-best decode on finalize.
 
 Without ``--lm`` a small bigram graph is built from the test templates (tests/arpa_fixture.py).
 """
@@ -70,6 +73,29 @@ def in_process(lm: Path, options: DecodeConfig, trials: list[np.ndarray]) -> tup
         seconds.append(time.perf_counter() - t0)
         best.append(nbest.best)
     return np.asarray(seconds), best
+
+
+def streaming_partials(lm: Path, options: DecodeConfig, trials: list[np.ndarray], chunk: int) -> dict[str, float]:
+    """ms per trial for partial results every ``chunk`` frames, then the final n-best:
+    re-decoding the whole prefix per chunk vs advancing one search (both on the same decoder)."""
+    decoder = make_decoder(options, lm)
+    redo = advance = 0.0
+    same = 0
+    for x in trials:
+        cuts = range(chunk, len(x) + chunk, chunk)
+        t0 = time.perf_counter()
+        for end in cuts:
+            best_redo = decoder.decode(x[:end]).best
+        t1 = time.perf_counter()
+        stream = decoder.stream()
+        for end in cuts:
+            best_stream = stream.advance(x[end - chunk:end])
+        decoder.decode(x)  # the n-best on finalize, once
+        t2 = time.perf_counter()
+        redo, advance = redo + t1 - t0, advance + t2 - t1
+        same += best_redo == best_stream
+    n = len(trials)
+    return {"redo_ms": 1000 * redo / n, "stream_ms": 1000 * advance / n, "same": same, "n": n}
 
 
 class Server:
@@ -225,6 +251,11 @@ def main() -> None:
         print(f"{args.trials} trials, {frames.mean():.0f} frames each on average, nbest {args.nbest}, graph {lm}")
         print(f"in-process decode+augment: p50 {ms(local, 50)}, p99 {ms(local, 99)}, "
               f"{1 / local.mean():.1f} trials/s on one core")
+        for chunk in (5, 20):  # 100 ms and 400 ms of 20-ms frames
+            r = streaming_partials(lm, options, trials[:50], chunk)
+            print(f"streaming partials every {chunk} frames + final n-best: re-decode the prefix {r['redo_ms']:.1f} "
+                  f"ms/trial, advance one search {r['stream_ms']:.1f} ms/trial (x{r['redo_ms'] / r['stream_ms']:.1f} "
+                  f"faster); same last partial {r['same']}/{r['n']}")
         counts = sorted({int(w) for w in args.group_workers.split(",") if w.strip()})
         if counts:
             rates = group_throughput(lm, tmp, trials, options, counts)

@@ -271,3 +271,16 @@ def test_kenlm_binary_gives_the_same_nbest(arpa, decoder, lexicon, lm_sentences,
     got = LexiconDecoder(binary, OPTS, lexicon).decode(x)
     assert [c.sentence for c in got.candidates] == [c.sentence for c in expected.candidates]
     assert [c.total for c in got.candidates] == pytest.approx([c.total for c in expected.candidates], abs=1e-3)
+
+
+def test_streaming_chunks_equal_one_pass(decoder, lexicon, lm_sentences):
+    """decode_step per chunk (the LM server's partials) searches as one step over all frames;
+    after the last chunk the best hypothesis is the decoded sentence; streams are independent."""
+    for i, sentence in enumerate(lm_sentences[:4]):
+        x = lm_logits(lexicon, sentence, seed=i)
+        stream, other = decoder.stream(), decoder.stream()
+        other.advance(x[:11])  # another trial in between must not disturb this one
+        partials = [stream.advance(x[a:a + 9]) for a in range(0, len(x), 9)]
+        assert partials[-1] == decoder.stream().advance(x) == decoder.decode(x).best == sentence
+        assert partials[0] != partials[-1]
+        assert other.advance(x[11:]) == sentence

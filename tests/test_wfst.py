@@ -276,3 +276,23 @@ def test_published_style_graph_upper_case_words_decodes_to_normalised_text(tmp_p
     theirs = WfstDecoder(tmp_path / "g", DecodeConfig(nbest=1, **FAST)).decode(x).candidates[0]
     assert theirs.sentence == ours.sentence == s
     assert theirs.ngram == pytest.approx(ours.ngram, abs=1e-3)
+
+
+def test_streaming_chunks_equal_one_pass_and_end_on_the_decoded_sentence(graph, lexicon, corpus):
+    """A trial fed in chunks (the LM server's partials) searches as one pass does: the chunked
+    stream's best sentence after each chunk equals a fresh one-chunk stream over the same frames,
+    and after the last chunk it is the sentence decode() finds on clean logits."""
+    decoder = WfstDecoder(graph, DecodeConfig(nbest=1))
+    for i, s in enumerate(corpus[::41][:4]):
+        x = logits_for(lexicon, s, seed=i, peak=14.0)
+        stream = decoder.stream()
+        partials = [stream.advance(x[a:a + 7]) for a in range(0, len(x), 7)]
+        assert partials[-1] == decoder.decode(x).best == s
+        for k, a in enumerate(range(0, len(x), 7)):
+            if k % 3 == 0:  # spot checks: the prefix searched in one go
+                assert decoder.stream().advance(x[:a + 7]) == partials[k]
+        assert len(set(partials)) > 1  # words appear as frames arrive
+        # streams are independent: interleaving two trials changes neither
+        a, b = decoder.stream(), decoder.stream()
+        a.advance(x[:20]), b.advance(x[:35])
+        assert a.advance(x[20:]) == s

@@ -219,7 +219,6 @@ class LexiconDecoder:
     def __init__(self, lm_path: str | os.PathLike[str], options: DecodeConfig, lexicon: Lexicon | None = None,
                  words: Iterable[str] | None = None):
         from flashlight.lib.text.decoder import CriterionType, LexiconDecoderOptions
-        from flashlight.lib.text.decoder import LexiconDecoder as _FlashlightDecoder
 
         self.options = options
         self.search = build_search(lm_path, lexicon, words)
@@ -234,8 +233,17 @@ class LexiconDecoder:
             log_add=False,  # Viterbi: a hypothesis scores its best alignment, as the acoustic score says
             criterion_type=CriterionType.CTC,
         )
-        self._decoder = _FlashlightDecoder(fl_options, self.search.trie, self.search.lm, SIL_TOKEN,
-                                           BLANK_TOKEN, 0, [], False)
+        self._fl_options = fl_options
+        self._decoder = self._new_search()
+
+    def _new_search(self) -> object:
+        from flashlight.lib.text.decoder import LexiconDecoder as _FlashlightDecoder
+
+        return _FlashlightDecoder(self._fl_options, self.search.trie, self.search.lm, SIL_TOKEN, BLANK_TOKEN, 0,
+                                  [], False)
+
+    def stream(self) -> "LexiconStream":
+        return LexiconStream(self)
 
     @property
     def dropped_homophones(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -275,3 +283,22 @@ class LexiconDecoder:
             total = total_score(acoustic, ngram, len(sentence.split()), self.options)
             candidates.append(Candidate(sentence, acoustic, ngram, 0.0, total))
         return make_nbest(candidates, limit=self.options.nbest)
+
+
+class LexiconStream:
+    """A streaming trial on the lexicon search: a flashlight decoder of its own (sharing the trie
+    and the KenLM model) fed chunk by chunk with ``decode_step``; its best hypothesis so far is the
+    partial result."""
+
+    def __init__(self, decoder: LexiconDecoder):
+        self.decoder = decoder
+        self.search = decoder._new_search()
+        self.search.decode_begin()
+
+    def advance(self, logits: np.ndarray) -> str:
+        o = self.decoder.options
+        x = check_logits(logits)
+        emissions = np.ascontiguousarray(o.acoustic_scale * frame_log_probs(x, o), dtype=np.float32)
+        self.search.decode_step(emissions.ctypes.data, emissions.shape[0], N_CLASSES)
+        words = self.decoder.search.words
+        return " ".join(words[i] for i in self.search.get_best_hypothesis().words if i > 0)

@@ -57,12 +57,25 @@ class NBest(NamedTuple):
         return len(self.candidates)
 
 
+class PartialDecoder(Protocol):
+    """One streaming trial: each chunk of logits advances the search from where it stopped, so a
+    trial sent in k chunks costs one pass over its frames, not k (the LM server's partials)."""
+
+    def advance(self, logits: np.ndarray) -> str:
+        """Search the chunk's frames; the best sentence so far (final-state costs left out)."""
+        ...
+
+
 class Decoder(Protocol):
     """What every decoder offers; construct one with :func:`b2txt.lm.decode.make_decoder`."""
 
     options: DecodeConfig
 
     def decode(self, logits: np.ndarray) -> NBest: ...
+
+    def stream(self) -> PartialDecoder:
+        """A search state of its own for one streaming trial (the graph or trie is shared)."""
+        ...
 
 
 def check_logits(logits: object, what: str = "logits") -> np.ndarray:

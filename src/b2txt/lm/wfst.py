@@ -40,7 +40,7 @@ import numpy as np
 from kaldifst.lib._kaldifst import _ArcIteratorLattice  # kaldifst.ArcIterator rejects Lattice
 
 from ..config import DecodeConfig
-from ..phonemes import normalize_text
+from ..phonemes import N_CLASSES, normalize_text
 from .graph import G_FILE, G_NO_PRUNE_FILE, TLG_FILE, WORDS_FILE, GraphError, read_fst, read_words
 from .nbest import Candidate, NBest, check_logits, frame_log_probs, make_nbest, total_score
 
@@ -156,9 +156,15 @@ class WfstDecoder:
             return self._one_best(decodable)
         return self._n_best(decodable)
 
+    def stream(self) -> "WfstStream":
+        return WfstStream(self)
+
+    def _sentence(self, word_ids: list[int]) -> str:
+        return " ".join(w for w in (self.graph.words[i] for i in word_ids if i < len(self.graph.words)) if w)
+
     def _candidate(self, word_ids: list[int], graph_cost: float, acoustic_cost: float) -> Candidate:
         o = self.options
-        sentence = " ".join(w for w in (self.graph.words[i] for i in word_ids if i < len(self.graph.words)) if w)
+        sentence = self._sentence(word_ids)
         acoustic = -acoustic_cost / o.acoustic_scale
         ngram = -graph_cost
         return Candidate(sentence, acoustic, ngram, 0.0, total_score(acoustic, ngram, len(sentence.split()), o))
@@ -313,3 +319,30 @@ def graph_files(graph_dir: str | Path) -> list[Path]:
 
 
 __all__ = ["Graph", "WfstDecoder", "clear_cache", "graph_files", "load_graph"]
+
+
+class WfstStream:
+    """A streaming trial on the WFST: a FasterDecoder of its own over the shared TLG graph,
+    advanced chunk by chunk (kaldi's ``AdvanceDecoding``); its best path is the partial result."""
+
+    def __init__(self, decoder: WfstDecoder):
+        o = decoder.options
+        self.decoder = decoder
+        self.search = kaldi_decoder.FasterDecoder(decoder.graph.tlg, kaldi_decoder.FasterDecoderOptions(
+            beam=o.beam, max_active=o.max_active, min_active=o.min_active))
+        self.search.init_decoding()
+        self.frames = np.zeros((0, N_CLASSES), dtype=np.float32)
+
+    def advance(self, logits: np.ndarray) -> str:
+        o = self.decoder.options
+        x = check_logits(logits)
+        scaled = (frame_log_probs(x, o) * np.float32(o.acoustic_scale)).astype(np.float32)
+        # DecodableCtc reads a fixed matrix: hand it every frame so far; the search resumes at
+        # the first frame it has not decoded
+        self.frames = np.ascontiguousarray(np.concatenate([self.frames, scaled]))
+        self.search.advance_decoding(kaldi_decoder.DecodableCtc(self.frames))
+        ok, lat = self.search.get_best_path(use_final_probs=False)
+        if not ok or lat.num_states == 0:
+            return ""
+        ok, _, olabels, _ = kaldifst.get_linear_symbol_sequence(lat)
+        return self.decoder._sentence([w for w in olabels if w]) if ok else ""

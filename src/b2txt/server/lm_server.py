@@ -46,7 +46,7 @@ import redis
 
 from ..config import DecodeConfig, RescoreConfig
 from ..errors import B2txtError
-from ..lm.nbest import Decoder, NBest, augment_nbest, scoring_string
+from ..lm.nbest import Decoder, NBest, PartialDecoder, augment_nbest, scoring_string
 from . import protocol as P
 from .connection import CONNECTION_ERRORS, RedisAddress, connect, server_time_ms
 from .redis_process import die_with_parent
@@ -165,10 +165,11 @@ class SessionState:
     params: P.SessionParams
     chunks: list[np.ndarray] = field(default_factory=list)
     frames: int = 0
-    cached: NBest | None = None  # decode of every chunk so far (a finalize right after reuses it)
+    # the trial's search state for partial results: each chunk advances it (one pass in all)
+    stream: PartialDecoder | None = None
 
     def clear(self) -> None:
-        self.chunks, self.frames, self.cached = [], 0, None
+        self.chunks, self.frames, self.stream = [], 0, None
 
 
 class Worker:
@@ -193,10 +194,9 @@ class Worker:
         return self.decoders[key]
 
     def decode_all(self, state: SessionState) -> NBest:
-        if state.cached is None:
-            logits = state.chunks[0] if len(state.chunks) == 1 else np.concatenate(state.chunks)
-            state.cached = self.decoder_for(state.params.decode).decode(logits)
-        return state.cached
+        """The n-best of every chunk so far, in one pass (on finalize)."""
+        logits = state.chunks[0] if len(state.chunks) == 1 else np.concatenate(state.chunks)
+        return self.decoder_for(state.params.decode).decode(logits)
 
     # ---- request handlers: each returns (reply entries, whether the job is finished here)
     def on_reset(self, state: SessionState, job: Job) -> list[tuple[str, dict[str, Any]]]:
@@ -210,8 +210,11 @@ class Worker:
                                   f"over the limit of {self.settings.max_trial_frames}; reset first")
         state.chunks.append(logits)
         state.frames += len(logits)
-        state.cached = None
-        best = self.decode_all(state).best
+        if state.stream is None:  # a new trial, or new decoding options: catch up on earlier chunks
+            state.stream = self.decoder_for(state.params.decode).stream()
+            for chunk in state.chunks[:-1]:
+                state.stream.advance(chunk)
+        best = state.stream.advance(logits)
         return [(state.streams.partial, P.with_request_id({P.PARTIAL_FIELD: best}, job.request_id))]
 
     def finalize_nbest(self, state: SessionState) -> NBest:
@@ -238,6 +241,8 @@ class Worker:
         new = P.apply_update(state.params, job.fields)
         if new.decode != state.params.decode:
             self.decoder_for(new.decode)  # a decoder that cannot be built is an error now, not at decode time
+        if new.decode != state.params.decode:
+            state.stream = None
         state.params = new
         return [(state.streams.args, self.args_entry(state)),
                 (state.streams.done_updating_params, P.with_request_id({P.DONE_FIELD: 1}, job.request_id))]

@@ -50,15 +50,10 @@ CONFIG = Path(__file__).resolve().parents[1] / "config" / "config.yaml"
 
 
 def demo_graph(out: Path, lexicon: Lexicon) -> tuple[Path, list[str]]:
-    from arpa_fixture import template_sentences, write_arpa
-
-    from b2txt.lm.graph import build_graph
+    from arpa_fixture import template_graph, template_sentences
 
     sentences = template_sentences(300)
-    words = sorted({w for s in sentences for w in s.split()})
-    write_arpa(out / "lm.arpa", sentences, order=2)
-    build_graph(out / "lm.arpa", out / "graph", Lexicon({w: lexicon.pronunciations[w] for w in words}))
-    return out / "graph", sentences
+    return template_graph(out, lexicon, sentences), sentences
 
 
 def in_process(lm: Path, options: DecodeConfig, trials: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:

@@ -98,3 +98,14 @@ def write_arpa(path: str | Path, sentences: Sequence[str], order: int = 3, disco
     path = Path(path)
     path.write_text("\n".join(lines))
     return path
+
+
+def template_graph(root: Path, lexicon, sentences: Sequence[str]) -> Path:
+    """A bigram TLG graph over ``sentences`` and their words (decodes in a few ms): ``root/graph``."""
+    from b2txt.lm.graph import build_graph
+    from b2txt.phonemes import Lexicon
+
+    words = sorted({w for s in sentences for w in s.split()})
+    write_arpa(root / "lm.arpa", sentences, order=2)
+    build_graph(root / "lm.arpa", root / "graph", Lexicon({w: lexicon.pronunciations[w] for w in words}))
+    return root / "graph"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -149,3 +151,11 @@ def small_sim(tmp_path_factory, lexicon) -> tuple[Path, Path]:
     manifest = root / "manifest.csv"
     write_manifest(build_manifest(data), manifest)
     return data, manifest
+
+
+@pytest.fixture
+def run_dir():
+    """A short directory for Unix sockets (pytest's tmp paths can exceed the 107-byte limit)."""
+    path = Path(tempfile.mkdtemp(prefix="b2t-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -20,10 +20,9 @@ import numpy as np
 import psutil
 import pytest
 import redis
-from arpa_fixture import template_sentences, write_arpa
+from arpa_fixture import template_graph, template_sentences
 
 from b2txt.config import DecodeConfig
-from b2txt.lm.graph import build_graph
 from b2txt.lm.wfst import WfstDecoder
 from b2txt.phonemes import Lexicon
 from b2txt.server.client import LMClient, LMServerError
@@ -38,20 +37,7 @@ MAX_FRAMES = 600
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory, lexicon) -> Path:
     """A bigram TLG graph over the template sentences' words (decodes in a few ms)."""
-    root = tmp_path_factory.mktemp("server_lm")
-    words = sorted({w for s in SENTENCES for w in s.split()})
-    small = Lexicon({w: lexicon.pronunciations[w] for w in words})
-    write_arpa(root / "lm.arpa", SENTENCES, order=2)
-    build_graph(root / "lm.arpa", root / "graph", small)
-    return root / "graph"
-
-
-@pytest.fixture
-def run_dir():
-    """A short directory for Unix sockets (pytest's tmp paths can exceed the 107-byte limit)."""
-    path = Path(tempfile.mkdtemp(prefix="b2s-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    return template_graph(tmp_path_factory.mktemp("server_lm"), lexicon, SENTENCES)
 
 
 def start_server(lm_dir: Path, socket: Path, log: Path, *extra: str) -> subprocess.Popen:

@@ -20,9 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import redis
-from arpa_fixture import template_sentences, write_arpa
+from arpa_fixture import template_graph, template_sentences
 
-from b2txt.lm.graph import build_graph
 from b2txt.logits import write_logits
 from b2txt.phonemes import Lexicon, from_lm_order
 from b2txt.server.demo import synthetic_logits
@@ -32,22 +31,21 @@ SENTENCES = template_sentences(300)
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory, lexicon) -> Path:
-    root = tmp_path_factory.mktemp("eval_lm")
-    words = sorted({w for s in SENTENCES for w in s.split()})
-    write_arpa(root / "lm.arpa", SENTENCES, order=2)
-    build_graph(root / "lm.arpa", root / "graph", Lexicon({w: lexicon.pronunciations[w] for w in words}))
-    return root / "graph"
+    return template_graph(tmp_path_factory.mktemp("eval_lm"), lexicon, SENTENCES)
 
 
-def make_logits_file(path: Path, lexicon: Lexicon, n: int, split: str = "val", seed: int = 1) -> Path:
-    """``n`` labelled trials over three sessions, logits in model column order (as `b2txt infer` writes)."""
+def make_logits_file(path: Path, lexicon: Lexicon, n: int, split: str = "val", seed: int = 1,
+                     noisy_every: int = 0) -> Path:
+    """``n`` labelled trials over three sessions, logits in model column order (as `b2txt infer` writes);
+    with ``noisy_every`` every such trial is noisy, so some decode wrong and the WER is not 0."""
     rng = np.random.default_rng(seed)
     rows, logits, labels = [], [], []
     for i in range(n):
         s = SENTENCES[i % len(SENTENCES)]
         rows.append({"session": f"t15.2023.08.{11 + i % 3:02d}", "split": split, "trial": i, "block_num": 1,
                      "trial_num": i, "corpus": "Fortunes", "post_implant_day": 25 + i % 3, "sentence": s})
-        logits.append(from_lm_order(synthetic_logits(s, lexicon, rng)))
+        noisy = dict(noise=2.0, peak=4.0) if noisy_every and i % noisy_every == noisy_every - 1 else {}
+        logits.append(from_lm_order(synthetic_logits(s, lexicon, rng, **noisy)))
         labels.append(np.asarray(lexicon.sentence_ids(s)))
     write_logits(path, pd.DataFrame(rows), logits, labels)
     return path

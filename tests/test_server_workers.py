@@ -9,12 +9,10 @@ import datetime as dt
 import ipaddress
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,12 +21,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import redis
-from arpa_fixture import template_sentences, write_arpa
+from arpa_fixture import template_graph, template_sentences
+from test_server_evaluate import make_logits_file as evaluate_logits_file
 
 from b2txt.config import DecodeConfig
-from b2txt.lm.graph import build_graph
-from b2txt.logits import write_logits
-from b2txt.phonemes import Lexicon, from_lm_order
+from b2txt.phonemes import Lexicon
 from b2txt.server import group as G
 from b2txt.server.demo import synthetic_logits
 from b2txt.server.redis_process import RedisServer
@@ -42,34 +39,12 @@ ENV = {**os.environ, "B2TXT_PROGRESS": "0"}
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory, lexicon) -> Path:
-    root = tmp_path_factory.mktemp("workers_lm")
-    words = sorted({w for s in SENTENCES for w in s.split()})
-    write_arpa(root / "lm.arpa", SENTENCES, order=2)
-    build_graph(root / "lm.arpa", root / "graph", Lexicon({w: lexicon.pronunciations[w] for w in words}))
-    return root / "graph"
-
-
-@pytest.fixture
-def run_dir():
-    """A short directory for Unix sockets (pytest's tmp paths can exceed the 107-byte limit)."""
-    path = Path(tempfile.mkdtemp(prefix="b2w-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    return template_graph(tmp_path_factory.mktemp("workers_lm"), lexicon, SENTENCES)
 
 
 def make_logits_file(path: Path, lexicon: Lexicon, n: int, seed: int = 3, noisy_every: int = 4) -> Path:
-    """``n`` labelled trials; every 4th is noisy (by default), so some decode wrong and the WER is not 0."""
-    rng = np.random.default_rng(seed)
-    rows, logits, labels = [], [], []
-    for i in range(n):
-        s = SENTENCES[i % len(SENTENCES)]
-        rows.append({"session": f"t15.2023.08.{11 + i % 3:02d}", "split": "val", "trial": i, "block_num": 1,
-                     "trial_num": i, "corpus": "Fortunes", "post_implant_day": 25 + i % 3, "sentence": s})
-        noisy = dict(noise=2.0, peak=4.0) if noisy_every and i % noisy_every == noisy_every - 1 else {}
-        logits.append(from_lm_order(synthetic_logits(s, lexicon, rng, **noisy)))
-        labels.append(np.asarray(lexicon.sentence_ids(s)))
-    write_logits(path, pd.DataFrame(rows), logits, labels)
-    return path
+    """``n`` labelled val trials; every 4th is noisy (by default), so some decode wrong and the WER is not 0."""
+    return evaluate_logits_file(path, lexicon, n, seed=seed, noisy_every=noisy_every)
 
 
 def free_port() -> int:

@@ -133,9 +133,7 @@ class WfstDecoder:
 
     def _make_searchers(self) -> None:
         o = self.options
-        self._faster = kaldi_decoder.FasterDecoder(
-            self.graph.tlg, kaldi_decoder.FasterDecoderOptions(
-                beam=o.beam, max_active=o.max_active, min_active=o.min_active))
+        self._faster = self._one_best_search()
         # LatticeSimpleDecoder has no max_active: on big graphs its time grows steeply with the
         # beam (3-gram, 126k words, soft logits: 50 s/trial at beam 17, 2.5 s at 12), so its search
         # beam is min(beam, nbest_beam) (None: beam)
@@ -155,6 +153,11 @@ class WfstDecoder:
         if o.nbest == 1 and o.length_penalty == 0 and not self.rescoring:
             return self._one_best(decodable)
         return self._n_best(decodable)
+
+    def _one_best_search(self) -> kaldi_decoder.FasterDecoder:
+        o = self.options
+        return kaldi_decoder.FasterDecoder(self.graph.tlg, kaldi_decoder.FasterDecoderOptions(
+            beam=o.beam, max_active=o.max_active, min_active=o.min_active))
 
     def stream(self) -> "WfstStream":
         return WfstStream(self)
@@ -326,10 +329,8 @@ class WfstStream:
     advanced chunk by chunk (kaldi's ``AdvanceDecoding``); its best path is the partial result."""
 
     def __init__(self, decoder: WfstDecoder):
-        o = decoder.options
         self.decoder = decoder
-        self.search = kaldi_decoder.FasterDecoder(decoder.graph.tlg, kaldi_decoder.FasterDecoderOptions(
-            beam=o.beam, max_active=o.max_active, min_active=o.min_active))
+        self.search = decoder._one_best_search()
         self.search.init_decoding()
         self.frames = np.zeros((0, N_CLASSES), dtype=np.float32)
 

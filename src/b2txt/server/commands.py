@@ -124,21 +124,32 @@ def redis_address(args: argparse.Namespace) -> Any:
 
 # ----------------------------------------------------------------------------- lm-server
 
-def server_settings(args: argparse.Namespace) -> Any:
-    from . import protocol as P
-    from ..lm.decode import default_workers
-    from .lm_server import ServerSettings
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise B2txtError(f"{name} {value}: must be at least 1")
 
+
+def _lm_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, float, bool, Path]:
+    """What lm-server and lm-worker both read: the config, the decode options, the LLM settings
+    (llm, alpha, do_opt) and the checked LM directory."""
     cfg = _load_config(args)
     options = decode_options(args, cfg.decode)
     llm, alpha, do_opt = rescore_config(args, cfg.rescore)
     lm_dir = Path(os.path.expanduser(str(args.lm_path)))
     if not lm_dir.is_dir():
         raise B2txtError(f"{lm_dir}: language model directory not found")
+    return cfg, options, llm, alpha, do_opt, lm_dir
+
+
+def server_settings(args: argparse.Namespace) -> Any:
+    from . import protocol as P
+    from ..lm.decode import default_workers
+    from .lm_server import ServerSettings
+
+    _, options, llm, alpha, do_opt, lm_dir = _lm_inputs(args)
     for name, value in (("--workers", args.workers), ("--max-sessions", args.max_sessions),
                         ("--max-logits-bytes", args.max_logits_bytes), ("--max-trial-frames", args.max_trial_frames)):
-        if value is not None and value < 1:
-            raise B2txtError(f"{name} {value}: must be at least 1")
+        _positive(name, value)
     return ServerSettings(
         lm_dir=lm_dir, address=redis_address(args),
         params=P.SessionParams(decode=options, alpha=alpha, do_opt=do_opt),
@@ -178,11 +189,6 @@ def add_lm_server_arguments(p: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------- lm-worker
 
-def _positive(name: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise B2txtError(f"{name} {value}: must be at least 1")
-
-
 def tls_files(args: argparse.Namespace) -> Any:
     """The --tls-ca/--tls-cert/--tls-key files (checked), or None when none is given (and no --tls)."""
     from .connection import TlsFiles
@@ -197,12 +203,7 @@ def worker_settings(args: argparse.Namespace) -> Any:
     from .connection import RedisAddress, check_remote_password
     from .group import WorkerSettings, check_queue_name
 
-    cfg = _load_config(args)
-    options = decode_options(args, cfg.decode)
-    llm, alpha, do_opt = rescore_config(args, cfg.rescore)
-    lm_dir = Path(os.path.expanduser(str(args.lm_path)))
-    if not lm_dir.is_dir():
-        raise B2txtError(f"{lm_dir}: language model directory not found")
+    cfg, options, llm, alpha, do_opt, lm_dir = _lm_inputs(args)
     _positive("--max-logits-bytes", args.max_logits_bytes)
     _positive("--max-deliveries", args.max_deliveries)
     claim = args.claim_idle_ms if args.claim_idle_ms is not None else cfg.server.claim_idle_ms

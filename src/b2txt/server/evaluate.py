@@ -24,13 +24,8 @@ share; the outputs are the same files.
 from __future__ import annotations
 
 import json
-import os
 import queue
-import select
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -42,7 +37,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from ..config import DecodeConfig, RescoreConfig
 from ..errors import B2txtError
@@ -54,7 +48,8 @@ from ..phonemes import to_lm_order
 from .client import FinalResult, LMAborted, LMClient, LMServerError, LMTimeout
 from . import protocol as P
 from .connection import CONNECTION_ERRORS, PASSWORD_ENV, RedisAddress, TlsFiles, connect
-from .redis_process import RedisServer, die_with_parent, tail
+from .redis_process import RedisServer
+from .supervisor import Supervisor, decoder_config
 
 Log = Callable[[str], None]
 
@@ -103,134 +98,32 @@ class EvalSettings:
 
 # ============================================================================ services
 
-class Services:
-    """redis-server + lm-server, started, watched and restarted by one monitor thread.
-
-    The monitor thread starts the children itself: ``PR_SET_PDEATHSIG`` fires when the thread
-    that forked a child ends, so the children must belong to a thread that lives exactly as
-    long as they should. It blocks on the children's pidfds (no polling) and a wake-up pipe.
-    """
+class Services(Supervisor):
+    """redis-server + lm-server on a Unix socket of the run directory (see :class:`Supervisor`)."""
 
     def __init__(self, run_dir: Path, settings: EvalSettings, log: Log):
-        self.run_dir = run_dir
+        super().__init__(run_dir, RedisServer(run_dir), settings.max_restarts, ["lm-server"], log, "b2txt-services")
         self.settings = settings
-        self.log = log
-        self.redis = RedisServer(run_dir)
-        self.lm: subprocess.Popen[bytes] | None = None
-        self.generation = 0
-        self.restarts = {"redis-server": 0, "lm-server": 0}
-        self.failed: str | None = None
-        self._wake_r, self._wake_w = os.pipe()
-        self._ready = threading.Event()
-        self._start_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._monitor, name="b2txt-services", daemon=True)
 
     @property
     def address(self) -> RedisAddress:
         return self.redis.address
 
-    def start(self) -> None:
-        self._thread.start()
-        self._ready.wait()
-        if self._start_error is not None:
-            raise self._start_error
+    def _start_children(self) -> None:
+        self._start_redis()
+        self._start_child("lm-server")
 
-    def stop(self) -> None:
-        os.write(self._wake_w, b"x")
-        self._thread.join(timeout=60)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-
-    # ---- children
-    def _server_config(self) -> Path:
-        rescore = self.settings.rescore or RescoreConfig(enabled=False)  # no LLM unless asked for
-        cfg = {"decode": self.settings.options.model_dump(mode="json"), "rescore": rescore.model_dump(mode="json")}
-        path = self.run_dir / "lm-server-config.yaml"
-        write_text_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
-        return path
-
-    def _start_lm(self) -> None:
+    def _start_child(self, name: str) -> None:
         """Start lm-server; its options appearing on remote_lm_args (deleted first) say it is serving."""
         s = self.settings
         try:
             connect(self.redis.address, timeout=5).delete(P.ARGS)
         except CONNECTION_ERRORS:
             pass  # Redis is being restarted too: it comes back empty
-        cmd = [sys.executable, "-m", "b2txt.server", "lm-server", "--lm_path", str(s.lm_dir),
-               "--redis-socket", str(self.redis.socket), "--password-env", self.redis.password_env,
-               "--workers", str(s.n_workers), "--config", str(self._server_config()),
-               "--alpha", str(s.alpha), "--log-level", s.server_log_level]
-        with open(self.run_dir / "lm-server.log", "ab") as logf:
-            self.lm = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                       preexec_fn=lambda: die_with_parent(signal.SIGKILL), close_fds=True)
-        (self.run_dir / "lm-server.pid").write_text(f"{self.lm.pid}\n")
-
-    def _start_redis(self) -> None:
-        self.redis.restart()
-        (self.run_dir / "redis-server.pid").write_text(f"{self.redis.pid}\n")
-
-    def _restart(self, name: str) -> None:
-        self.restarts[name] += 1
-        if self.restarts[name] > self.settings.max_restarts:
-            self.failed = f"{name} died {self.restarts[name]} times; giving up"
-            return
-        self.log(f"{name} died; restarting it (restart {self.restarts[name]} of at most {self.settings.max_restarts})")
-        try:
-            self._start_redis() if name == "redis-server" else self._start_lm()
-        except B2txtError as exc:
-            self.failed = f"cannot restart {name}: {exc}"
-        self.generation += 1
-
-    def _lm_exit_is_fatal(self) -> bool:
-        """Exit status 2 is a usage/config error (bad graph, bad option): restarting cannot help."""
-        assert self.lm is not None
-        if self.lm.returncode == 2:
-            self.failed = f"lm-server failed:\n{tail(self.run_dir / 'lm-server.log')}"
-            return True
-        return False
-
-    def _monitor(self) -> None:
-        try:
-            self._start_redis()
-            self._start_lm()
-        except BaseException as exc:  # noqa: BLE001 - handed to start()
-            self._start_error = exc
-            self._ready.set()
-            self.redis.stop()
-            return
-        self._ready.set()
-        try:
-            while self.failed is None:
-                assert self.lm is not None and self.redis.proc is not None
-                fds = {os.pidfd_open(self.redis.proc.pid): "redis-server", os.pidfd_open(self.lm.pid): "lm-server"}
-                try:
-                    ready, _, _ = select.select([self._wake_r, *fds], [], [])
-                finally:
-                    for fd in fds:
-                        os.close(fd)
-                if self._wake_r in ready:
-                    return
-                for fd in ready:
-                    name = fds[fd]
-                    if name == "lm-server":
-                        self.lm.wait()
-                        if self._lm_exit_is_fatal():
-                            return
-                    else:
-                        self.redis.proc.wait()
-                    self._restart(name)
-        finally:
-            self._stop_children()
-
-    def _stop_children(self) -> None:
-        if self.lm is not None and self.lm.poll() is None:
-            self.lm.terminate()  # the server finishes trials under way, then exits
-            try:
-                self.lm.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.lm.kill()
-                self.lm.wait()
-        self.redis.stop()
+        config = decoder_config(self.run_dir / "lm-server-config.yaml", s.options, s.rescore)
+        self._spawn(name, name, ["lm-server", "--lm_path", str(s.lm_dir), "--redis-socket", str(self.redis.socket),
+                                 "--password-env", self.redis.password_env, "--workers", str(s.n_workers),
+                                 "--config", str(config), "--alpha", str(s.alpha), "--log-level", s.server_log_level])
 
 
 # ============================================================================ sending trials
@@ -439,7 +332,8 @@ def _evaluate_group(run_dir: Path, settings: EvalSettings, logits: dict[int, np.
     pool: G.WorkerPool | None = None
     if redis_server is not None or settings.group_workers:
         worker_args = ["--lm_path", str(settings.lm_dir),
-                       "--config", str(G.worker_config(run_dir, settings.options, settings.rescore)),
+                       "--config", str(decoder_config(run_dir / "lm-worker-config.yaml", settings.options,
+                                                      settings.rescore)),
                        "--alpha", str(settings.alpha), "--queue", settings.queue,
                        "--claim-idle-ms", str(settings.claim_idle_ms), "--max-deliveries", str(settings.max_deliveries),
                        "--log-level", settings.server_log_level]

@@ -37,12 +37,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import select
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 import traceback
 import uuid
@@ -54,15 +50,15 @@ from typing import Any
 
 import numpy as np
 import redis
-import yaml
 
 from ..config import DecodeConfig, RescoreConfig
 from ..errors import B2txtError
-from ..fileio import progress, write_text_atomic
+from ..fileio import progress
 from ..lm.nbest import DecodeInputError, Decoder, NBest, augment_nbest, parse_scoring, scoring_string
 from . import protocol as P
 from .connection import CONNECTION_ERRORS, RedisAddress, connect, connect_error_message
-from .redis_process import RedisServer, die_with_parent, tail
+from .redis_process import RedisServer
+from .supervisor import Supervisor
 
 log = logging.getLogger("b2txt.worker")
 Log = Callable[[str], None]
@@ -625,134 +621,26 @@ def address_args(address: RedisAddress) -> list[str]:
     return args + ["--password-env", address.password_env]
 
 
-class WorkerPool:
-    """An optional private redis-server and N ``lm-worker`` processes, watched by one thread.
-
-    As :class:`~b2txt.server.evaluate.Services`: the thread that starts the children lives as
-    long as they should (``PR_SET_PDEATHSIG``) and blocks on their pidfds. A worker that dies is
-    replaced (its pending trial is claimed by another worker meanwhile); exit status 2 (bad
-    option or LM directory) is fatal; so is more than ``max_restarts`` restarts.
-    """
+class WorkerPool(Supervisor):
+    """An optional private redis-server and N ``lm-worker`` processes (``lm-worker-K``), watched as
+    :class:`~b2txt.server.supervisor.Supervisor` watches its children. A worker that dies is
+    replaced (its pending trial is claimed by another worker meanwhile)."""
 
     def __init__(self, run_dir: Path, redis_server: RedisServer | None, address: RedisAddress, n_workers: int,
                  worker_args: list[str], max_restarts: int, log: Log):
-        self.run_dir = run_dir
-        self.redis = redis_server
+        super().__init__(run_dir, redis_server, max_restarts, ["lm-worker"], log, "b2txt-workers")
         self.address = address
         self.n_workers = n_workers
         self.worker_args = worker_args
-        self.max_restarts = max_restarts
-        self.log = log
-        self.workers: list[subprocess.Popen[bytes] | None] = [None] * n_workers
-        self.restarts = {"redis-server": 0, "lm-worker": 0}
-        self.failed: str | None = None
-        self._wake_r, self._wake_w = os.pipe()
-        self._ready = threading.Event()
-        self._start_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._monitor, name="b2txt-workers", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-        self._ready.wait()
-        if self._start_error is not None:
-            raise self._start_error
-
-    def stop(self) -> None:
-        os.write(self._wake_w, b"x")
-        self._thread.join(timeout=60)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-
-    def _start_worker(self, k: int) -> None:
-        cmd = [sys.executable, "-m", "b2txt.server", "lm-worker", *address_args(self.address), *self.worker_args]
-        with open(self.run_dir / f"lm-worker-{k}.log", "ab") as logf:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                    preexec_fn=lambda: die_with_parent(signal.SIGKILL), close_fds=True)
-        self.workers[k] = proc
-        (self.run_dir / f"lm-worker-{k}.pid").write_text(f"{proc.pid}\n")
-
-    def _restart(self, name: str, k: int | None = None) -> None:
-        self.restarts[name] += 1
-        if self.restarts[name] > self.max_restarts:
-            self.failed = f"{name} died {self.restarts[name]} times; giving up"
-            return
-        self.log(f"{name}{'' if k is None else f' {k}'} died; restarting it "
-                 f"(restart {self.restarts[name]} of at most {self.max_restarts})")
-        try:
-            if k is None:
-                assert self.redis is not None
-                self.redis.restart()
-                (self.run_dir / "redis-server.pid").write_text(f"{self.redis.pid}\n")
-            else:
-                self._start_worker(k)
-        except B2txtError as exc:
-            self.failed = f"cannot restart {name}: {exc}"
-
-    def _monitor(self) -> None:
-        try:
-            if self.redis is not None:
-                self.redis.restart()
-                (self.run_dir / "redis-server.pid").write_text(f"{self.redis.pid}\n")
-            for k in range(self.n_workers):
-                self._start_worker(k)
-        except BaseException as exc:  # noqa: BLE001 - handed to start()
-            self._start_error = exc
-            self._ready.set()
-            self._stop_children()
-            return
-        self._ready.set()
-        try:
-            while self.failed is None:
-                fds: dict[int, int | None] = {}
-                if self.redis is not None and self.redis.proc is not None:
-                    fds[os.pidfd_open(self.redis.proc.pid)] = None
-                for k, w in enumerate(self.workers):
-                    if w is not None:
-                        fds[os.pidfd_open(w.pid)] = k
-                try:
-                    ready, _, _ = select.select([self._wake_r, *fds], [], [])
-                finally:
-                    for fd in fds:
-                        os.close(fd)
-                if self._wake_r in ready:
-                    return
-                for fd in ready:
-                    k = fds[fd]
-                    if k is None:
-                        assert self.redis is not None and self.redis.proc is not None
-                        self.redis.proc.wait()
-                        self._restart("redis-server")
-                        continue
-                    w = self.workers[k]
-                    assert w is not None
-                    if w.wait() == 2:
-                        self.failed = f"lm-worker {k} failed:\n{tail(self.run_dir / f'lm-worker-{k}.log')}"
-                        return
-                    self._restart("lm-worker", k)
-        finally:
-            self._stop_children()
-
-    def _stop_children(self) -> None:
-        live = [w for w in self.workers if w is not None and w.poll() is None]
-        for w in live:
-            w.terminate()  # each finishes its trial under way, then exits
-        for w in live:
-            try:
-                w.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                w.kill()
-                w.wait()
+    def _start_children(self) -> None:
         if self.redis is not None:
-            self.redis.stop()
+            self._start_redis()
+        for k in range(self.n_workers):
+            self._start_child(f"lm-worker-{k}")
 
-
-def worker_config(run_dir: Path, options: DecodeConfig, rescore: RescoreConfig | None) -> Path:
-    """The config file local workers start with (the evaluator's decode and rescore sections)."""
-    cfg = {"decode": options.model_dump(mode="json"),
-           "rescore": (rescore or RescoreConfig(enabled=False)).model_dump(mode="json")}
-    path = run_dir / "lm-worker-config.yaml"
-    write_text_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
-    return path
+    def _start_child(self, name: str) -> None:
+        self._spawn(name, "lm-worker", ["lm-worker", *address_args(self.address), *self.worker_args])
 
 
 def worker_hint(network: str | None, settings: Any) -> str:

@@ -1,7 +1,7 @@
 """The bootstrap interval of an aggregate error rate: 10,000 resamples of 1,500 trials.
 
 Figure 2 and the WER summary draw one interval per session and vocabulary; the resampling is one
-vectorised numpy call (`b2txt.evaluate.bootstrap_ci`), seeded, and must take well under a second
+vectorised numpy call (`b2txt.evaluation.error_rates.bootstrap_ci`), seeded, and must take well under a second
 for a val-set-sized table. Prints the median time of a few repeats (the first call, which warms
 numpy's allocator, is reported separately) and checks that a seed gives the same interval twice.
 
@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from b2txt.evaluate import bootstrap_ci
+from b2txt.evaluation.error_rates import bootstrap_ci
 
 
 def main() -> None:

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import h5py
 
-from b2txt.config import SimulateConfig
 from b2txt.data.store import DayBatchSampler, TrialStore, build_manifest
-from b2txt.transforms import pad_batch
+from b2txt.ground.config import SimulateConfig
+from b2txt.models.transforms import pad_batch
 
 
 def simulated(tmp: Path) -> Path:
-    from b2txt.corpus import extract_sentences, read_sources
-    from b2txt.phonemes import Lexicon
-    from b2txt.simulate import simulate
+    from b2txt.data.corpus import extract_sentences, read_sources
+    from b2txt.data.simulate import simulate
+    from b2txt.ground.phonemes import Lexicon
 
     lex = Lexicon.from_cmudict()
     sentences = extract_sentences(read_sources("/usr/share/games/fortunes", ["fortunes"]), lex, 3, 14)

@@ -4,7 +4,7 @@ Builds the LMs the pipeline builds from the default corpus (every Debian fortune
 whole ~126k-word CMU lexicon as vocabulary; `b2txt lm text|ngram|graph` code paths) into a
 cache directory, then decodes the same trials with each decoder and order, each in its own
 process so the peak resident memory is its own. Trials: simulated phoneme logits of held-out
-corpus sentences (`b2txt.simulate.phoneme_logits`, confusions included), or `--logits FILE`
+corpus sentences (`tests/helpers/synthetic.py`, confusions included), or `--logits FILE`
 (a logits file of a trained model). Prints, per decoder and order: graph/trie load time,
 ms/trial (median, p90; one process, n-best and augmentation included), WER and peak RSS.
 
@@ -24,17 +24,18 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # helpers.synthetic: logits whose sentence is known
 CACHE = Path(os.environ.get("B2TXT_BENCH_CACHE", Path.home() / ".cache" / "b2txt" / "bench-lm"))
 
 
 def build_lms(orders: list[int], wfst_orders: list[int], held_out: set[str]) -> Path:
     """LM text, n-grams and graphs in CACHE (rebuilt only when missing)."""
-    from b2txt.config import load_config
-    from b2txt.corpus import read_sources
-    from b2txt.lm.graph import build_graph_in
+    from b2txt.data.corpus import read_sources
+    from b2txt.ground.config import load_config
+    from b2txt.ground.phonemes import Lexicon
+    from b2txt.lm.graph import build_graph_from_arpa
     from b2txt.lm.ngram import build_ngram
     from b2txt.lm.text import prepare_text, source_sentences
-    from b2txt.phonemes import Lexicon
 
     cfg = load_config(ROOT / "config" / "config.yaml")
     lex = Lexicon.from_cmudict()
@@ -51,16 +52,16 @@ def build_lms(orders: list[int], wfst_orders: list[int], held_out: set[str]) -> 
             print(f"{n}-gram ARPA + binary: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         if n in wfst_orders and not (d / "TLG.fst").is_file():
             t0 = time.perf_counter()
-            build_graph_in(d, lex)
+            build_graph_from_arpa(d / "lm.arpa", d, lex)
             print(f"{n}-gram TLG: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return CACHE
 
 
 def held_out_sentences(n: int) -> list[str]:
     """Corpus sentences for the trials; they are removed from the LM text (no leakage)."""
-    from b2txt.config import load_config
-    from b2txt.corpus import extract_sentences, read_sources
-    from b2txt.phonemes import Lexicon
+    from b2txt.data.corpus import extract_sentences, read_sources
+    from b2txt.ground.config import load_config
+    from b2txt.ground.phonemes import Lexicon
 
     cfg = load_config(ROOT / "config" / "config.yaml")
     sentences = extract_sentences(read_sources(cfg.corpus.source_dir, cfg.corpus.files), Lexicon.from_cmudict(), 3, 12)
@@ -69,11 +70,12 @@ def held_out_sentences(n: int) -> list[str]:
 
 
 def trials(sentences: list[str], logits_file: Path | None) -> tuple[list[np.ndarray], list[str]]:
-    from b2txt.phonemes import Lexicon, normalize_text
-    from b2txt.simulate import phoneme_logits
+    from helpers.synthetic import phoneme_logits
+
+    from b2txt.ground.phonemes import Lexicon, normalize_text
 
     if logits_file is not None:
-        from b2txt.logits import read_logits
+        from b2txt.data.logits import read_logits
 
         ts = [t for t in read_logits(logits_file) if len(t.logits) and t.attrs.get("sentence_label")]
         return [t.logits for t in ts], [normalize_text(t.attrs["sentence_label"]) for t in ts]
@@ -93,11 +95,11 @@ def current_rss_mb(field: str = "VmRSS") -> float:
 
 
 def one(decoder: str, order: int, trials_file: Path, options: dict) -> dict:
-    from b2txt.config import DecodeConfig
-    from b2txt.evaluate import edit_distance
-    from b2txt.lm.decode import make_decoder
+    from b2txt.evaluation.error_rates import edit_distance
+    from b2txt.ground.config import DecodeConfig
+    from b2txt.ground.phonemes import Lexicon, to_lm_order
+    from b2txt.lm.core import make_decoder
     from b2txt.lm.nbest import augment_nbest
-    from b2txt.phonemes import Lexicon, to_lm_order
 
     data = np.load(trials_file, allow_pickle=False)
     logits = [data[f"x{i}"] for i in range(int(data["n"]))]
@@ -139,7 +141,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.acoustic_scale is None:
-        from b2txt.config import load_config
+        from b2txt.ground.config import load_config
 
         args.acoustic_scale = load_config(ROOT / "config" / "config.yaml").decode.acoustic_scale if args.logits else 0.5
     options = {"acoustic_scale": args.acoustic_scale, "max_active": args.max_active, "nbest": args.nbest}

@@ -16,7 +16,7 @@ Prints, for the same synthetic trials (known sentences, LM column order):
   real-time client does): re-decoding everything received so far on each chunk, against one
   search advanced chunk by chunk (``Decoder.stream``), plus the one n-best decode on finalize.
 
-Without ``--lm`` a small bigram graph is built from the test templates (tests/arpa_fixture.py).
+Without ``--lm`` a small bigram graph is built from the test templates (tests/helpers/arpa.py).
 """
 
 from __future__ import annotations
@@ -37,20 +37,21 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("B2TXT_PROGRESS", "0")
 sys.path.insert(0, str(ROOT / "tests"))
 
-from b2txt.config import DecodeConfig, load_config  # noqa: E402
-from b2txt.lm.decode import default_workers, make_decoder  # noqa: E402
-from b2txt.lm.nbest import augment_nbest  # noqa: E402
-from b2txt.phonemes import Lexicon  # noqa: E402
-from b2txt.server.client import LMClient  # noqa: E402
-from b2txt.server.demo import synthetic_logits  # noqa: E402
-from b2txt.server.redis_process import RedisServer  # noqa: E402
+from helpers.synthetic import synthetic_logits  # noqa: E402
 
+from b2txt.ground.config import DecodeConfig, load_config  # noqa: E402
+from b2txt.ground.device import default_workers
+from b2txt.ground.phonemes import Lexicon  # noqa: E402
+from b2txt.lm.core import make_decoder  # noqa: E402
+from b2txt.lm.nbest import augment_nbest  # noqa: E402
+from b2txt.server.client import LMClient  # noqa: E402
+from b2txt.server.redis_process import RedisServer  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "config.yaml"
 
 
 def demo_graph(out: Path, lexicon: Lexicon) -> tuple[Path, list[str]]:
-    from arpa_fixture import template_graph, template_sentences
+    from helpers.arpa import template_graph, template_sentences
 
     sentences = template_sentences(300)
     return template_graph(out, lexicon, sentences), sentences
@@ -95,7 +96,7 @@ def streaming_partials(lm: Path, options: DecodeConfig, trials: list[np.ndarray]
 
 class Server:
     def __init__(self, lm: Path, redis_server: RedisServer, workers: int, nbest: int, log: Path):
-        cmd = [sys.executable, "-m", "b2txt.server", "lm-server", "--config", str(CONFIG), "--lm_path", str(lm),
+        cmd = [sys.executable, "-m", "b2txt", "lm-server", "--config", str(CONFIG), "--lm_path", str(lm),
                "--redis-socket",
                str(redis_server.socket), "--workers", str(workers), "--nbest", str(nbest), "--log-level", "warning"]
         self.proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
@@ -170,7 +171,7 @@ def group_throughput(lm: Path, run_dir: Path, trials: list[np.ndarray], options:
     for k in counts:
         rs = RedisServer(run_dir / f"group{k}")
         rs.start()
-        cmd = [sys.executable, "-m", "b2txt.server", "lm-worker", "--config", str(CONFIG), "--lm_path", str(lm),
+        cmd = [sys.executable, "-m", "b2txt", "lm-worker", "--config", str(CONFIG), "--lm_path", str(lm),
                "--redis-socket", str(rs.socket), "--nbest", str(options.nbest), "--log-level", "warning"]
         log = open(run_dir / f"group{k}.log", "ab")
         workers = [subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT) for _ in range(k)]
@@ -234,7 +235,7 @@ def main() -> None:
         if args.lm is None:
             lm, sentences = demo_graph(tmp, lexicon)
         else:
-            from arpa_fixture import template_sentences
+            from helpers.arpa import template_sentences
 
             lm, sentences = args.lm, template_sentences(300)
         rng = np.random.default_rng(0)

@@ -1,7 +1,7 @@
 """Training throughput of the real trainer on simulated data, per training preset.
 
 For each preset (config/model/<name>.yaml, sizes and batch as configured) it runs a few
-training steps of `b2txt.train.Trainer` and prints: batches/s, the share of a step spent
+training steps of `b2txt.training.trainer.Trainer` and prints: batches/s, the share of a step spent
 waiting for the next batch (sampling, padding, augmentation and smoothing: in line on the CPU,
 in a worker thread during the previous step on an accelerator; "assembly" is the time one batch
 takes on its own), the padding
@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def simulated(tmp: Path) -> Path:
-    from b2txt.config import load_config
-    from b2txt.corpus import extract_sentences, read_sources
-    from b2txt.phonemes import Lexicon
-    from b2txt.simulate import simulate
+    from b2txt.data.corpus import extract_sentences, read_sources
+    from b2txt.data.simulate import simulate
+    from b2txt.ground.config import load_config
+    from b2txt.ground.phonemes import Lexicon
 
     cfg = load_config(ROOT / "config" / "config.yaml")
     lex = Lexicon.from_cmudict()
@@ -75,8 +75,8 @@ def batch_assembly_s(trainer, n: int = 5) -> float:
 
 
 def one(preset: str, data: Path, manifest: Path, steps: int, device: str) -> dict:
-    from b2txt.config import load_config
-    from b2txt.train import Trainer, new_stats
+    from b2txt.ground.config import load_config
+    from b2txt.training.trainer import Trainer, new_stats
 
     cfg = load_config([ROOT / "config" / "config.yaml", ROOT / "config" / "model" / f"{preset}.yaml"]).train
     cfg = cfg.model_copy(update={"device": device, "holdout_sessions": []})
@@ -109,7 +109,7 @@ def data_parallel(preset: str, data: Path, manifest: Path, steps: int, nproc: in
     import pandas as pd
     import yaml
 
-    from b2txt.config import load_config
+    from b2txt.ground.config import load_config
 
     cfg = load_config([ROOT / "config" / "config.yaml", ROOT / "config" / "model" / f"{preset}.yaml"]).train
     train = cfg.model_dump(mode="json") | {
@@ -119,7 +119,7 @@ def data_parallel(preset: str, data: Path, manifest: Path, steps: int, nproc: in
         config = Path(tmp) / "train.yaml"
         config.write_text(yaml.safe_dump({"train": train}))
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "b2txt.cli", "train", "--config", str(config), "--data", str(data),
+        subprocess.run([sys.executable, "-m", "b2txt", "train", "--config", str(config), "--data", str(data),
                         "--manifest", str(manifest), "--out", str(Path(tmp) / "model"), "--nproc", str(nproc)],
                        check=True, capture_output=True, env={**os.environ, "B2TXT_PROGRESS": "0"})
         total = time.perf_counter() - t0

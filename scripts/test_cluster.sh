@@ -221,7 +221,7 @@ import yaml
 sys.path.insert(0, "tests")
 from test_pipeline import make_project  # the tiny project of the end-to-end tests
 
-from b2txt.config import merge, read_yaml
+from b2txt.ground.config import merge, read_yaml
 
 dest, overlay = Path(sys.argv[1]), read_yaml(sys.argv[2])
 dest.mkdir(parents=True)
@@ -363,7 +363,7 @@ run_in "$T/slurm" "$T/log/srun.out" 600 srun --ntasks 2 --cpus-per-task 1 --mem 
 grep -q "2 processes of" "$T/log/srun.out" || fail "srun's tasks did not train as one group of 2 (log: $T/log/srun.out)"
 "$PYTHON" - "$T/slurm/results/tiny/model" "$T/srun-model" <<'PY' || fail "srun and --nproc 2 trained different models"
 import sys, torch
-from b2txt.checkpoint import safe_load
+from b2txt.models.checkpoint import safe_load
 a, b = (safe_load(f"{d}/checkpoint/best_checkpoint")["model_state_dict"] for d in sys.argv[1:])
 assert a.keys() == b.keys()
 for k in a:

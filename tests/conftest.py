@@ -18,10 +18,10 @@ import pytest
 
 os.environ.setdefault("B2TXT_PROGRESS", "0")  # no progress bars in test output
 
-from b2txt.config import SimulateConfig  # noqa: E402
 from b2txt.data.dryad import Trial, data_file_path, write_trials  # noqa: E402
-from b2txt.phonemes import Lexicon  # noqa: E402
-from b2txt.simulate import simulate  # noqa: E402
+from b2txt.data.simulate import simulate  # noqa: E402
+from b2txt.ground.config import SimulateConfig  # noqa: E402
+from b2txt.ground.phonemes import Lexicon  # noqa: E402
 
 # tests/xla needs torch_xla (.venv-xla, `make test-xla`); in the main environment it is not even
 # collected, so its conftest (another module named `conftest`) cannot shadow this one.

@@ -9,13 +9,13 @@ import pytest
 import torch
 import yaml
 
-from b2txt.calibrate import calibrate, fit, session_per, with_new_session
-from b2txt.checkpoint import load_model
 from b2txt.cli import main
-from b2txt.config import AugmentConfig, CalibrateConfig, TrainConfig
 from b2txt.data.store import TrialStore, read_manifest
-from b2txt.errors import B2txtError
-from b2txt.train import Trainer
+from b2txt.ground.config import AugmentConfig, CalibrateConfig, TrainConfig
+from b2txt.ground.errors import B2txtError
+from b2txt.models.checkpoint import load_model
+from b2txt.training.calibration import calibrate, fit, session_per, with_new_session
+from b2txt.training.trainer import Trainer
 
 TRAIN = {
     "seed": 2, "model": {"n_units": 16, "n_layers": 1}, "num_training_batches": 6, "batch_size": 4,
@@ -123,7 +123,7 @@ def test_fit_changes_only_the_new_day_layer_or_everything(trained, mode):
 
 # ----------------------------------------------------------------------------- calibrate
 
-def test_calibrate_writes_table_figures_and_a_model_that_infers_every_session(trained, tmp_path, capsys):
+def test_calibrate_writes_table_and_a_model_that_infers_every_session_and_figures_draw_it(trained, tmp_path, capsys):
     data, manifest, model_dir, sessions = trained
     out = tmp_path / "cal"
     table = calibrate(model_dir, data, manifest, CalibrateConfig(n_sentences=[4, 0, 2, 2], **CAL), out,
@@ -135,8 +135,12 @@ def test_calibrate_writes_table_figures_and_a_model_that_infers_every_session(tr
     assert np.allclose(csv["PER"], csv["edits"] / csv["ref_len"], rtol=1e-5)
     assert table["PER"].tolist() == (table["edits"] / table["ref_len"]).tolist()
     assert (csv["n_val_trials"] == 4).all() and csv["steps"].tolist() == [0, 3, 3] and (csv["fit"] == "day").all()
+    assert not list(out.glob("*.png")), "the figures stage draws the calibration curve, not calibrate"
+    from b2txt.figures import calibration_curve, save
+
+    save(calibration_curve(csv), tmp_path / "figs", "calibration_curve")
     for ext in ("pdf", "png"):
-        assert (out / f"calibration.{ext}").stat().st_size > 1000
+        assert (tmp_path / "figs" / f"calibration_curve.{ext}").stat().st_size > 1000
 
     args = yaml.safe_load((out / "model" / "checkpoint" / "args.yaml").read_text())
     assert args["dataset"]["sessions"] == sessions

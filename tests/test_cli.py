@@ -24,7 +24,7 @@ def test_every_command_has_help(capsys):
 
 
 def test_entry_point_runs_as_a_program():
-    r = subprocess.run([sys.executable, "-m", "b2txt.cli", "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "b2txt", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "simulate" in r.stdout
 
 

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from b2txt.config import ModelConfig, TrainConfig, json_schema, load_config, parse_config, section_config_file
-from b2txt.errors import ConfigError
+from b2txt.ground.config import ModelConfig, TrainConfig, json_schema, load_config, parse_config, section_config_file
+from b2txt.ground.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def test_presets_are_complete_train_sections():
 
 
 def test_default_config_file_sets_every_other_section_explicitly():
-    from b2txt.config import PipelineConfig
+    from b2txt.ground.config import PipelineConfig
 
     raw = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     assert set(raw) == set(PipelineConfig.model_fields) - {"train"}  # train: the presets

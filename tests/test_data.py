@@ -14,19 +14,36 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import SENTENCES, SESSION, make_trials
 
 from b2txt.cli import main
 from b2txt.data.description import (
-    COLUMNS, DESCRIPTION_FILE, Block, block_index, find_description, read_description, write_description,
+    COLUMNS,
+    DESCRIPTION_FILE,
+    Block,
+    block_index,
+    find_description,
+    read_description,
+    write_description,
 )
 from b2txt.data.dryad import (
-    DATA_SUBDIR, MAX_SEQ_ELEMENTS, N_FEATURES, DataFile, Trial, data_file_path, data_root, discover, iter_file,
-    read_file, read_trial, session_date, session_name, write_trials,
+    DATA_SUBDIR,
+    MAX_SEQ_ELEMENTS,
+    N_FEATURES,
+    DataFile,
+    Trial,
+    data_file_path,
+    data_root,
+    discover,
+    iter_file,
+    read_file,
+    read_trial,
+    session_date,
+    session_name,
+    write_trials,
 )
 from b2txt.data.validate import ValidationReport, validate_dataset
-from b2txt.errors import B2txtError, DataError
+from b2txt.ground.errors import B2txtError, DataError
 
 
 def root_of(path: Path) -> Path:

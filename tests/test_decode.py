@@ -11,19 +11,20 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SENTENCES
+from helpers.synthetic import phoneme_logits
 
 from b2txt.cli import main
-from b2txt.config import DecodeConfig
-from b2txt.evaluate import edit_distance
-from b2txt.lm.decode import decode_file, decode_many, make_decoder, read_decoded
-from b2txt.lm.graph import build_graph_in
+from b2txt.data.decoded import read_decoded
+from b2txt.data.logits import greedy_decode, write_logits
+from b2txt.evaluation.error_rates import edit_distance
+from b2txt.ground.config import DecodeConfig
+from b2txt.ground.phonemes import ids_to_words, to_lm_order
+from b2txt.lm.core import DecodingCore, make_decoder
+from b2txt.lm.graph import build_graph_from_arpa
 from b2txt.lm.ngram import build_ngram
+from b2txt.lm.pool import decode_file, decode_many
 from b2txt.lm.text import prepare_text
-from b2txt.logits import greedy_decode, write_logits
-from b2txt.phonemes import ids_to_words, to_lm_order
-from b2txt.simulate import phoneme_logits
-
-from conftest import SENTENCES
 
 #: Fast, deterministic options for tiny graphs (the meaning is the config's).
 OPTS = DecodeConfig(acoustic_scale=1.5, nbest=10, augment_top=10, workers=1)
@@ -31,14 +32,14 @@ OPTS = DecodeConfig(acoustic_scale=1.5, nbest=10, augment_top=10, workers=1)
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory, kenlm_dir, lexicon):
-    from b2txt.corpus import extract_sentences, read_sources
+    from b2txt.data.corpus import extract_sentences, read_sources
 
     out = tmp_path_factory.mktemp("decode_lm")
     corpus = list(SENTENCES) + extract_sentences(read_sources("/usr/share/games/fortunes", ["fortunes"]),
                                                  lexicon, 3, 10)[:200]
     prepare_text(out / "text.txt", corpus, lexicon, add_lexicon_words=False)
     build_ngram(out / "text.txt", out / "3gram", 3, memory="5%", kenlm_dir=kenlm_dir)
-    build_graph_in(out / "3gram", lexicon)
+    build_graph_from_arpa(out / "3gram" / "lm.arpa", out / "3gram", lexicon)
     return out / "3gram"
 
 
@@ -73,8 +74,8 @@ def test_lm_beats_greedy_phonemes_through_the_lexicon_on_noisy_logits(lm_dir, le
     sentences = list(SENTENCES)
     # soft logits with uncertain errors: the true phoneme a close second where another wins
     logits = [phoneme_logits(lexicon.sentence_ids(s), rng, confusion=0.15, runner_up=2.0) for s in sentences]
-    decoder = make_decoder(OPTS.model_copy(update={"acoustic_scale": 0.5}), lm_dir)
-    results = decode_many(decoder, [to_lm_order(x) for x in logits], workers=1, show_progress=False)
+    core = DecodingCore(lm_dir, OPTS.model_copy(update={"acoustic_scale": 0.5}))
+    results = decode_many(core, [to_lm_order(x) for x in logits], workers=1, show_progress=False)
 
     def wer(hyps):
         return sum(edit_distance(h.split(), r.split()) for h, r in zip(hyps, sentences)) / sum(
@@ -88,9 +89,9 @@ def test_lm_beats_greedy_phonemes_through_the_lexicon_on_noisy_logits(lm_dir, le
 def test_process_pool_gives_the_same_results_in_order(lm_dir, lexicon):
     rng = np.random.default_rng(5)
     logits = [to_lm_order(phoneme_logits(lexicon.sentence_ids(s), rng, confusion=0.1)) for s in SENTENCES]
-    decoder = make_decoder(OPTS, lm_dir)
-    one = decode_many(decoder, logits, workers=1, show_progress=False)
-    two = decode_many(decoder, logits, workers=2, show_progress=False)
+    core = DecodingCore(lm_dir, OPTS)
+    one = decode_many(core, logits, workers=1, show_progress=False)
+    two = decode_many(core, logits, workers=2, show_progress=False)
     assert [r.index for r in two] == list(range(len(logits)))
     assert [r.nbest for r in one] == [r.nbest for r in two]
 

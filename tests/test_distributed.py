@@ -20,12 +20,12 @@ import pytest
 import torch
 import yaml
 
-from b2txt.checkpoint import build_model, safe_load
-from b2txt.config import AugmentConfig, TrainConfig, merge
-from b2txt.distributed import DistContext, context_from_env
-from b2txt.errors import B2txtError
-from b2txt.train import Trainer, partial_dir, train
-from b2txt.transforms import augment, pad_batch, trial_generator
+from b2txt.ground.config import AugmentConfig, TrainConfig, merge
+from b2txt.ground.errors import B2txtError
+from b2txt.models.checkpoint import build_model, safe_load
+from b2txt.models.transforms import augment, pad_batch, trial_generator
+from b2txt.training.distributed import DistContext, context_from_env
+from b2txt.training.trainer import Trainer, partial_dir, train
 
 NO_DROPOUT = {"rnn_dropout": 0.0, "input_dropout": 0.0}
 GRU = {"n_units": 16, "n_layers": 2, **NO_DROPOUT}
@@ -46,7 +46,7 @@ def cfg_of(**overrides) -> dict:
 def cli(config: dict, sim, out: Path, *extra: str, launcher: list[str] | None = None, **kw):
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump({"train": config}))
-    cmd = (launcher or [sys.executable, "-m"]) + ["b2txt.cli", "train", "--config", str(path), "--data", str(sim[0]),
+    cmd = (launcher or [sys.executable, "-m"]) + ["b2txt", "train", "--config", str(path), "--data", str(sim[0]),
                                                   "--manifest", str(sim[1]), "--out", str(out), *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["B2TXT_PROGRESS"] = "0"
@@ -117,7 +117,7 @@ def test_torchrun_launch_equals_one_process(sim, tmp_path):
 
 
 def _free_port() -> int:
-    from b2txt.distributed import free_port
+    from b2txt.training.distributed import free_port
     return free_port()
 
 

@@ -8,7 +8,6 @@ mid-file, ignore Range, answer 404. No test touches the internet.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -26,9 +25,10 @@ import pytest
 
 from b2txt.cli import main
 from b2txt.data.dryad import DATA_SUBDIR, discover
-from b2txt.download import (DATASETS, DownloadError, HttpOptions, add_download_command, download,
-                            partial_path, list_files, unpack_archive)
-from b2txt.errors import B2txtError
+from b2txt.data.dryad_api import DATASETS, HttpOptions, list_files
+from b2txt.data.fetch import download, partial_path
+from b2txt.ground.archive import unpack_archive
+from b2txt.ground.errors import DownloadError
 
 FAST = HttpOptions(timeout_s=10, retries=3, backoff_s=0.01)
 DATA_DOI, LM_DOI = DATASETS["data"], DATASETS["lm"]
@@ -372,33 +372,21 @@ def test_archive_members_outside_the_target_are_refused(tmp_path):
 
 def test_cli_pieces(dryad, tmp_path, capsys):
     dryad.datasets[DATA_DOI] = {"a.csv": Blob(b"1,2\n")}
-    parser = argparse.ArgumentParser(prog="b2txt")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def add(name, func, help_, description=None):
-        p = sub.add_parser(name, help=help_, description=description or help_)
-        p.set_defaults(func=func)
-        return p
-
-    add_download_command(add)
     config = tmp_path / "config.yaml"
     config.write_text("run: test\n")
     out = tmp_path / "data"
-    args = parser.parse_args(["download", "--config", str(config), "--out", str(out), "--api-root", dryad.url,
-                              "--list"])
-    assert args.func(args) == 0 and not (out / "a.csv").exists()
+    base = ["download", "--config", str(config), "--out", str(out), "--api-root", dryad.url]
+    assert main([*base, "--list"]) == 0 and not (out / "a.csv").exists()
     assert "a.csv" in capsys.readouterr().err
-    args = parser.parse_args(["download", "--config", str(config), "--out", str(out), "--api-root", dryad.url,
-                              "--files", "a.csv", "--retries", "1", "--timeout", "5"])
-    assert args.func(args) == 0 and (out / "a.csv").read_bytes() == b"1,2\n"
-    args = parser.parse_args(["download", "--config", str(config), "--out", str(out), "--api-root", dryad.url,
-                              "--files", "b.csv"])
-    with pytest.raises(B2txtError, match="b.csv: not listed"):
-        args.func(args)
+    assert main([*base, "--files", "a.csv", "--retries", "1", "--timeout", "5"]) == 0
+    assert (out / "a.csv").read_bytes() == b"1,2\n"
+    capsys.readouterr()
+    assert main([*base, "--files", "b.csv"]) == 2
+    assert "b.csv: not listed" in capsys.readouterr().err
 
 
 def test_unpack_target_of_the_data_zip_is_the_data_layers_directory():
-    from b2txt.download import UNPACK_TARGETS
+    from b2txt.ground.archive import UNPACK_TARGETS
     assert UNPACK_TARGETS["t15_copyTask_neuralData.zip"] == DATA_SUBDIR
 
 

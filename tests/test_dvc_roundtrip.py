@@ -11,7 +11,6 @@ import os
 import shutil
 
 import pytest
-
 from test_pipeline import ROOT, RUN, make_project, run
 
 GIT = ["git", "-c", "user.name=b2txt test", "-c", "user.email=test@example.invalid", "-c", "commit.gpgsign=false"]

@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from b2txt.evaluate import aggregate, bootstrap_ci, edit_distance
-from b2txt.infer import greedy_decode
+from b2txt.data.logits import greedy_decode
+from b2txt.evaluation.error_rates import aggregate, bootstrap_ci, edit_distance
 
 
 @pytest.mark.parametrize("hyp,ref,d", [
@@ -55,7 +55,7 @@ def _decoded(rows):
 
 
 def test_word_error_rate_is_aggregate_and_matches_edit_distance(tmp_path):
-    from b2txt.evaluate import write_word_scores
+    from b2txt.evaluation.reports import write_word_scores
 
     decoded = _decoded([
         ("s1", "trial_0000", 1, 0, "A", 5, "the cat sat", "the cat sat"),
@@ -76,7 +76,7 @@ def test_word_error_rate_is_aggregate_and_matches_edit_distance(tmp_path):
 
 
 def test_submission_is_in_session_then_trial_order_with_normalised_text(tmp_path):
-    from b2txt.evaluate import write_submission
+    from b2txt.evaluation.reports import write_submission
 
     decoded = _decoded([
         ("t15.2023.09.01", "trial_0001", 1, 1, "", 0, "", "Second, trial!"),

@@ -12,16 +12,14 @@ from pathlib import Path
 import jiwer
 import numpy as np
 import pytest
+from helpers.arpa import template_sentences, write_arpa
+from helpers.synthetic import phoneme_logits
 
-from arpa_fixture import template_sentences, write_arpa
-from b2txt.config import DecodeConfig
-from b2txt.errors import B2txtError
-from b2txt.lm.lexicon_search import (
-    MAX_HOMOPHONES, LexiconDecoder, LexiconHomophoneWarning, build_search,
-)
+from b2txt.ground.config import DecodeConfig
+from b2txt.ground.errors import B2txtError
+from b2txt.ground.phonemes import LM_ORDER, PHONEME_TO_ID, SIL, SIL_ID, Lexicon, to_lm_order
+from b2txt.lm.lexicon_search import MAX_HOMOPHONES, LexiconDecoder, LexiconHomophoneWarning, build_search
 from b2txt.lm.nbest import DecodeInputError, NBest, frame_log_probs, scoring_string, total_score
-from b2txt.phonemes import LM_ORDER, PHONEME_TO_ID, SIL, SIL_ID, Lexicon, to_lm_order
-from b2txt.simulate import phoneme_logits
 
 #: Words put into the LM vocabulary without training counts: homophones of trained words.
 HOMOPHONES = ("to", "too", "sea", "write", "tee")
@@ -97,7 +95,7 @@ def test_nbest_is_the_same_in_a_fresh_process(decoder, arpa, lexicon, lm_sentenc
     x = lm_logits(lexicon, lm_sentences[21], seed=8, confusion=0.15)
     np.save(tmp_path / "x.npy", x)
     code = ("import sys, numpy as np; sys.path.insert(0, 'tests');"
-            "from b2txt.config import DecodeConfig; from b2txt.lm.lexicon_search import LexiconDecoder;"
+            "from b2txt.ground.config import DecodeConfig; from b2txt.lm.lexicon_search import LexiconDecoder;"
             "from b2txt.lm.nbest import scoring_string;"
             f"d = LexiconDecoder({str(arpa)!r}, DecodeConfig());"
             f"print(scoring_string(d.decode(np.load({str(tmp_path / 'x.npy')!r}))))")

@@ -17,17 +17,24 @@ from pathlib import Path
 import kaldifst
 import kenlm
 import pytest
-
-from b2txt.corpus import extract_sentences, read_sources
-from b2txt.errors import B2txtError
-from b2txt.lm import graph as graph_mod
-from b2txt.lm.graph import GraphError, build_graph, build_graph_in, read_fst, read_words
-from b2txt.lm.ngram import (PLACEHOLDER, ToolError, build_binary, build_ngram, check_prune,
-                            estimate_arpa, find_tool, read_arpa_counts)
-from b2txt.lm.text import UNK, build_lm_text, evaluation_sentences, prepare_text, read_stats
-from b2txt.phonemes import N_CLASSES
-
 from conftest import SENTENCES
+
+from b2txt.data.corpus import extract_sentences, read_sources
+from b2txt.ground.errors import B2txtError
+from b2txt.ground.phonemes import N_CLASSES
+from b2txt.lm import graph as graph_mod
+from b2txt.lm.graph import GraphError, build_graph, build_graph_from_arpa, read_fst, read_words
+from b2txt.lm.ngram import (
+    PLACEHOLDER,
+    ToolError,
+    build_binary,
+    build_ngram,
+    check_prune,
+    estimate_arpa,
+    find_tool,
+    read_arpa_counts,
+)
+from b2txt.lm.text import UNK, build_lm_text, evaluation_sentences, prepare_text, read_stats
 
 REPO = Path(__file__).resolve().parents[1]
 FORTUNES = "/usr/share/games/fortunes"
@@ -220,7 +227,7 @@ def test_bad_arpa_is_a_clear_error(tmp_path, lexicon, kenlm_dir):
 @pytest.fixture(scope="module")
 def graph3(lm_dir, lexicon) -> Path:
     out = lm_dir / "3gram"
-    build_graph_in(out, lexicon)  # beside lm.arpa, lm.unpruned.arpa, lm.bin
+    build_graph_from_arpa(out / "lm.arpa", out, lexicon)  # beside lm.arpa, lm.unpruned.arpa, lm.bin
     return out
 
 
@@ -284,7 +291,7 @@ def test_unpronounceable_arpa_words_are_skipped_or_refused(tmp_path, lexicon):
 
 
 def test_one_gram_graph_and_free_silence_costs(lm_dir, lexicon):
-    stats = build_graph_in(lm_dir / "1gram", lexicon)
+    stats = build_graph_from_arpa(lm_dir / "1gram" / "lm.arpa", lm_dir / "1gram", lexicon)
     assert stats.order == 1 and stats.tlg_states > 0 and stats.sil_prob is None
     assert not (lm_dir / "1gram" / "G_no_prune.fst").exists() and (lm_dir / "1gram" / "lm.bin").exists()
     with pytest.raises(GraphError, match="sil_prob"):

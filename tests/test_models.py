@@ -5,10 +5,10 @@ import pytest
 import torch
 import yaml
 
-from b2txt.errors import B2txtError
-from b2txt.checkpoint import load_model
-from b2txt.infer import run_model
-from b2txt.models import GRUDecoder, GRUDecoderConfig, output_lengths
+from b2txt.ground.errors import B2txtError
+from b2txt.models.checkpoint import load_model
+from b2txt.models.decoders import GRUDecoder, GRUDecoderConfig, output_lengths
+from b2txt.models.inference import run_model
 
 CFG = GRUDecoderConfig(n_days=3, neural_dim=512, n_units=12, n_layers=2, patch_size=5, patch_stride=3)
 
@@ -80,7 +80,7 @@ def test_batched_inference_equals_one_trial_at_a_time():
     rng = np.random.default_rng(1)
     feats = [rng.normal(size=(n, 512)).astype(np.float32) for n in (9, 30, 17, 5, 44)]
     days = [0, 1, 2, 1, 0]
-    from b2txt.transforms import gaussian_kernel
+    from b2txt.models.transforms import gaussian_kernel
 
     k = gaussian_kernel(2.0)
     one = run_model(model, feats, days, k, torch.device("cpu"), batch_size=1)

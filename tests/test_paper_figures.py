@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from b2txt.errors import B2txtError
-from b2txt.cli import add_figures_paper_arguments, cmd_figures_paper
+from b2txt.cli.figures import figures_paper_arguments, run_figures_paper
 from b2txt.figures import make_paper_figures, make_pipeline_figures
-from b2txt.paper import (RATING_GROUPS, load_pickle, read_copy_task, read_personal_use, session_of_day)
-from b2txt.phonemes import N_CLASSES, PHONEME_TO_ID, from_lm_order
+from b2txt.ground.errors import B2txtError
+from b2txt.ground.phonemes import N_CLASSES, PHONEME_TO_ID, from_lm_order
+from b2txt.paper import RATING_GROUPS, load_pickle, read_copy_task, read_personal_use, session_of_day
 
 # (day, vocab, cue sentence, cue phonemes, decoded phonemes, decoded sentence)
 # Phoneme edits and word edits of each trial are counted by hand in the comments.
@@ -199,18 +199,19 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
 
 
 def test_cli_pieces(tmp_path, capsys):
-    p = add_figures_paper_arguments(argparse.ArgumentParser())
+    p = argparse.ArgumentParser()
+    figures_paper_arguments(p)
     copy_pkl = write_pickle(tmp_path / "copy.pkl", copy_task_dict(False))
     args = p.parse_args(["--copy-task", str(copy_pkl), "--out", str(tmp_path / "figs")])
-    assert cmd_figures_paper(args) == 0 and (tmp_path / "figs" / "figure2.pdf").is_file()
+    assert run_figures_paper(args) == 0 and (tmp_path / "figs" / "figure2.pdf").is_file()
     args = p.parse_args(["--copy-task", str(copy_pkl), "--out", str(tmp_path / "figs"), "--example-trial", "9"])
     with pytest.raises(B2txtError, match=r"example trial 9 out of range \(0\.\.4\)"):
-        cmd_figures_paper(args)
+        run_figures_paper(args)
 
 
 def test_same_panels_from_our_run(tmp_path):
     """Our run's tables (score, decode, infer, calibrate outputs) go through the same figure-2 code."""
-    from b2txt.logits import write_logits
+    from b2txt.data.logits import write_logits
 
     model, scores, out = tmp_path / "model", tmp_path / "scores", tmp_path / "figs"
     model.mkdir()

@@ -7,9 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from b2txt import phonemes as ph
-from b2txt.errors import B2txtError, UnknownWordsError
-from b2txt.phonemes import Lexicon, normalize_text
+from b2txt.ground import phonemes as ph
+from b2txt.ground.errors import B2txtError, UnknownWordsError
+from b2txt.ground.phonemes import Lexicon, normalize_text
 
 # REFERENCE §2, verbatim order of classes 1..39.
 REFERENCE_PHONEMES = (

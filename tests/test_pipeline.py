@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from b2txt.config import merge, read_yaml
+from b2txt.ground.config import merge, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"

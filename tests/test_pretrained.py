@@ -17,13 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from test_download import DATA_DOI, LM_DOI, Blob, dryad, zip_bytes  # noqa: F401 (dryad: the fixture)
 from test_pipeline import LM_BUILD, ROOT, RUN, make_project, planned_rules, run
 
-from b2txt.checkpoint import build_model
-from b2txt.config import ModelConfig, merge, read_yaml
 from b2txt.data.dryad import DATA_SUBDIR
+from b2txt.ground.config import ModelConfig, merge, read_yaml
+from b2txt.models.checkpoint import build_model
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from b2txt.config import DecodeConfig, RescoreConfig
-from b2txt.errors import B2txtError
+from b2txt.ground.config import DecodeConfig, RescoreConfig
+from b2txt.ground.errors import B2txtError
 from b2txt.lm.nbest import Candidate, NBest, make_nbest, total_score
 from b2txt.lm.rescore import LLMRescorer, is_unsure
 

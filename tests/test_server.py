@@ -6,8 +6,8 @@ redis-py calls), not by ``b2txt.server.client``, so the two cannot share a misun
 
 from __future__ import annotations
 
-import shutil
 import contextlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,13 +20,13 @@ import numpy as np
 import psutil
 import pytest
 import redis
-from arpa_fixture import template_graph, template_sentences
+from helpers.arpa import template_graph, template_sentences
+from helpers.synthetic import synthetic_logits
 
-from b2txt.config import DecodeConfig
+from b2txt.ground.config import DecodeConfig
+from b2txt.ground.phonemes import Lexicon
 from b2txt.lm.wfst import WfstDecoder
-from b2txt.phonemes import Lexicon
 from b2txt.server.client import LMClient, LMServerError
-from b2txt.server.demo import synthetic_logits
 from b2txt.server.redis_process import RedisServer
 
 SENTENCES = template_sentences(300)
@@ -41,7 +41,7 @@ def lm_dir(tmp_path_factory, lexicon) -> Path:
 
 
 def start_server(lm_dir: Path, socket: Path, log: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "b2txt.server", "lm-server", "--lm_path", str(lm_dir), "--redis-socket",
+    cmd = [sys.executable, "-m", "b2txt", "lm-server", "--lm_path", str(lm_dir), "--redis-socket",
            str(socket), "--workers", "2", "--max-logits-bytes", str(MAX_BYTES), "--max-trial-frames",
            str(MAX_FRAMES), "--log-level", "info", *extra]
     return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
@@ -315,7 +315,7 @@ def test_a_dead_worker_is_replaced(lm_dir, run_dir):
 
 
 def test_lan_address_is_refused_by_default(lm_dir):
-    out = subprocess.run([sys.executable, "-m", "b2txt.server", "lm-server", "--lm_path", str(lm_dir),
+    out = subprocess.run([sys.executable, "-m", "b2txt", "lm-server", "--lm_path", str(lm_dir),
                           "--redis_ip", "192.168.150.2"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--allow-remote" in out.stderr
 

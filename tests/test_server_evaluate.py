@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import redis
-from arpa_fixture import template_graph, template_sentences
+from helpers.arpa import template_graph, template_sentences
+from helpers.synthetic import synthetic_logits
 
-from b2txt.logits import write_logits
-from b2txt.phonemes import Lexicon, from_lm_order
-from b2txt.server.demo import synthetic_logits
+from b2txt.data.logits import write_logits
+from b2txt.ground.phonemes import Lexicon, from_lm_order
 
 SENTENCES = template_sentences(300)
 
@@ -52,7 +52,7 @@ def make_logits_file(path: Path, lexicon: Lexicon, n: int, split: str = "val", s
 
 
 def run_evaluate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "b2txt.server", "evaluate", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "b2txt", "evaluate", *args], capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "B2TXT_PROGRESS": "0"})
 
 
@@ -128,7 +128,7 @@ def test_no_trial_lost_or_duplicated_when_lm_server_and_redis_are_killed(lm_dir,
     out = tmp_path / "out"
     sock = run_dir / "redis.sock"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "b2txt.server", "evaluate", "--logits", str(logits), "--lm", str(lm_dir),
+        [sys.executable, "-m", "b2txt", "evaluate", "--logits", str(logits), "--lm", str(lm_dir),
          "--out", str(out), "--workers", "2", "--run-dir", str(run_dir), "--timeout", "10"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "B2TXT_PROGRESS": "0"})
     try:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from b2txt.config import DecodeConfig
-from b2txt.errors import B2txtError
+from b2txt.ground.config import DecodeConfig
+from b2txt.ground.errors import B2txtError
 from b2txt.server import protocol as P
 from b2txt.server.connection import RedisAddress, check_address, is_loopback
 from b2txt.server.lm_server import ordered_entries

@@ -21,13 +21,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import redis
-from arpa_fixture import template_graph, template_sentences
+from helpers.arpa import template_graph, template_sentences
+from helpers.synthetic import synthetic_logits
 from test_server_evaluate import make_logits_file as evaluate_logits_file
 
-from b2txt.config import DecodeConfig
-from b2txt.phonemes import Lexicon
+from b2txt.ground.config import DecodeConfig
+from b2txt.ground.phonemes import Lexicon
 from b2txt.server import group as G
-from b2txt.server.demo import synthetic_logits
 from b2txt.server.redis_process import RedisServer
 
 SENTENCES = template_sentences(300)
@@ -54,18 +54,18 @@ def free_port() -> int:
 
 
 def evaluate_cmd(logits: Path, lm_dir: Path, out: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "b2txt.server", "evaluate", "--logits", str(logits), "--lm", str(lm_dir),
+    return [sys.executable, "-m", "b2txt", "evaluate", "--logits", str(logits), "--lm", str(lm_dir),
             "--out", str(out), *DECODE, *args]
 
 
 def start_worker(lm_dir: Path, log: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "b2txt.server", "lm-worker", "--lm", str(lm_dir), *DECODE, "--log-level", "info",
+    cmd = [sys.executable, "-m", "b2txt", "lm-worker", "--lm", str(lm_dir), *DECODE, "--log-level", "info",
            *args]
     return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env or ENV)
 
 
 def run_worker(lm_dir: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "b2txt.server", "lm-worker", "--lm", str(lm_dir), *args],
+    return subprocess.run([sys.executable, "-m", "b2txt", "lm-worker", "--lm", str(lm_dir), *args],
                           capture_output=True, text=True, timeout=120, env=env or ENV)
 
 

@@ -10,15 +10,14 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import SENTENCES
 
-from b2txt.config import SimulateConfig
 from b2txt.data.description import DESCRIPTION_FILE, read_description
 from b2txt.data.dryad import DATA_SUBDIR, discover, read_file, session_date
-from b2txt.errors import B2txtError, UnknownWordsError
-from b2txt.phonemes import PHONEME_TO_ID, SIL_ID
-from b2txt.simulate import FIFTY_WORDS, TRUTH_FILE, NeuralModel, SentenceSource, plan, session_days, simulate
+from b2txt.data.simulate import FIFTY_WORDS, TRUTH_FILE, NeuralModel, SentenceSource, plan, session_days, simulate
+from b2txt.ground.config import SimulateConfig
+from b2txt.ground.errors import B2txtError, UnknownWordsError
+from b2txt.ground.phonemes import PHONEME_TO_ID, SIL_ID
 
 SESSION_RE = re.compile(r"^t15\.\d{4}\.\d{2}\.\d{2}$")
 

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from b2txt.errors import B2txtError
-from b2txt.infer import run_model
-from b2txt.models import GRUDecoder, GRUDecoderConfig
-from b2txt.streaming import StreamingDecoder
-from b2txt.transforms import gaussian_kernel
+from b2txt.ground.errors import B2txtError
+from b2txt.models.decoders import GRUDecoder, GRUDecoderConfig
+from b2txt.models.inference import run_model
+from b2txt.models.streaming import StreamingDecoder
+from b2txt.models.transforms import gaussian_kernel
 
 CPU = torch.device("cpu")
 NEURAL_DIM = 24
@@ -245,16 +245,16 @@ def test_misuse_raises_b2txt_error():
 
 def test_infer_cli_streaming_equals_one_pass(tmp_path):
     """`b2txt infer --chunk-bins N` (online decoding) writes the same logits as one pass."""
+    from pathlib import Path
+
     import h5py
 
     from b2txt.cli import main
-    from b2txt.config import SimulateConfig
+    from b2txt.data.simulate import simulate
     from b2txt.data.store import build_manifest, write_manifest
-    from b2txt.phonemes import Lexicon
-    from b2txt.simulate import simulate
-    from b2txt.train import train
-    from b2txt.config import load_config
-    from pathlib import Path
+    from b2txt.ground.config import SimulateConfig, load_config
+    from b2txt.ground.phonemes import Lexicon
+    from b2txt.training.trainer import train
 
     sentences = ["the cat sat on the mat", "open the door please", "we went home early", "my dog runs fast"]
     data = simulate(SimulateConfig(n_sessions=2, train_blocks=1, val_blocks=1, test_blocks=0, trials_per_block=2,

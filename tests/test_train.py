@@ -22,14 +22,14 @@ import pytest
 import torch
 import yaml
 
-from b2txt.checkpoint import build_model, load_model, safe_load
 from b2txt.cli import main
-from b2txt.config import ModelConfig, TrainConfig, merge
 from b2txt.data.store import DayBatchSampler, TrialStore, read_manifest
-from b2txt.errors import B2txtError
-from b2txt.models import TripleGRUDecoder
-from b2txt.train import (Trainer, TrainingInterrupted, build_optimizer, lr_lambda, partial_dir, select_device,
-                         use_bf16)
+from b2txt.ground.config import ModelConfig, TrainConfig, merge
+from b2txt.ground.device import select_device, use_bf16
+from b2txt.ground.errors import B2txtError
+from b2txt.models.checkpoint import build_model, load_model, safe_load
+from b2txt.models.decoders import TripleGRUDecoder
+from b2txt.training.trainer import Trainer, TrainingInterrupted, build_optimizer, lr_lambda, partial_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,7 +126,7 @@ def test_killed_cli_run_resumes_and_publishes(sim, tmp_path):
         "num_training_batches": 150, "lr_decay_steps": 150, "lr_decay_steps_day": 150,
         "batches_per_train_log": 25, "batches_per_val_step": 75, "batches_per_checkpoint": 5})}))
     out = tmp_path / "model"
-    cmd = [sys.executable, "-m", "b2txt.cli", "train", "--config", str(config), "--data", str(sim[0]),
+    cmd = [sys.executable, "-m", "b2txt", "train", "--config", str(config), "--data", str(sim[0]),
            "--manifest", str(sim[1]), "--out", str(out), "--threads", "1"]
     env = dict(os.environ, B2TXT_PROGRESS="0")
     last = partial_dir(out) / "checkpoint" / "last_checkpoint"

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from b2txt import models
-from b2txt.models import (
+from b2txt.models import decoders as models
+from b2txt.models.decoders import (
     CleanSpeechModel,
     GRUDecoder,
     GRUDecoderConfig,

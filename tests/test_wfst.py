@@ -1,6 +1,6 @@
 """The WFST decoder on a real 3-gram graph built here from a few hundred sentences.
 
-Logits are simulated from lexicon labels (:func:`b2txt.simulate.phoneme_logits`), then put in LM
+Logits are simulated from lexicon labels (:func:`helpers.synthetic.phoneme_logits`), then put in LM
 column order, exactly what the decoder receives from a phoneme model.
 """
 
@@ -12,19 +12,18 @@ from pathlib import Path
 import kenlm
 import numpy as np
 import pytest
+from conftest import KENLM_DIR, SENTENCES
+from helpers.synthetic import phoneme_logits
 
-from b2txt.config import DecodeConfig
-from b2txt.corpus import extract_sentences, read_sources
-from b2txt.evaluate import edit_distance
-from b2txt.lm.graph import GraphError, build_graph, build_graph_in
+from b2txt.data.corpus import extract_sentences, read_sources
+from b2txt.evaluation.error_rates import edit_distance
+from b2txt.ground.config import DecodeConfig
+from b2txt.ground.phonemes import LM_ORDER, N_CLASSES, SIL_ID, Lexicon, to_lm_order
+from b2txt.lm.graph import GraphError, build_graph, build_graph_from_arpa
 from b2txt.lm.nbest import DecodeInputError, frame_log_probs, total_score
 from b2txt.lm.ngram import build_ngram
 from b2txt.lm.text import prepare_text
 from b2txt.lm.wfst import WfstDecoder, graph_files, load_graph
-from b2txt.phonemes import LM_ORDER, N_CLASSES, SIL_ID, Lexicon, to_lm_order
-from b2txt.simulate import phoneme_logits
-
-from conftest import KENLM_DIR, SENTENCES
 
 REPO = Path(__file__).resolve().parents[1]
 #: Faster than the published beam 17 on soft simulated logits, same behaviour on clean ones.
@@ -43,7 +42,7 @@ def lm(tmp_path_factory, lexicon, corpus, kenlm_dir) -> Path:
     out = tmp_path_factory.mktemp("wfst")
     prepare_text(out / "text.txt", corpus, lexicon, add_lexicon_words=False)
     build_ngram(out / "text.txt", out / "3gram", 3, prune=[0, 0, 1], memory="5%", kenlm_dir=KENLM_DIR)
-    build_graph_in(out / "3gram", lexicon)
+    build_graph_from_arpa(out / "3gram" / "lm.arpa", out / "3gram", lexicon)
     return out / "3gram"
 
 
@@ -170,7 +169,7 @@ def test_lm_fixes_confused_logits_better_than_greedy(graph, lexicon, corpus):
 
 
 def _phone(col: int) -> str:
-    from b2txt.phonemes import CLASSES
+    from b2txt.ground.phonemes import CLASSES
     return CLASSES[LM_ORDER[col]]
 
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from b2txt.config import ResourcesConfig
+from b2txt.ground.config import ResourcesConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = sorted((ROOT / "workflow/rules").glob("*.smk"))

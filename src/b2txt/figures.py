@@ -29,9 +29,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .errors import B2txtError  # noqa: E402
-from .evaluate import bootstrap_ci  # noqa: E402
-from .fileio import atomic_file  # noqa: E402
+from .evaluation.error_rates import bootstrap_ci  # noqa: E402
+from .ground.errors import B2txtError  # noqa: E402
+from .ground.fileio import atomic_file  # noqa: E402
 
 matplotlib.rcParams["pdf.fonttype"] = 42  # TrueType, editable text in journals' tools
 matplotlib.rcParams["ps.fonttype"] = 42
@@ -44,7 +44,7 @@ RATING_COLORS = {"100% correct": "#2ca02c", "mostly correct": "#e6b800", "incorr
                  "blank trial": "0.4", "no rating": "0.6"}
 def class_names() -> tuple[str, ...]:
     """Names of the logit columns in our model order (blank, AA … ZH, SIL)."""
-    from .phonemes import CLASSES
+    from .ground.phonemes import CLASSES
 
     return ("blank", *CLASSES[1:])
 
@@ -337,8 +337,8 @@ def make_paper_figures(copy_task: str | Path | None, personal_use: str | Path | 
 
 def example_from_logits(path: str | Path, index: int = 0) -> ExampleTrial:
     """Trial ``index`` of a logits file, with its reference and greedy-decoded phonemes for the title."""
-    from .logits import greedy_decode, read_logits
-    from .phonemes import ids_to_string
+    from .data.logits import greedy_decode, read_logits
+    from .ground.phonemes import ids_to_string
 
     trials = read_logits(path)
     if not 0 <= index < len(trials):

@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 
 from .data.dryad import session_name
-from .errors import B2txtError
-from .phonemes import N_CLASSES, PHONEME_TO_ID, SIL, from_lm_order, ids_to_string, normalize_text, strip_stress
+from .ground.errors import B2txtError
+from .ground.phonemes import N_CLASSES, PHONEME_TO_ID, SIL, from_lm_order, ids_to_string, normalize_text, strip_stress
 
 #: Day 0 of participant t15: the description CSV has post-implant day 25 on 2023-08-11.
 IMPLANT_DATE = dt.date(2023, 7, 17)
@@ -211,7 +211,7 @@ def _trial_logits(value: Any, what: str) -> np.ndarray:
 
 def copy_task_tables(raw: Any, source: str = "copy task") -> CopyTask:
     """Turn the copy-task dict into our phoneme and word trial tables and model-order logits."""
-    from .evaluate import edit_distance, word_table
+    from .evaluation.error_rates import edit_distance, word_table
 
     cols = _columns(raw, COPY_TASK_KEYS, source)
     rows = []

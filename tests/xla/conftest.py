@@ -27,7 +27,7 @@ def write_dataset(root: Path, lengths: dict[str, list[int]], seed: int = 0) -> t
     (TX-like Poisson counts and Gaussian SBP), plus its manifest. Returns (data dir, manifest)."""
     from b2txt.data.dryad import Trial, data_file_path, write_trials
     from b2txt.data.store import build_manifest, write_manifest
-    from b2txt.phonemes import Lexicon
+    from b2txt.ground.phonemes import Lexicon
 
     lexicon = Lexicon.from_cmudict()
     rng = np.random.default_rng(seed)

@@ -216,7 +216,7 @@ def xla_model(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 def test_b2txt_train_on_xla_loads_in_main_environment(xla_model, tmp_path, report):
-    from b2txt.logits import read_logits
+    from b2txt.data.logits import read_logits
 
     model, data, manifest = xla_model
     assert (model / "checkpoint" / "best_checkpoint").is_file() and (model / "checkpoint" / "args.yaml").is_file()

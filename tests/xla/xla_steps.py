@@ -14,7 +14,7 @@ Modes (``spec["mode"]``):
 on seeded inputs (eval mode, fp32), or with the weights and inputs of ``spec["init_from"]`` (an
 earlier run's file). Writes ``OUT.pt`` with the state dicts, inputs and logits.
 
-``train``: build a :class:`b2txt.train.Trainer` from ``spec["train"]`` on ``spec["data"]`` /
+``train``: build a :class:`b2txt.training.trainer.Trainer` from ``spec["train"]`` on ``spec["data"]`` /
 ``spec["manifest"]`` and run ``spec["steps"]`` training steps. Writes ``OUT.pt`` (the initial
 and final model states, on CPU) and ``OUT.json``: losses, wall time of each step, XLA compilations after
 each step (``CompileTime`` count of ``torch_xla.debug.metrics``), the unpadded length of each
@@ -52,7 +52,7 @@ def device_of(name: str) -> torch.device:
 
 
 def forward(spec: dict, out: str) -> None:
-    from b2txt.models import GRUDecoder, GRUDecoderConfig, TripleGRUDecoder, TripleGRUDecoderConfig
+    from b2txt.models.decoders import GRUDecoder, GRUDecoderConfig, TripleGRUDecoder, TripleGRUDecoderConfig
 
     dev = device_of(spec["device"])
     torch.manual_seed(spec.get("seed", 0))
@@ -88,8 +88,8 @@ def forward(spec: dict, out: str) -> None:
 
 
 def train(spec: dict, out: str) -> None:
-    from b2txt.config import TrainConfig
-    from b2txt.train import Trainer
+    from b2txt.ground.config import TrainConfig
+    from b2txt.training.trainer import Trainer
 
     cfg = TrainConfig.model_validate(spec["train"])
     trainer = Trainer(cfg, spec["data"], spec["manifest"], Path(out + ".model"), log=lambda msg: None)

@@ -8,7 +8,6 @@ rule calibrate:
         manifest=rules.preprocess.output,
     output:
         table=f"{RUN}/calibration/calibration.csv",
-        figure=report(f"{RUN}/calibration/calibration.png", caption="../report/calibration.rst", category="Results"),
     params:
         config=config_for("calibrate"),
         out=lambda w, output: os.path.dirname(output.table),

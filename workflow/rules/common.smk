@@ -3,7 +3,7 @@
 # config sections that command reads (`config_for`), named by its content.
 import os
 
-from b2txt.config import parse_config, section_config_file
+from b2txt.ground.config import parse_config, section_config_file
 
 CFG = parse_config(config, "snakemake config")
 RUN = f"results/{CFG.run}"

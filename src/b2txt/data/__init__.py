@@ -1,15 +1,10 @@
-"""Data layer: the Dryad HDF5 format, validation, the block description, the manifest and
-the in-memory trial store used for training."""
+"""Data: the published formats in and out, and the data the pipeline makes itself.
 
-from .description import Block, read_description, write_description
-from .dryad import (
-    N_FEATURES, SPLITS, DataFile, Trial, data_file_path, discover, read_file, read_trial,
-    session_date, session_name, write_trials,
-)
-from .validate import ValidationReport, validate_dataset
-
-__all__ = [
-    "Block", "DataFile", "N_FEATURES", "SPLITS", "Trial", "ValidationReport", "data_file_path",
-    "discover", "read_description", "read_file", "read_trial", "session_date", "session_name",
-    "validate_dataset", "write_description", "write_trials",
-]
+- :mod:`b2txt.data.dryad` — the Dryad HDF5 session files: read, write, check;
+- :mod:`b2txt.data.description` — the block description CSV;
+- :mod:`b2txt.data.validate` — every file and trial of a data directory checked;
+- :mod:`b2txt.data.store` — the trial manifest and the in-memory trial store of training;
+- :mod:`b2txt.data.corpus` — English sentences from text; :mod:`b2txt.data.simulate` — the simulator;
+- :mod:`b2txt.data.logits` — the logits file; :mod:`b2txt.data.decoded` — decoded sentences;
+- :mod:`b2txt.data.dryad_api` and :mod:`b2txt.data.fetch` — the Dryad API and resumable, checked downloads.
+"""

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import DataError
-from ..fileio import atomic_file
+from ..ground.errors import DataError
+from ..ground.fileio import atomic_file
 
 DESCRIPTION_FILE = "t15_copyTaskData_description.csv"
 COLUMNS = ["Date", "Post-implant day", "Block number", "Number of sentences", "Corpus", "Split"]

@@ -21,8 +21,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import DataError
-from ..phonemes import N_CLASSES
+from ..ground.errors import DataError
+from ..ground.phonemes import N_CLASSES
 
 N_FEATURES = 512
 MAX_SEQ_ELEMENTS = 500

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import DataError
-from ..fileio import atomic_file, progress
+from ..ground.console import progress
+from ..ground.errors import B2txtError, DataError
+from ..ground.fileio import atomic_file
 from .description import block_index, find_description, read_description
 from .dryad import DataFile, discover, read_file, session_date
 
@@ -166,3 +167,18 @@ class DayBatchSampler:
                 pool = pool[max(start, 0): start + width]
             picks.append(self.rng.choice(pool, size=n, replace=n > len(pool)))
         return np.concatenate(picks)
+
+
+def resolve_sessions(all_sessions: list[str], refs: list[int | str], what: str) -> list[str]:
+    """Session names from names or indices into ``all_sessions`` (negative counts from the end)."""
+    out = []
+    for ref in refs:
+        if isinstance(ref, int):
+            if not -len(all_sessions) <= ref < len(all_sessions):
+                raise B2txtError(f"{what}: index {ref} is out of range for {len(all_sessions)} sessions")
+            out.append(all_sessions[ref])
+        elif ref in all_sessions:
+            out.append(ref)
+        else:
+            raise B2txtError(f"{what}: unknown session {ref!r}")
+    return out

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DataError
-from ..fileio import progress
+from ..ground.console import progress
+from ..ground.errors import DataError
 from .description import find_description, read_description
 from .dryad import discover, iter_file
 

@@ -11,5 +11,7 @@ Modules, in pipeline order:
 - :mod:`b2txt.lm.wfst` — WFST decoder (kaldi-decoder) on a TLG graph, ours or published.
 - :mod:`b2txt.lm.lexicon_search` — lexicon beam search (flashlight-text + KenLM), low memory.
 - :mod:`b2txt.lm.rescore` — large-language-model rescoring of an n-best list (transformers).
-- :mod:`b2txt.lm.decode` — the factory and decoding a logits file with a process pool.
+- :mod:`b2txt.lm.core` — the decoding core: the decoder factory and cache, decode -> augment ->
+  rescore for one trial; every runtime (the pool below, the LM server, the lm-workers) uses it.
+- :mod:`b2txt.lm.pool` — ``b2txt decode``: a logits file decoded by a pool of processes.
 """

@@ -48,8 +48,8 @@ from pathlib import Path
 import kaldifst
 import kaldilm
 
-from ..errors import B2txtError
-from ..phonemes import LM_ORDER, N_CLASSES, PHONEMES, SIL, Lexicon
+from ..ground.errors import B2txtError
+from ..ground.phonemes import LM_ORDER, N_CLASSES, PHONEMES, SIL, Lexicon
 from .ngram import ngram_paths, read_arpa_counts
 
 BLANK_TOKEN = "<blk>"
@@ -370,10 +370,13 @@ def build_graph(arpa: str | Path, out_dir: str | Path, lexicon: Lexicon, *,
     return stats
 
 
-def build_graph_in(order_dir: str | Path, lexicon: Lexicon, *, sil_prob: float | None = None) -> GraphStats:
-    """The graph of an n-gram directory (``lm.arpa`` [+ ``lm.unpruned.arpa``]), written beside them."""
-    arpa, _, unpruned = ngram_paths(order_dir)
-    return build_graph(arpa, order_dir, lexicon, unpruned_arpa=unpruned if unpruned.is_file() else None,
+def build_graph_from_arpa(arpa: str | Path, out_dir: str | Path, lexicon: Lexicon, *,
+                          sil_prob: float | None = None) -> GraphStats:
+    """The graph of an ARPA LM into ``out_dir``, with ``G_no_prune.fst`` when the unpruned ARPA
+    (``lm.unpruned.arpa``, from ``b2txt lm ngram`` with pruning) lies beside it."""
+    arpa = Path(arpa)
+    unpruned = arpa.with_name(ngram_paths(arpa.parent)[2].name)
+    return build_graph(arpa, out_dir, lexicon, unpruned_arpa=unpruned if unpruned.is_file() else None,
                        sil_prob=sil_prob)
 
 
@@ -396,9 +399,3 @@ def write_symbols_map(path: Path, table: dict[str, int]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for s, i in sorted(table.items(), key=lambda kv: kv[1]):
             f.write(f"{s} {i}\n")
-
-
-def read_info(graph_dir: str | Path) -> dict:
-    """``graph.json`` of a graph we built ({} for a published graph, which has none)."""
-    path = Path(graph_dir) / INFO_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}

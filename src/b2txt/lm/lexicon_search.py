@@ -43,9 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import DecodeConfig
-from ..errors import B2txtError
-from ..phonemes import CLASSES, LM_ORDER, N_CLASSES, SIL, Lexicon
+from ..ground.config import DecodeConfig
+from ..ground.errors import B2txtError
+from ..ground.phonemes import CLASSES, LM_ORDER, N_CLASSES, SIL, Lexicon
 from .nbest import Candidate, NBest, check_logits, frame_log_probs, make_nbest, total_score
 
 #: flashlight's trie keeps at most this many words on one node (kTrieMaxLabel); more are dropped.

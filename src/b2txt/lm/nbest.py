@@ -18,14 +18,14 @@ two decoders give the same order.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from ..config import DecodeConfig
-from ..errors import B2txtError
-from ..phonemes import N_CLASSES
+from ..ground.config import DecodeConfig
+from ..ground.errors import B2txtError
+from ..ground.phonemes import N_CLASSES
 
 
 class DecodeInputError(B2txtError):
@@ -188,7 +188,3 @@ def parse_scoring(text: str) -> NBest:
         raise ValueError(f"scoring field has {len(parts)} parts, not a multiple of 5")
     rows = [Candidate(parts[i], *map(float, parts[i + 1:i + 5])) for i in range(0, len(parts), 5)]
     return make_nbest(rows)
-
-
-def words_of(nbest: NBest) -> Sequence[str]:
-    return [c.sentence for c in nbest.candidates]

@@ -30,9 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import LMConfig
-from ..errors import B2txtError
-from ..fileio import atomic_file
+from ..ground.errors import B2txtError
+from ..ground.fileio import atomic_file
 from .text import UNK
 
 #: The name ``<unk>`` has while lmplz estimates (any word the normalised text cannot contain).
@@ -303,9 +302,3 @@ def build_ngram(text: str | Path, out_dir: str | Path, order: int, *, prune: Seq
         else:  # with SRILM the binary is a bonus when KenLM is there too
             made_binary = build_binary(arpa, bin_path, memory=memory, kenlm_dir=kenlm_dir)
     return NgramFiles(order, arpa, made_binary, unpruned if thresholds else None)
-
-
-def build_ngrams(text: str | Path, lm_root: str | Path, lm: LMConfig) -> dict[int, NgramFiles]:
-    """Every order of ``lm.orders`` into ``<lm_root>/<n>gram/``, with the config's tool, pruning, memory."""
-    return {n: build_ngram(text, Path(lm_root) / f"{n}gram", n, prune=lm.prune.get(n), memory=lm.memory,
-                           kenlm_dir=lm.kenlm_dir, tool=lm.tool) for n in lm.orders}

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import DecodeConfig, RescoreConfig
-from ..errors import B2txtError
+from ..ground.config import DecodeConfig, RescoreConfig
+from ..ground.errors import B2txtError
 from .nbest import NBest, make_nbest, total_score
 
 

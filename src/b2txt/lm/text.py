@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING
 
 import h5py
 
-from ..corpus import read_sources, records, sentences_in
+from ..data.corpus import read_sources, records, sentences_in
 from ..data.dryad import TRIAL_RE, discover
-from ..errors import B2txtError, DataError
-from ..fileio import atomic_file, write_text_atomic
-from ..phonemes import Lexicon, normalize_text
+from ..ground.errors import B2txtError, DataError
+from ..ground.fileio import atomic_file, write_text_atomic
+from ..ground.phonemes import Lexicon, normalize_text
 
 if TYPE_CHECKING:
-    from ..config import PipelineConfig
+    from ..ground.config import PipelineConfig
 
 UNK = "<unk>"
 #: Words lmplz/SRILM reserve; a literal one in the text would break estimation.

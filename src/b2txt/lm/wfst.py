@@ -39,8 +39,8 @@ import kaldifst
 import numpy as np
 from kaldifst.lib._kaldifst import _ArcIteratorLattice  # kaldifst.ArcIterator rejects Lattice
 
-from ..config import DecodeConfig
-from ..phonemes import N_CLASSES, normalize_text
+from ..ground.config import DecodeConfig
+from ..ground.phonemes import N_CLASSES, normalize_text
 from .graph import G_FILE, G_NO_PRUNE_FILE, TLG_FILE, WORDS_FILE, GraphError, read_fst, read_words
 from .nbest import Candidate, NBest, check_logits, frame_log_probs, make_nbest, total_score
 

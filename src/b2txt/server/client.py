@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import redis
 
-from ..errors import B2txtError
+from ..ground.errors import B2txtError
 from ..lm.nbest import NBest, parse_scoring
 from . import protocol as P
 from .connection import RedisAddress, connect, server_time_ms

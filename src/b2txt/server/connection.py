@@ -25,7 +25,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..errors import B2txtError
+from ..ground.errors import B2txtError
 
 PASSWORD_ENV = "B2TXT_REDIS_PASSWORD"
 #: Exceptions that mean "Redis is (for now) unreachable": reconnect and carry on.

@@ -38,15 +38,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..config import DecodeConfig, RescoreConfig
-from ..errors import B2txtError
-from ..fileio import atomic_dir, progress, write_text_atomic
-from ..lm.decode import decoded_row
-from ..lm.nbest import check_logits
-from ..logits import LogitsTrial, read_logits
-from ..phonemes import to_lm_order
-from .client import FinalResult, LMAborted, LMClient, LMServerError, LMTimeout
+from ..data.decoded import decoded_row
+from ..data.logits import LogitsTrial, read_logits
+from ..ground.config import DecodeConfig, RescoreConfig
+from ..ground.console import progress
+from ..ground.errors import B2txtError
+from ..ground.fileio import atomic_dir, write_text_atomic
+from ..lm.core import trial_logits
 from . import protocol as P
+from .client import FinalResult, LMAborted, LMClient, LMServerError, LMTimeout
 from .connection import CONNECTION_ERRORS, PASSWORD_ENV, RedisAddress, TlsFiles, connect
 from .redis_process import RedisServer
 from .supervisor import Supervisor, decoder_config
@@ -87,9 +87,9 @@ class EvalSettings:
 
     @property
     def n_workers(self) -> int:
-        from ..lm.decode import default_workers
+        from ..ground.device import available_cores
 
-        return self.workers or self.options.workers or default_workers()
+        return self.workers or self.options.workers or available_cores()
 
     @property
     def group_mode(self) -> bool:
@@ -244,16 +244,6 @@ class TrialRunner:
 
 # ============================================================================ the evaluation
 
-def prepare_trials(trials: list[LogitsTrial], path: Path) -> dict[int, np.ndarray]:
-    """LM-order, checked logits of every trial that has frames (empty trials decode to '')."""
-    out = {}
-    for i, t in enumerate(trials):
-        if len(t.logits):
-            x = check_logits(np.asarray(t.logits), f"{path}: trial {i} ({t.attrs.get('session', '?')})")
-            out[i] = np.ascontiguousarray(to_lm_order(x))
-    return out
-
-
 def decoded_table(trials: list[LogitsTrial], outcomes: dict[int, TrialOutcome]) -> pd.DataFrame:
     """One row per trial: the columns of ``b2txt decode``'s decoded.csv, + latency and attempts."""
     rows = []
@@ -266,7 +256,8 @@ def decoded_table(trials: list[LogitsTrial], outcomes: dict[int, TrialOutcome]) 
 
 def write_outputs(tmp: Path, trials: list[LogitsTrial], table: pd.DataFrame,
                   outcomes: dict[int, TrialOutcome], split: str) -> dict[str, Any]:
-    from ..evaluate import phoneme_table, write_scores, write_submission, write_word_scores
+    from ..evaluation.error_rates import phoneme_table
+    from ..evaluation.reports import write_scores, write_submission, write_word_scores
 
     # decoded.csv is deterministic (the same file as `b2txt decode` writes); latency and
     # re-sends vary from run to run, so they go to timing.csv
@@ -300,7 +291,7 @@ def evaluate(settings: EvalSettings, log: Log = print) -> dict[str, Any]:
     trials = read_logits(settings.logits)
     if not trials:
         raise B2txtError(f"{settings.logits}: no trials")
-    logits = prepare_trials(trials, settings.logits)
+    logits = trial_logits(trials, settings.logits)
     split = settings.split or str(trials[0].attrs.get("split", "") or "unknown")
     n_sessions = settings.sessions if settings.sessions is not None else 2 * settings.n_workers
     run_dir, remove = _run_dir(settings)

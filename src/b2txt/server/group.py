@@ -51,9 +51,9 @@ from typing import Any
 import numpy as np
 import redis
 
-from ..config import DecodeConfig, RescoreConfig
-from ..errors import B2txtError
-from ..fileio import progress
+from ..ground.config import DecodeConfig, RescoreConfig
+from ..ground.console import progress
+from ..ground.errors import B2txtError
 from ..lm.nbest import DecodeInputError, Decoder, NBest, augment_nbest, parse_scoring, scoring_string
 from . import protocol as P
 from .connection import CONNECTION_ERRORS, RedisAddress, connect, connect_error_message
@@ -217,7 +217,7 @@ class GroupWorker:
         """The decoder for these options: built on first use, at most 3 kept (graphs are shared anyway)."""
         key = self._key(options)
         if key not in self.decoders:
-            from ..lm.decode import make_decoder
+            from ..lm.core import make_decoder
 
             log.info("building a decoder for other options (%s)", options.model_dump(exclude_defaults=True))
             self.decoders[key] = make_decoder(options, self.s.lm_dir)
@@ -418,7 +418,7 @@ class GroupWorker:
 def run_worker(settings: WorkerSettings) -> int:
     """Check Redis (password, TLS), load the decoder (and the LLM, when asked for) once, then take
     trials until SIGTERM. A wrong password fails before a large graph is loaded."""
-    from ..lm.decode import make_decoder
+    from ..lm.core import make_decoder
 
     open_connection(settings.address, settings.queue, time.monotonic() + settings.connect_timeout).close()
     t0 = time.perf_counter()

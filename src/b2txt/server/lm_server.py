@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 import redis
 
-from ..config import DecodeConfig, RescoreConfig
-from ..errors import B2txtError
+from ..ground.config import DecodeConfig, RescoreConfig
+from ..ground.errors import B2txtError
 from ..lm.nbest import Decoder, NBest, PartialDecoder, augment_nbest, scoring_string
 from . import protocol as P
 from .connection import CONNECTION_ERRORS, RedisAddress, connect, server_time_ms
@@ -188,7 +188,7 @@ class Worker:
     def decoder_for(self, options: DecodeConfig) -> Decoder:
         key = decoder_key(options)
         if key not in self.decoders:
-            from ..lm.decode import make_decoder
+            from ..lm.core import make_decoder
 
             self.decoders[key] = make_decoder(options, self.settings.lm_dir)
         return self.decoders[key]
@@ -789,7 +789,7 @@ class Router:
 
 def serve(settings: ServerSettings) -> int:
     """Load the decoder (once, before forking the workers) and serve until SIGTERM."""
-    from ..lm.decode import make_decoder
+    from ..lm.core import make_decoder
 
     t0 = time.perf_counter()
     decoder = make_decoder(settings.params.decode, settings.lm_dir)

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from ..config import DecodeConfig
-from ..errors import B2txtError
-from ..phonemes import N_CLASSES
+from ..ground.config import DecodeConfig
+from ..ground.errors import B2txtError
+from ..ground.phonemes import N_CLASSES
 from ..lm.nbest import DecodeInputError, check_logits
 
 # ----------------------------------------------------------------------------- names

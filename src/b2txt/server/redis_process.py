@@ -25,7 +25,7 @@ from pathlib import Path
 
 import redis
 
-from ..errors import B2txtError
+from ..ground.errors import B2txtError
 from .connection import CONNECTION_ERRORS, PASSWORD_ENV, RedisAddress, TlsFiles, connect, is_loopback
 
 PR_SET_PDEATHSIG = 1

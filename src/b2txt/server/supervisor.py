@@ -21,9 +21,9 @@ from typing import Callable
 
 import yaml
 
-from ..config import DecodeConfig, RescoreConfig
-from ..errors import B2txtError
-from ..fileio import write_text_atomic
+from ..ground.config import DecodeConfig, RescoreConfig
+from ..ground.errors import B2txtError
+from ..ground.fileio import write_text_atomic
 from .redis_process import RedisServer, die_with_parent, tail
 
 Log = Callable[[str], None]
@@ -80,8 +80,8 @@ class Supervisor:
         raise NotImplementedError
 
     def _spawn(self, name: str, kind: str, args: list[str]) -> None:
-        """``python -m b2txt.server ARGS`` as child ``name``, killed with its parent."""
-        cmd = [sys.executable, "-m", "b2txt.server", *args]
+        """``python -m b2txt ARGS`` as child ``name``, killed with its parent."""
+        cmd = [sys.executable, "-m", "b2txt", *args]
         with open(self.run_dir / f"{name}.log", "ab") as logf:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                     preexec_fn=lambda: die_with_parent(signal.SIGKILL), close_fds=True)

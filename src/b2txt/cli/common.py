@@ -1,0 +1,55 @@
+"""What every command shares: the :class:`Command` record, ``--config`` and the config it loads.
+
+A command is registered one way only: a :class:`Command` in its family module's ``COMMANDS``
+(``cli/data.py``, ``cli/train.py``, ...), which :func:`b2txt.cli.build_parser` collects. Family
+modules import only the standard library and the ground layer at the top; each ``run`` imports
+the layer it drives when it runs, so ``b2txt --help`` stays fast and a command loads only its
+own rule family's packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..ground.config import PipelineConfig, load_config
+from ..ground.console import log
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``b2txt`` command; ``name`` is ``"decode"``, or ``"lm text"`` for a step of a group."""
+
+    name: str
+    help: str
+    description: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def add_config(p: argparse.ArgumentParser, reads: str = "") -> None:
+    """``--config FILE`` (repeatable); without it the built-in defaults, the values of
+    config/config.yaml + config/model/baseline.yaml, wherever the command runs."""
+    p.add_argument("--config", type=Path, action="append", metavar="FILE",
+                   help="config YAML; repeat to merge several, later ones override (default: the built-in "
+                        "defaults, equal to config/config.yaml + config/model/baseline.yaml)"
+                        + (f"; this command reads {reads}" if reads else ""))
+
+
+def config_of(args: argparse.Namespace, quiet: bool = False) -> PipelineConfig:
+    """The config of ``--config`` (merged in order), else the built-in defaults."""
+    paths = getattr(args, "config", None) or None
+    cfg = load_config(paths)
+    if not quiet:
+        log(f"config: {' + '.join(map(str, paths)) if paths else 'built-in defaults'}")
+    return cfg
+
+
+def positive(name: str, value: int | float | None) -> None:
+    """A count given on the command line must be at least 1."""
+    from ..ground.errors import B2txtError
+
+    if value is not None and value < 1:
+        raise B2txtError(f"{name} {value}: must be at least 1")

@@ -1,0 +1,191 @@
+"""Data commands: ``corpus``, ``simulate``, ``download``, ``data``, ``validate``, ``preprocess``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ..ground.console import log
+from ..ground.errors import B2txtError
+from .common import Command, add_config, config_of
+
+
+def run_corpus(args: argparse.Namespace) -> int:
+    from ..data.corpus import CorpusStats, extract_sentences, read_sources, write_sentences
+    from ..ground.phonemes import Lexicon
+
+    c = config_of(args).corpus
+    out = args.out or Path(c.out)
+    stats = CorpusStats()
+    sentences = extract_sentences(read_sources(c.source_dir, c.files), Lexicon.from_cmudict(),
+                                  c.min_words, c.max_words, stats)
+    if not sentences:
+        raise B2txtError(f"no usable sentences in the corpus sources ({stats.summary()})")
+    write_sentences(out, sentences)
+    log(f"{out}: {stats.summary()}")
+    return 0
+
+
+def corpus_arguments(p: argparse.ArgumentParser) -> None:
+    add_config(p, "corpus")
+    p.add_argument("--out", type=Path, help="sentence file (default: corpus.out of the config)")
+
+
+def _simulate(args: argparse.Namespace, seed: int | None) -> int:
+    from ..data.corpus import read_sentences
+    from ..data.simulate import simulate
+
+    cfg = config_of(args)
+    sim = cfg.simulate if seed is None else cfg.simulate.model_copy(update={"seed": seed})
+    sentences = read_sentences(args.sentences or Path(cfg.corpus.out))
+    t0 = time.time()
+    out = simulate(sim, sentences, args.out, log=log)
+    log(f"{out}: {sim.n_sessions} sessions simulated (seed {sim.seed}) in {time.time() - t0:.1f} s")
+    return 0
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    return _simulate(args, args.seed)
+
+
+def simulate_arguments(p: argparse.ArgumentParser) -> None:
+    add_config(p, "simulate, corpus.out")
+    p.add_argument("--out", type=Path, required=True, metavar="DATA_DIR", help="output data directory (replaced)")
+    p.add_argument("--seed", type=int, help="override simulate.seed")
+    p.add_argument("--sentences", type=Path, help="sentence file (default: corpus.out of the config)")
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from ..data.dryad_api import DATASETS, HttpOptions
+    from ..data.fetch import download, partial_dir_for
+
+    d = config_of(args).download
+    options = HttpOptions(timeout_s=args.timeout if args.timeout is not None else d.timeout_s,
+                          retries=args.retries if args.retries is not None else d.retries)
+    datasets = list(DATASETS) if args.dataset == "all" else [args.dataset]
+    made = download(datasets, args.out, args.files or d.files, args.api_root or d.api_root, options,
+                    unpack=not args.no_unpack, list_only=args.list, dois=d.datasets, log=log,
+                    partial_dir=partial_dir_for(args.out, args.partial_dir or d.partial_dir))
+    if not args.list:
+        log(f"{args.out}: {len(made)} files and directories ready")
+    return 0
+
+
+def download_arguments(p: argparse.ArgumentParser) -> None:
+    add_config(p, "download")
+    p.add_argument("--dataset", choices=["data", "lm", "all"], default="data",
+                   help="data: neural data, pickles and pretrained RNN; lm: language models; all: both (default: data)")
+    p.add_argument("--files", nargs="+", metavar="NAME",
+                   help="only these files (names as Dryad lists them; default: download.files, else all)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="data directory to download into")
+    p.add_argument("--api-root", metavar="URL", help="Dryad API root (default: download.api_root)")
+    p.add_argument("--partial-dir", type=Path, metavar="DIR",
+                   help="where partial downloads collect (default: download.partial_dir, else OUT.partial beside "
+                        "OUT, where they survive a workflow manager emptying OUT before a rerun)")
+    p.add_argument("--list", action="store_true", help="show the files and their sizes, download nothing")
+    p.add_argument("--no-unpack", action="store_true", help="keep archives packed")
+    p.add_argument("--retries", type=int, metavar="N", help="retries of a broken transfer (default: download.retries)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-request timeout (default: download.timeout_s)")
+
+
+def run_data(args: argparse.Namespace) -> int:
+    """The data set data.source names, made or fetched into --out."""
+    from ..data.dryad import discover
+    from ..data.dryad_api import HttpOptions
+    from ..data.fetch import download, partial_dir_for
+
+    cfg = config_of(args)
+    source = cfg.data.source
+    if source == "simulated":
+        return _simulate(args, None)
+    if source == "dryad":
+        d = cfg.download
+        download(["data"], args.out, d.files, d.api_root, HttpOptions(timeout_s=d.timeout_s, retries=d.retries),
+                 dois=d.datasets, log=log, partial_dir=partial_dir_for(args.out, d.partial_dir))
+    if not Path(args.out).is_dir():
+        raise B2txtError(f"{args.out}: data.source is {source!r} but the directory does not exist")
+    files, problems = discover(args.out)
+    if not files:
+        raise B2txtError(f"{args.out}: no Dryad-layout data files (data.source {source!r})"
+                         + (f": {problems[0]}" if problems else ""))
+    sessions = {f.session for f in files}
+    log(f"{args.out}: {len(files)} files of {len(sessions)} sessions ({source}"
+        f"{', used as it is' if source == 'dir' else ''}); `b2txt validate` checks every trial")
+    return 0
+
+
+def data_arguments(p: argparse.ArgumentParser) -> None:
+    add_config(p, "data.source, simulate, corpus.out, download")
+    p.add_argument("--out", type=Path, required=True, metavar="DATA_DIR", help="the data directory (data.dir)")
+    p.add_argument("--sentences", type=Path, help="simulated: sentence file (default: corpus.out of the config)")
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from ..data.validate import validate_dataset
+    from ..ground.fileio import write_text_atomic
+
+    report = validate_dataset(args.data_dir)
+    text = f"{args.data_dir}: {report.summary()}\n"
+    if args.report:
+        if report.ok:
+            write_text_atomic(args.report, text)
+        elif Path(args.report).exists():
+            Path(args.report).unlink()  # never leave a stale "clean" report behind
+    if report.ok:
+        log(text.strip())
+        return 0
+    print(text, file=sys.stderr, end="")
+    return 2
+
+
+def validate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    p.add_argument("--report", type=Path, help="write the summary here when the data are clean")
+
+
+def run_preprocess(args: argparse.Namespace) -> int:
+    from ..data.store import build_manifest, write_manifest
+
+    manifest = build_manifest(args.data)
+    write_manifest(manifest, args.out)
+    counts = manifest.groupby("split").size().to_dict()
+    log(f"{args.out}: {len(manifest)} trials from {manifest['session'].nunique()} sessions {counts}")
+    return 0
+
+
+def preprocess_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, required=True, metavar="DATA_DIR")
+    p.add_argument("--out", type=Path, required=True, metavar="MANIFEST_CSV")
+
+
+COMMANDS = (
+    Command("corpus", "extract normalised, pronounceable English sentences (config: corpus)",
+            "Read the corpus source files (default: Debian's fortunes), split them into sentences, normalise "
+            "them and keep those whose every word is in the CMU lexicon. Writes one sentence per line.",
+            corpus_arguments, run_corpus),
+    Command("simulate", "simulate a Dryad-format data set of attempted speech (config: simulate)",
+            "Write simulated sessions in the Dryad HDF5 layout (hdf5_data_final/<session>/data_<split>.hdf5), "
+            "the block description CSV and the simulation's ground truth. See `python -m pydoc "
+            "b2txt.data.simulate` for the generative model.",
+            simulate_arguments, run_simulate),
+    Command("download", "download the Dryad files, checked against their digests and resumable",
+            "Walk the Dryad API (dataset -> last version -> files), show the sizes, download each file with a "
+            "progress bar (resuming partial files with HTTP Range requests), check size and digest, and unpack "
+            "zip/tar archives atomically into OUT (hdf5_data_final/, t15_pretrained_rnn_baseline/, ...). "
+            "Running it again skips what is already there and checked.",
+            download_arguments, run_download),
+    Command("data", "the data set config data.source names: simulated, downloaded or used as it is",
+            "data.source simulated: as `b2txt simulate`; dryad: as `b2txt download --dataset data` (download.files, "
+            "partial files in OUT.partial unless download.partial_dir says otherwise); dir: OUT must already hold "
+            "Dryad-layout data and is left as it is. The pipeline's one data stage, in Snakemake and DVC alike.",
+            data_arguments, run_data),
+    Command("validate", "check every file and trial of a Dryad-layout data directory",
+            "Report every problem with file, trial and field. Exit 0 when clean, 2 otherwise.",
+            validate_arguments, run_validate),
+    Command("preprocess", "check all trials once and write the trial manifest CSV",
+            "One row per trial: session, split, file, trial, block, length, phoneme count, corpus, "
+            "post-implant day, sentence. Training loads the data into memory from it.",
+            preprocess_arguments, run_preprocess),
+)

@@ -1,0 +1,134 @@
+"""Language-model commands: ``lm text``, ``lm ngram``, ``lm graph`` and ``decode`` (in process)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ..ground.console import log
+from .common import Command, add_config, config_of, positive
+
+#: The ``lm`` group: its steps are the commands named ``lm STEP`` below.
+GROUP = ("lm", "build language models: `lm text`, `lm ngram`, `lm graph` (config: lm)",
+         "The language-model stages, in order: text (normalised, leakage-free LM text), ngram (KenLM lmplz + "
+         "build_binary, or SRILM), graph (TLG.fst + words.txt in the published layout).")
+
+
+def run_lm_text(args: argparse.Namespace) -> int:
+    from ..ground.phonemes import Lexicon
+    from ..lm.text import build_lm_text_for
+
+    cfg = config_of(args)
+    if args.data is not None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dir": str(args.data)})})
+    stats = build_lm_text_for(cfg, args.out, Lexicon.from_cmudict(), stats_path=args.out.with_suffix(".json"))
+    log(f"{args.out}: {stats.summary()}")
+    return 0
+
+
+def lm_text_arguments(p: argparse.ArgumentParser) -> None:
+    add_config(p, "lm, corpus")
+    p.add_argument("--data", type=Path, metavar="DATA_DIR", help="data whose evaluation sentences are excluded "
+                   "(default: data.dir)")
+    p.add_argument("--out", type=Path, required=True, metavar="TEXT")
+
+
+def run_lm_ngram(args: argparse.Namespace) -> int:
+    from ..lm.ngram import build_ngram
+
+    lm = config_of(args).lm
+    t0 = time.perf_counter()
+    files = build_ngram(args.text, args.out, args.order, prune=lm.prune.get(args.order), memory=lm.memory,
+                        kenlm_dir=lm.kenlm_dir, tool=lm.tool)
+    log(f"{args.out}: {args.order}-gram {files.arpa.name}{' + ' + files.binary.name if files.binary else ''} "
+        f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def lm_ngram_arguments(p: argparse.ArgumentParser) -> None:
+    add_config(p, "lm")
+    p.add_argument("--text", type=Path, required=True, metavar="TEXT")
+    p.add_argument("--order", type=int, required=True, metavar="N")
+    p.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
+
+
+def run_lm_graph(args: argparse.Namespace) -> int:
+    from ..ground.phonemes import Lexicon
+    from ..lm.graph import build_graph_from_arpa
+    from ..lm.ngram import ngram_paths
+
+    lm = config_of(args).lm
+    arpa = args.arpa if args.arpa is not None else ngram_paths(args.out)[0]
+    t0 = time.perf_counter()
+    stats = build_graph_from_arpa(arpa, args.out, Lexicon.from_cmudict(), sil_prob=lm.sil_prob)
+    log(f"{args.out}: TLG.fst built in {time.perf_counter() - t0:.1f} s ({stats})")
+    return 0
+
+
+def lm_graph_arguments(p: argparse.ArgumentParser) -> None:
+    add_config(p, "lm")
+    p.add_argument("--arpa", type=Path, metavar="ARPA", help="the LM (default: OUT_DIR/lm.arpa)")
+    p.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    from ..lm.pool import decode_file
+
+    cfg = config_of(args)
+    positive("--workers", args.workers)
+    positive("--nbest", args.nbest)
+    options = cfg.decode
+    updates = {k: v for k, v in (("decoder", args.decoder), ("workers", args.workers), ("nbest", args.nbest)) if v}
+    if updates:
+        options = options.model_copy(update=updates)
+    rescore = cfg.rescore
+    if args.llm:
+        rescore = rescore.model_copy(update={"enabled": True, "model": args.llm})
+    if args.no_rescore:
+        rescore = rescore.model_copy(update={"enabled": False})
+    t0 = time.perf_counter()
+    table = decode_file(args.logits, args.lm, args.out, options, rescore, log)
+    ms = table["decode_ms"]  # also in OUT_DIR/timing.json
+    log(f"{args.out}: {len(table)} trials decoded in {time.perf_counter() - t0:.1f} s "
+        f"(decoder {ms.median():.1f} ms/trial median, {ms.quantile(0.9):.1f} ms p90)")
+    return 0
+
+
+def decode_arguments(p: argparse.ArgumentParser) -> None:
+    add_config(p, "decode, rescore")
+    p.add_argument("--logits", type=Path, required=True, metavar="LOGITS_HDF5")
+    p.add_argument("--lm", type=Path, required=True, metavar="LM_DIR",
+                   help="language-model directory (b2txt lm graph, or a published one with TLG.fst + words.txt)")
+    p.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
+    p.add_argument("--decoder", choices=["wfst", "lexicon"], help="overrides decode.decoder")
+    p.add_argument("--workers", type=int, help="decoding processes (default: decode.workers, else all cores)")
+    p.add_argument("--nbest", type=int, help="overrides decode.nbest")
+    p.add_argument("--llm", metavar="MODEL", help="rescore with this causal LM (Hub name or directory)")
+    p.add_argument("--no-rescore", action="store_true", help="skip LLM rescoring even when the config enables it")
+
+
+COMMANDS = (
+    Command("lm text", "LM training text from the corpus (config: lm, corpus)",
+            "Normalise the text sources (lm.text, else the corpus section's fortune files), drop sentences of "
+            "the evaluation splits found in DATA_DIR (lm.exclude_splits), map words outside the CMU lexicon to "
+            "<unk>, optionally add every lexicon word once. Writes TEXT and TEXT's statistics (OOV rate, ...) as "
+            "JSON beside it (text.txt -> text.json).",
+            lm_text_arguments, run_lm_text),
+    Command("lm ngram", "estimate an n-gram LM (ARPA + KenLM binary) from LM text (config: lm)",
+            "Runs KenLM lmplz (always with -S lm.memory and -T; --discount_fallback; --prune from lm.prune) and "
+            "build_binary, or SRILM ngram-count with lm.tool: srilm. Writes OUT_DIR/lm.arpa, lm.bin (and "
+            "lm.unpruned.arpa when pruned). The KenLM tools come from scripts/build_kenlm.sh.",
+            lm_ngram_arguments, run_lm_ngram),
+    Command("lm graph", "build the decoding graph TLG.fst + words.txt from an ARPA LM",
+            "CTC topology T over the 41 units in LM order, lexicon L (CMU dict, optional SIL after words), grammar "
+            "G from the ARPA (kaldilm): TLG.fst, words.txt, tokens.txt, G.fst (+ G_no_prune.fst from "
+            "lm.unpruned.arpa) and graph.json in OUT_DIR, the published layout.",
+            lm_graph_arguments, run_lm_graph),
+    Command("decode", "decode a logits file to sentences with an n-gram LM (config: decode, rescore)",
+            "Re-orders each trial's logits to the LM column order, decodes it to an n-best list with the WFST "
+            "(TLG.fst + words.txt) or lexicon (KenLM) decoder, augments the list and optionally rescores it "
+            "with a large causal LM. Trials are spread over processes. Writes OUT_DIR/decoded.csv and "
+            "OUT_DIR/nbest.jsonl.",
+            decode_arguments, run_decode),
+)

@@ -1,0 +1,76 @@
+"""Scoring commands: ``score`` (PER and WER tables) and ``submission`` (the competition CSV)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..ground.console import log
+from ..ground.errors import B2txtError
+from .common import Command
+
+
+def run_score(args: argparse.Namespace) -> int:
+    if not args.logits and not args.decoded:
+        raise B2txtError("give --logits (phoneme error rate), --decoded (word error rate) or both")
+    split = args.split or "val"
+    summary: dict[str, Any] = {}
+    if args.logits:
+        from ..data.logits import read_logits
+        from ..evaluation.error_rates import phoneme_table
+        from ..evaluation.reports import write_scores
+
+        table = phoneme_table(read_logits(args.logits))
+        if table.empty:
+            raise B2txtError(f"{args.logits}: no labelled trials to score")
+        metrics = write_scores(table, args.out, split)
+        log(f"{args.out}: {split} PER {metrics['PER']:.4f} over {metrics['n_trials']} trials")
+        summary.update(PER=metrics["PER"], n_trials=metrics["n_trials"])
+    if args.decoded:
+        from ..data.decoded import read_decoded
+        from ..evaluation.reports import write_word_scores
+
+        decoded = read_decoded(args.decoded)
+        try:
+            metrics = write_word_scores(decoded, args.out, split)
+        except ValueError:
+            raise B2txtError(f"{args.decoded}: no labelled trials to score") from None
+        log(f"{args.out}: {split} WER {metrics['WER']:.4f} over {metrics['n_trials']} trials")
+        summary.update(WER=metrics["WER"], n_trials=metrics["n_trials"])
+    print(json.dumps(summary))
+    return 0
+
+
+def score_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--logits", type=Path, metavar="LOGITS_HDF5")
+    p.add_argument("--decoded", type=Path, metavar="DECODED_CSV")
+    p.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
+    p.add_argument("--split", help="split name recorded in the metrics (default: val)")
+
+
+def run_submission(args: argparse.Namespace) -> int:
+    from ..data.decoded import read_decoded
+    from ..evaluation.reports import write_submission
+
+    n = write_submission(read_decoded(args.decoded), args.out)
+    log(f"{args.out}: {n} rows (id,text)")
+    return 0
+
+
+def submission_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decoded", type=Path, required=True, metavar="DECODED_CSV")
+    p.add_argument("--out", type=Path, required=True, metavar="CSV")
+
+
+COMMANDS = (
+    Command("score", "phoneme error rate (greedy CTC) and word error rate per trial, session, corpus",
+            "With --logits: per_session.csv, per_corpus.csv, trials.csv and metrics.json (PER). With --decoded "
+            "(a decoded.csv from `b2txt decode`): wer_per_session.csv, wer_per_corpus.csv, wer_trials.csv and "
+            "wer.json (WER with a bootstrap 95 %% interval). All in OUT_DIR.",
+            score_arguments, run_score),
+    Command("submission", "the competition CSV (id,text) from a decoded test split",
+            "Rows in session order, then trial order, ids 0..N-1, text normalised (REFERENCE §7).",
+            submission_arguments, run_submission),
+)

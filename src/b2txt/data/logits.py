@@ -1,0 +1,80 @@
+"""The logits file: phoneme logits of every trial of a split, and greedy CTC decoding.
+
+HDF5, one group per trial, ``trial_00000`` … in manifest order, holding dataset ``logits``
+(float32 ``[T', 41]``, model column order — see :func:`b2txt.phonemes.to_lm_order` for the
+language-model order) and, for labelled trials, ``seq_class_ids`` (unpadded); attributes
+``session``, ``split``, ``source_trial``, ``block_num``, ``trial_num``, ``corpus``,
+``post_implant_day``, ``sentence_label`` (empty when unknown).
+
+Kept free of torch so that decoding processes stay light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from ..ground.errors import B2txtError
+from ..ground.fileio import atomic_file
+from ..ground.phonemes import BLANK_ID, N_CLASSES
+
+
+def greedy_decode(logits: np.ndarray) -> list[int]:
+    """Best path: arg-max per frame, merge repeats, drop blanks."""
+    best = np.asarray(logits).argmax(-1)
+    keep = np.ones(len(best), dtype=bool)
+    keep[1:] = best[1:] != best[:-1]
+    return [int(c) for c in best[keep] if c != BLANK_ID]
+
+
+def write_logits(path: str | Path, rows: pd.DataFrame, logits: list[np.ndarray],
+                 labels: list[np.ndarray | None]) -> None:
+    with atomic_file(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["n_classes"] = N_CLASSES
+        f.attrs["column_order"] = "model"  # blank, AA..ZH, SIL
+        for i, (row, lg, lab) in enumerate(zip(rows.itertuples(index=False), logits, labels)):
+            g = f.create_group(f"trial_{i:05d}")
+            g.create_dataset("logits", data=lg.astype(np.float32))
+            if lab is not None:
+                g.create_dataset("seq_class_ids", data=np.asarray(lab, dtype=np.int32))
+            g.attrs["session"] = row.session
+            g.attrs["split"] = row.split
+            g.attrs["source_trial"] = row.trial
+            g.attrs["block_num"] = int(row.block_num)
+            g.attrs["trial_num"] = int(row.trial_num)
+            g.attrs["corpus"] = str(row.corpus)
+            g.attrs["post_implant_day"] = int(row.post_implant_day)
+            g.attrs["sentence_label"] = str(row.sentence)
+
+
+@dataclass
+class LogitsTrial:
+    logits: np.ndarray
+    labels: np.ndarray | None
+    attrs: dict
+
+
+def read_logits(path: str | Path) -> list[LogitsTrial]:
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise B2txtError(f"{path}: cannot read logits file: {exc}") from None
+    out = []
+    with f:
+        for name in sorted(f.keys()):
+            g = f[name]
+            if "logits" not in g:
+                raise B2txtError(f"{path}: {name}: dataset logits missing")
+            lg = g["logits"][()]
+            if lg.ndim != 2 or lg.shape[1] != N_CLASSES:
+                raise B2txtError(f"{path}: {name}: logits shape {lg.shape}, expected [T, {N_CLASSES}]")
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
+            out.append(LogitsTrial(lg, g["seq_class_ids"][()] if "seq_class_ids" in g else None, attrs))
+    return out
+
+

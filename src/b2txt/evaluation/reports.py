@@ -1,0 +1,75 @@
+"""Score reports: the PER and WER tables of a split, and the competition submission CSV."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from ..ground.fileio import atomic_file, write_text_atomic
+from ..ground.phonemes import normalize_text
+from .error_rates import aggregate, aggregate_words, bootstrap_ci, word_table
+
+
+def write_scores(table: pd.DataFrame, out_dir: str | Path, split: str) -> dict:
+    """``per_session.csv``, ``per_corpus.csv``, ``trials.csv`` and ``metrics.json`` in out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_session = aggregate(table, "session")
+    per_corpus = aggregate(table, "corpus")
+    for name, df in (("per_session.csv", per_session), ("per_corpus.csv", per_corpus), ("trials.csv", table)):
+        with atomic_file(out_dir / name) as tmp:
+            df.to_csv(tmp, index=False, float_format="%.6g")
+    metrics = {
+        "split": split,
+        "PER": float(table["edits"].sum() / table["ref_len"].sum()),
+        "n_trials": int(len(table)),
+        "n_phonemes": int(table["ref_len"].sum()),
+        "per_session": {r.session: round(float(r.PER), 6) for r in per_session.itertuples()},
+    }
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def write_word_scores(decoded: pd.DataFrame, out_dir: str | Path, split: str) -> dict:
+    """``wer_per_session.csv``, ``wer_per_corpus.csv``, ``wer_trials.csv`` and ``wer.json`` in out_dir."""
+    table = word_table(decoded)
+    if table.empty:
+        raise ValueError("no labelled trials to score")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_session = aggregate_words(table, "session")
+    per_corpus = aggregate_words(table, "corpus")
+    for name, df in (("wer_per_session.csv", per_session), ("wer_per_corpus.csv", per_corpus),
+                     ("wer_trials.csv", table)):
+        with atomic_file(out_dir / name) as tmp:
+            df.to_csv(tmp, index=False, float_format="%.6g")
+    lo, hi = bootstrap_ci(table["word_edits"].to_numpy(), table["ref_words"].to_numpy())
+    metrics = {
+        "split": split,
+        "WER": float(table["word_edits"].sum() / table["ref_words"].sum()),
+        "WER_ci95": [round(lo, 6), round(hi, 6)],
+        "sentence_error_rate": float((table["word_edits"] > 0).mean()),
+        "n_trials": int(len(table)),
+        "n_words": int(table["ref_words"].sum()),
+        "per_session": {r.session: round(float(r.WER), 6) for r in per_session.itertuples()},
+        "per_corpus": {r.corpus: round(float(r.WER), 6) for r in per_corpus.itertuples()},
+    }
+    write_text_atomic(out_dir / "wer.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def write_submission(decoded: pd.DataFrame, path: str | Path) -> int:
+    """The competition CSV (REFERENCE §7): ``id,text``, ids 0..N-1 in session order, then trial order.
+
+    Trial order within a session is the order of the source file's trials (block, then trial
+    number); the text is normalised as for scoring. Returns the number of rows.
+    """
+    order = decoded.assign(_src=decoded["source_trial"].astype(str)).sort_values(
+        ["session", "_src", "block_num", "trial_num"], kind="stable")
+    out = pd.DataFrame({"id": range(len(order)),
+                        "text": [normalize_text(str(s)) for s in order["decoded"]]})
+    with atomic_file(path) as tmp:
+        out.to_csv(tmp, index=False)
+    return len(out)

@@ -1,0 +1,261 @@
+"""Phoneme decoders. Read top to bottom: front end, the GRU decoder, then the adversarial
+``TripleGRUDecoder``.
+
+``GRUDecoder`` computes exactly the published baseline (REFERENCE §3) and uses its parameter
+names, so published state dicts load unchanged:
+
+    x [B, T, 512] ──per-day affine (day_weights[d], day_biases[d])──► softsign ─► dropout
+      ──patching (patch_size bins, stride patch_stride, time-major) ──► [B, T', P·512]
+      ──GRU (n_layers × n_units, learnable h0) ──► linear ──► logits [B, T', 41]
+
+The per-day layers are gathered with ``index_select`` from stacked weights and applied with
+``bmm`` (the XLA-friendly form of the seed note): no Python loop over the batch, and every
+day's parameters take part in the graph, so DDP needs no ``find_unused_parameters``.
+
+``TripleGRUDecoder`` is the seed note's XLA-friendly adversarial model. It shares the front end
+above (same ``day_weights.<i>`` / ``day_biases.<i>`` keys) and splits the patched features
+``x`` [B, T', P·C] into speech and a "noise" component with three GRUs:
+
+    x ──NoiseModel (GRU + linear back to P·C) ──► noise [B, T', P·C]
+    x − noise ──CleanSpeechModel (GRU + linear) ──► clean_logits [B, T', 41]
+    GRL(noise) ──NoisySpeechModel (GRU + linear) ──► noisy_logits [B, T', 41]
+
+GRL is ``gradient_reversal``: the identity going forward, ``−grl_scale ×`` the gradient going
+back. ``forward(x, day_idx, mode="inference")`` returns ``clean_logits`` only (the noisy head is
+not run); ``mode="full"`` returns the tuple ``(clean_logits, noisy_logits, noise)``.
+
+Training objective (implemented by the trainer, not here), with CTC as for the baseline (blank 0,
+log-softmax over classes, per-trial, mean; input lengths from ``output_lengths``):
+
+    L = CTC(clean_logits) + adversarial_weight · CTC(noisy_logits)
+
+One backward pass of ``L`` gives:
+
+* the clean head: ∂CTC(clean)/∂θ — it learns phonemes from ``x − noise``;
+* the noisy head: adversarial_weight · ∂CTC(noisy)/∂θ — it learns to read phonemes from the noise;
+* the noise model: ∂CTC(clean)/∂θ through ``x − noise``, plus
+  −grl_scale · adversarial_weight · ∂CTC(noisy)/∂θ through the GRL, i.e. it *ascends* the noisy
+  term and is pushed to leave no phoneme information in the noise (domain-adversarial training);
+* the shared front end: both paths, the reversed one included (the noise model reads ``x``).
+
+XLA rules of the seed note, kept throughout: no Python loop over the batch, static shapes
+(hidden states from ``h0.expand(n_layers, batch_size, units)`` with ``batch_size = x.size(0)``
+read once), tuple returns, and dtype consistency under bf16 autocast (``x − noise.to(x.dtype)``,
+patching preserves dtype). Both decoders compile with ``torch.compile(fullgraph=True)`` (set
+``torch._dynamo.config.allow_rnn = True`` for ``nn.GRU``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..ground.phonemes import N_CLASSES
+
+
+@dataclass
+class GRUDecoderConfig:
+    n_days: int
+    neural_dim: int = 512
+    n_units: int = 768
+    n_layers: int = 5
+    n_classes: int = N_CLASSES
+    rnn_dropout: float = 0.4
+    input_dropout: float = 0.2
+    patch_size: int = 14
+    patch_stride: int = 4
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def output_lengths(n_steps: torch.Tensor | int, patch_size: int, patch_stride: int):
+    """Number of model outputs for ``n_steps`` input bins: ``(T - patch) // stride + 1``."""
+    if patch_size <= 1 and patch_stride == 1:
+        return n_steps
+    return (n_steps - patch_size) // patch_stride + 1
+
+
+class DayLayers(nn.Module):
+    """Per-day affine input layers (identity / zero init), softsign, dropout, then patching.
+
+    A base class rather than a submodule so the parameter names stay those of the published
+    checkpoint (``day_weights.<i>``, ``day_biases.<i>`` at the top level).
+    """
+
+    def _init_day_layers(self, n_days: int, neural_dim: int, input_dropout: float,
+                         patch_size: int, patch_stride: int) -> int:
+        self.day_weights = nn.ParameterList([nn.Parameter(torch.eye(neural_dim)) for _ in range(n_days)])
+        self.day_biases = nn.ParameterList([nn.Parameter(torch.zeros(1, neural_dim)) for _ in range(n_days)])
+        self.day_layer_activation = nn.Softsign()
+        self.day_layer_dropout = nn.Dropout(input_dropout)
+        self.patch_size = patch_size
+        self.patch_stride = patch_stride
+        return neural_dim * max(patch_size, 1)  # GRU input size
+
+    def _apply_preprocessing(self, x: torch.Tensor, day_idx: torch.Tensor) -> torch.Tensor:
+        weights = torch.stack(list(self.day_weights), dim=0).index_select(0, day_idx)
+        biases = torch.stack([b.squeeze(0) for b in self.day_biases], dim=0).index_select(0, day_idx)
+        x = torch.bmm(x, weights.to(x.dtype)) + biases.unsqueeze(1).to(x.dtype)
+        x = self.day_layer_dropout(self.day_layer_activation(x))
+        if self.patch_size > 1 or self.patch_stride > 1:
+            dtype = x.dtype
+            # [B, T, C] -> [B, T', C, P] -> [B, T', P, C]: each patch is time-major, as published.
+            x = x.unfold(1, self.patch_size, self.patch_stride).transpose(2, 3)
+            x = x.reshape(x.shape[0], x.shape[1], -1).to(dtype)
+        return x
+
+
+def _init_gru_(gru: nn.GRU) -> None:
+    """The baseline's GRU initialisation: orthogonal recurrent, Xavier-uniform input weights."""
+    for name, param in gru.named_parameters():
+        if "weight_hh" in name:
+            nn.init.orthogonal_(param)
+        elif "weight_ih" in name:
+            nn.init.xavier_uniform_(param)
+
+
+class GRUDecoder(DayLayers):
+    """The published baseline phoneme decoder (state-dict compatible)."""
+
+    def __init__(self, cfg: GRUDecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        input_size = self._init_day_layers(cfg.n_days, cfg.neural_dim, cfg.input_dropout,
+                                           cfg.patch_size, cfg.patch_stride)
+        self.gru = nn.GRU(input_size, cfg.n_units, cfg.n_layers,
+                          dropout=cfg.rnn_dropout if cfg.n_layers > 1 else 0.0, batch_first=True)
+        _init_gru_(self.gru)
+        self.out = nn.Linear(cfg.n_units, cfg.n_classes)
+        nn.init.xavier_uniform_(self.out.weight)
+        self.h0 = nn.Parameter(nn.init.xavier_uniform_(torch.zeros(1, 1, cfg.n_units)))
+
+    def output_lengths(self, n_steps):
+        return output_lengths(n_steps, self.cfg.patch_size, self.cfg.patch_stride)
+
+    def forward(self, x: torch.Tensor, day_idx: torch.Tensor, states: torch.Tensor | None = None,
+                return_state: bool = False):
+        x = self._apply_preprocessing(x, day_idx)
+        batch_size = x.size(0)
+        if states is None:
+            states = self.h0.expand(self.cfg.n_layers, batch_size, self.cfg.n_units).contiguous()
+        output, hidden = self.gru(x, states.to(x.dtype))
+        logits = self.out(output)
+        return (logits, hidden) if return_state else logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Adversarial triple-GRU decoder (seed note's XLA-friendly model)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TripleGRUDecoderConfig:
+    n_days: int
+    neural_dim: int = 512
+    n_units: int = 768  # clean-speech GRU
+    n_layers: int = 5
+    noise_units: int = 256  # noise GRU
+    noise_layers: int = 2
+    noisy_units: int = 256  # noisy-speech GRU
+    noisy_layers: int = 2
+    n_classes: int = N_CLASSES
+    rnn_dropout: float = 0.4
+    input_dropout: float = 0.2
+    patch_size: int = 14
+    patch_stride: int = 4
+    grl_scale: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class GradientReversal(torch.autograd.Function):
+    """Identity forward; backward multiplies the incoming gradient by ``-scale``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output * (-ctx.scale), None
+
+
+def gradient_reversal(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return GradientReversal.apply(x, scale)
+
+
+class _GRUHead(nn.Module):
+    """GRU (learnable h0, baseline init) followed by a Xavier-initialised linear layer."""
+
+    def __init__(self, input_size: int, n_units: int, n_layers: int, n_out: int, dropout: float):
+        super().__init__()
+        self.n_units = n_units
+        self.n_layers = n_layers
+        self.gru = nn.GRU(input_size, n_units, n_layers,
+                          dropout=dropout if n_layers > 1 else 0.0, batch_first=True)
+        _init_gru_(self.gru)
+        self.out = nn.Linear(n_units, n_out)
+        nn.init.xavier_uniform_(self.out.weight)
+        self.h0 = nn.Parameter(nn.init.xavier_uniform_(torch.zeros(1, 1, n_units)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch_size = x.size(0)
+        states = self.h0.expand(self.n_layers, batch_size, self.n_units).contiguous()
+        output, _ = self.gru(x, states.to(x.dtype))
+        return self.out(output)
+
+
+class NoiseModel(_GRUHead):
+    """Front-end features [B, T', P·C] → an estimate of their noise component, same shape."""
+
+    def __init__(self, input_size: int, n_units: int, n_layers: int, dropout: float):
+        super().__init__(input_size, n_units, n_layers, input_size, dropout)
+
+
+class CleanSpeechModel(_GRUHead):
+    """Denoised features ``x − noise`` [B, T', P·C] → phoneme logits [B, T', n_classes]."""
+
+    def __init__(self, input_size: int, n_units: int, n_layers: int, n_classes: int, dropout: float):
+        super().__init__(input_size, n_units, n_layers, n_classes, dropout)
+
+
+class NoisySpeechModel(_GRUHead):
+    """Noise [B, T', P·C] (behind the gradient reversal) → phoneme logits [B, T', n_classes]."""
+
+    def __init__(self, input_size: int, n_units: int, n_layers: int, n_classes: int, dropout: float):
+        super().__init__(input_size, n_units, n_layers, n_classes, dropout)
+
+
+class TripleGRUDecoder(DayLayers):
+    """Shared front end + noise / clean-speech / noisy-speech GRUs (see the module docstring)."""
+
+    def __init__(self, cfg: TripleGRUDecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        input_size = self._init_day_layers(cfg.n_days, cfg.neural_dim, cfg.input_dropout,
+                                           cfg.patch_size, cfg.patch_stride)
+        self.noise_model = NoiseModel(input_size, cfg.noise_units, cfg.noise_layers, cfg.rnn_dropout)
+        self.clean_speech_model = CleanSpeechModel(input_size, cfg.n_units, cfg.n_layers,
+                                                   cfg.n_classes, cfg.rnn_dropout)
+        self.noisy_speech_model = NoisySpeechModel(input_size, cfg.noisy_units, cfg.noisy_layers,
+                                                   cfg.n_classes, cfg.rnn_dropout)
+        self.grl_scale = float(cfg.grl_scale)  # a plain attribute so a trainer may schedule it
+
+    def output_lengths(self, n_steps):
+        return output_lengths(n_steps, self.cfg.patch_size, self.cfg.patch_stride)
+
+    def forward(self, x: torch.Tensor, day_idx: torch.Tensor, mode: str = "inference"):
+        if mode not in ("inference", "full"):
+            raise ValueError(f"mode must be 'inference' or 'full', not {mode!r}")
+        x = self._apply_preprocessing(x, day_idx)
+        noise = self.noise_model(x)
+        clean_logits = self.clean_speech_model(x - noise.to(x.dtype))
+        if mode == "inference":
+            return clean_logits
+        noisy_logits = self.noisy_speech_model(gradient_reversal(noise, self.grl_scale))
+        return clean_logits, noisy_logits, noise

@@ -1,0 +1,84 @@
+"""Inference: phoneme logits for every trial of a split (file format: :mod:`b2txt.data.logits`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.logits import write_logits
+from ..data.store import TrialStore, read_manifest
+from ..ground.console import progress
+from ..ground.errors import B2txtError
+from ..ground.phonemes import N_CLASSES
+from .decoders import GRUDecoder
+from .transforms import pad_batch, smooth
+
+
+@torch.no_grad()
+def run_model(model: GRUDecoder, features: Sequence[np.ndarray], day_idx: Sequence[int],
+              kernel: torch.Tensor | None, device: torch.device, batch_size: int = 32,
+              show_progress: bool = False, pad_multiple: int = 64) -> list[np.ndarray]:
+    """Logits per trial. Trials are batched by length; the GRU is causal, so zero padding at
+    the end changes no output within a trial's own length (and 'same' smoothing pads with
+    zeros too). A trial shorter than one patch has no outputs: ``[0, 41]``. On XLA batches are
+    padded to a multiple of ``pad_multiple`` bins, so a few shapes compile, not one per length."""
+    model.eval()
+    n_out = [int(model.output_lengths(f.shape[0])) for f in features]
+    out: list[np.ndarray] = [np.zeros((0, N_CLASSES), dtype=np.float32)] * len(features)
+    runnable = [i for i in np.argsort([f.shape[0] for f in features], kind="stable") if n_out[i] > 0]
+    batches = [runnable[i: i + batch_size] for i in range(0, len(runnable), batch_size)]
+    it = progress(batches, desc="infer", unit="batch") if show_progress else batches
+    for b in it:
+        x, _ = pad_batch([features[i] for i in b])
+        if kernel is not None:
+            x = smooth(x, kernel)
+        if device.type == "xla":
+            x = F.pad(x, (0, 0, 0, -x.shape[1] % pad_multiple))
+        logits = model(x.to(device), torch.as_tensor(np.asarray(day_idx)[b]).to(device)).float().cpu().numpy()
+        for j, i in enumerate(b):
+            out[i] = logits[j, : n_out[i]]
+    return out
+
+
+def infer_split(model_dir: str | Path, data_dir: str | Path, manifest_path: str | Path, split: str,
+                out: str | Path, device: str = "auto", batch_size: int = 32, known_sessions_only: bool = False,
+                chunk_bins: int | None = None, log=lambda msg: None) -> int:
+    """Write the logits of every trial of ``split``; returns the number of trials.
+
+    Trials of sessions the model does not know are an error, or skipped (and reported) with
+    ``known_sessions_only``. With ``chunk_bins`` the trials are decoded online, that many bins
+    at a time (:mod:`b2txt.streaming`); the logits equal the one-pass ones.
+    """
+    from ..ground.device import select_device
+    from .checkpoint import load_model
+
+    dev = select_device(device)
+    loaded = load_model(model_dir, dev)
+    manifest = read_manifest(manifest_path)
+    rows = manifest[manifest["split"] == split]
+    if rows.empty:
+        raise B2txtError(f"{manifest_path}: no trials in split {split!r}")
+    unknown = sorted(set(rows["session"]) - set(loaded.sessions))
+    if unknown and known_sessions_only:
+        log(f"skipping {int(rows['session'].isin(unknown).sum())} {split} trial(s) of session(s) unknown to the model: {unknown}")
+        manifest = manifest[~manifest["session"].isin(unknown)]
+        rows = manifest[manifest["split"] == split]
+        unknown = []
+    if unknown:
+        raise B2txtError(f"session(s) {unknown} of the data are unknown to the model in {model_dir} "
+                         f"(it knows {len(loaded.sessions)} sessions: {loaded.sessions[0]} … {loaded.sessions[-1]}); "
+                         "fit a day layer for a new session with `b2txt calibrate`, or skip them with --known-sessions-only")
+    store = TrialStore.load(data_dir, manifest, split, loaded.sessions)
+    features = [loaded.select_features(f) for f in store.features]
+    if chunk_bins:
+        from .streaming import stream_logits
+
+        logits = stream_logits(loaded.model, features, store.day_idx, loaded.kernel, chunk_bins, dev)
+    else:
+        logits = run_model(loaded.model, features, store.day_idx, loaded.kernel, dev, batch_size, show_progress=True)
+    write_logits(out, store.rows, logits, store.labels)
+    return len(logits)

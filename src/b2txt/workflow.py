@@ -1,0 +1,1 @@
+"""The pipeline's stage table (filled in below)."""

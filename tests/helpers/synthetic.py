@@ -1,0 +1,65 @@
+"""Synthetic phoneme logits whose correct decoding is known: the language-model decoders and the
+LM server exercised without a trained model (tests and benchmarks/)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from b2txt.ground.phonemes import LM_ORDER, N_CLASSES, PHONEME_TO_ID, Lexicon
+
+
+def phoneme_logits(ids: list[int] | np.ndarray, rng: np.random.Generator, frames_per_phoneme: tuple[int, int] = (2, 4),
+                   blank_frames: tuple[int, int] = (0, 3), peak: float = 8.0, noise_sd: float = 1.0,
+                   confusion: float = 0.0, runner_up: float | None = None) -> np.ndarray:
+    """Model-order logits ``[T, 41]`` (float32) that a phoneme decoder could emit for ``ids``.
+
+    Each phoneme is the top class for a random number of frames, with blank frames between;
+    Gaussian noise of ``noise_sd`` on every logit, and with probability ``confusion`` a phoneme's
+    frames favour a random other phoneme instead (a decoding error the LM must fix); with
+    ``runner_up`` the true phoneme stays second there, ``runner_up`` below the peak, as in a
+    trained model's uncertain errors. For tests and benchmarks of the language-model decoders,
+    where a trained model is not the point.
+    """
+    rows: list[np.ndarray] = []
+
+    def frames(cls: int, n: int, second: int | None = None) -> None:
+        for _ in range(n):
+            row = rng.normal(0.0, noise_sd, N_CLASSES)
+            row[cls] += peak
+            if second is not None:
+                row[second] += peak - runner_up
+            rows.append(row)
+
+    frames(0, int(rng.integers(blank_frames[0], blank_frames[1] + 1)) + 1)
+    for i in ids:
+        shown, second = int(i), None
+        if confusion > 0 and rng.random() < confusion:
+            shown = int(rng.integers(1, N_CLASSES))
+            second = int(i) if runner_up is not None and shown != int(i) else None
+        frames(shown, int(rng.integers(frames_per_phoneme[0], frames_per_phoneme[1] + 1)), second)
+        frames(0, int(rng.integers(blank_frames[0], blank_frames[1] + 1)))
+    frames(0, 1)
+    return np.asarray(rows, dtype=np.float32)
+
+
+#: LM column of each phoneme name (blank 0, SIL 1, AA 2, …).
+LM_COLUMN = {name: LM_ORDER.index(class_id) for name, class_id in PHONEME_TO_ID.items()}
+
+
+def synthetic_logits(sentence: str, lexicon: Lexicon, rng: np.random.Generator, noise: float = 1.0,
+                     peak: float = 8.0, frames: tuple[int, int] = (1, 3)) -> np.ndarray:
+    """``[T, 41]`` float32 logits (LM order) that decode to ``sentence`` when noise is moderate."""
+    rows: list[np.ndarray] = []
+
+    def emit(column: int, n: int) -> None:
+        for _ in range(n):
+            row = rng.normal(0.0, noise, N_CLASSES).astype(np.float32)
+            row[column] += peak
+            rows.append(row)
+
+    emit(0, 2)
+    for phone in lexicon.sentence_phonemes(sentence):
+        emit(LM_COLUMN[phone], int(rng.integers(frames[0], frames[1] + 1)))
+        emit(0, int(rng.integers(0, 2)))
+    emit(0, 2)
+    return np.stack(rows).astype(np.float32)

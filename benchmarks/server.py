@@ -165,7 +165,8 @@ def group_throughput(lm: Path, run_dir: Path, trials: list[np.ndarray], options:
     """Trials/s of ``k`` lm-worker processes (decoder loaded, registered) sharing the trials, for each k."""
     import redis
 
-    from b2txt.server import group as G
+    from b2txt.server import trial_queue as G
+    from b2txt.server.evaluate_group import GroupCollector
 
     rates = {}
     for k in counts:
@@ -188,10 +189,10 @@ def group_throughput(lm: Path, run_dir: Path, trials: list[np.ndarray], options:
                     raise SystemExit(f"lm-workers did not start: see {run_dir / f'group{k}.log'}")
                 time.sleep(0.05)
             options_json = G.options_json(options, 0.55, False)
-            G.GroupCollector(rs.address, G.DEFAULT_QUEUE, options_json, log=lambda m: None).run(
+            GroupCollector(rs.address, G.DEFAULT_QUEUE, options_json, log=lambda m: None).run(
                 {i: x for i, x in enumerate(trials[:2 * k])})  # warm-up: every worker's first decode
             t0 = time.perf_counter()
-            G.GroupCollector(rs.address, G.DEFAULT_QUEUE, options_json, log=lambda m: None).run(dict(enumerate(trials)))
+            GroupCollector(rs.address, G.DEFAULT_QUEUE, options_json, log=lambda m: None).run(dict(enumerate(trials)))
             rates[k] = len(trials) / (time.perf_counter() - t0)
         finally:
             for w in workers:

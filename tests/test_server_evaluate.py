@@ -82,6 +82,24 @@ def test_evaluate_scores_every_trial(lm_dir, lexicon, tmp_path):
     assert (out / "lm-server.log").is_file()
 
 
+def test_the_three_decoding_runtimes_write_the_same_decoded_csv(lm_dir, lexicon, tmp_path):
+    """One decoding core in every runtime: `b2txt decode` (a process pool), `evaluate` through the LM
+    server, and `evaluate` through consumer-group lm-workers write byte-identical decoded.csv files,
+    noisy trials (where the n-best and its augmentation matter) included."""
+    logits = make_logits_file(tmp_path / "val.h5", lexicon, 30, noisy_every=3)
+    outs = {name: tmp_path / name for name in ("pool", "server", "workers")}
+    done = subprocess.run([sys.executable, "-m", "b2txt", "decode", "--logits", str(logits), "--lm", str(lm_dir),
+                           "--out", str(outs["pool"]), "--workers", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for name, extra in (("server", ["--workers", "2"]), ("workers", ["--group-workers", "2"])):
+        done = run_evaluate("--logits", str(logits), "--lm", str(lm_dir), "--out", str(outs[name]), *extra)
+        assert done.returncode == 0, done.stderr
+    pool, server, workers = ((outs[n] / "decoded.csv").read_bytes() for n in ("pool", "server", "workers"))
+    assert pool == server == workers
+    table = pd.read_csv(outs["pool"] / "decoded.csv", keep_default_na=False)
+    assert 0 < (table["decoded"] != table["reference"]).sum() < len(table)  # the noisy trials differ
+
+
 def test_published_single_client_protocol_and_chunks_give_the_same_sentences(lm_dir, lexicon, tmp_path):
     logits = make_logits_file(tmp_path / "test.h5", lexicon, 12, split="test")
     whole, chunked = tmp_path / "whole", tmp_path / "chunked"

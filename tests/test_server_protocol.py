@@ -13,7 +13,7 @@ from b2txt.ground.config import DecodeConfig
 from b2txt.ground.errors import B2txtError
 from b2txt.server import protocol as P
 from b2txt.server.connection import RedisAddress, check_address, is_loopback
-from b2txt.server.lm_server import ordered_entries
+from b2txt.server.router import ordered_entries
 
 GOOD = np.random.default_rng(0).normal(size=(5, 41)).astype(np.float32)
 

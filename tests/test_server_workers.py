@@ -27,7 +27,8 @@ from test_server_evaluate import make_logits_file as evaluate_logits_file
 
 from b2txt.ground.config import DecodeConfig
 from b2txt.ground.phonemes import Lexicon
-from b2txt.server import group as G
+from b2txt.server import trial_queue as G
+from b2txt.server.evaluate_group import GroupCollector
 from b2txt.server.redis_process import RedisServer
 
 SENTENCES = template_sentences(300)
@@ -255,7 +256,7 @@ def test_the_collector_keeps_the_first_result_of_each_trial(run_dir):
     try:
         address = rs.address
         trials = {i: np.full((3 + i, 41), float(i), np.float32) for i in range(6)}
-        collector = G.GroupCollector(address, "t:q", G.options_json(DecodeConfig(), 0.5, False), log=lambda m: None,
+        collector = GroupCollector(address, "t:q", G.options_json(DecodeConfig(), 0.5, False), log=lambda m: None,
                                      stall_timeout=30)
         seen: dict[int, np.ndarray] = {}
 

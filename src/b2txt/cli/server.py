@@ -144,7 +144,7 @@ def server_settings(args: argparse.Namespace) -> Any:
 
 
 def run_lm_server(args: argparse.Namespace) -> int:
-    from ..server.lm_server import serve
+    from ..server.router import serve
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(processName)s: %(message)s", stream=sys.stderr)
@@ -184,7 +184,8 @@ def tls_files(args: argparse.Namespace) -> Any:
 def worker_settings(args: argparse.Namespace) -> Any:
     from ..server import protocol as P
     from ..server.connection import RedisAddress, check_remote_password
-    from ..server.group import WorkerSettings, check_queue_name
+    from ..server.lm_worker import WorkerSettings
+    from ..server.trial_queue import check_queue_name
 
     cfg, options, llm, alpha, do_opt, lm_dir = _lm_inputs(args)
     positive("--max-logits-bytes", args.max_logits_bytes)
@@ -213,7 +214,7 @@ def worker_settings(args: argparse.Namespace) -> Any:
 
 
 def run_lm_worker(args: argparse.Namespace) -> int:
-    from ..server.group import run_worker
+    from ..server.lm_worker import run_worker
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s lm-worker: %(message)s", stream=sys.stderr)
@@ -261,7 +262,7 @@ def add_lm_worker_arguments(p: argparse.ArgumentParser) -> None:
 def group_options(args: argparse.Namespace, server: Any, external: Any) -> dict[str, Any]:
     """EvalSettings fields of the consumer-group mode, with one clear error per bad combination."""
     from ..server.connection import check_remote_password
-    from ..server.group import check_queue_name
+    from ..server.trial_queue import check_queue_name
 
     group_workers = args.group_workers if args.group_workers is not None else server.group_workers
     if group_workers < 0:
@@ -304,7 +305,8 @@ def group_options(args: argparse.Namespace, server: Any, external: Any) -> dict[
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from ..server.evaluate import EvalSettings, evaluate
+    from ..server.evaluate import evaluate
+    from ..server.evaluate_common import EvalSettings
 
     cfg = config_of(args)
     options = decode_options(args, cfg.decode)

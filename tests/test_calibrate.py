@@ -57,7 +57,7 @@ def test_with_new_session_appends_a_copy_of_the_latest_earlier_day_layer(trained
     assert loaded.sessions == sessions[:2]
 
     model, day = with_new_session(loaded, sessions[2])
-    assert day == 2 and len(model.day_weights) == len(model.day_biases) == 3 and model.cfg.n_days == 3
+    assert day == 2 and len(model.day_weights) == len(model.day_biases) == 3 and model.n_days == 3
     new_state = model.state_dict()
     assert changed(original, new_state) == {"day_weights.2", "day_biases.2"}
     assert torch.equal(new_state["day_weights.2"], original["day_weights.1"])  # the session just before
@@ -66,7 +66,7 @@ def test_with_new_session_appends_a_copy_of_the_latest_earlier_day_layer(trained
     with torch.no_grad():
         model.day_weights[2].add_(1.0)
     assert torch.equal(model.day_weights[1], original["day_weights.1"])
-    assert len(loaded.model.day_weights) == 2 and loaded.model.cfg.n_days == 2
+    assert len(loaded.model.day_weights) == 2 and loaded.model.n_days == 2
     assert not changed(original, loaded.model.state_dict())
     assert all(p.requires_grad for p in model.parameters())
 

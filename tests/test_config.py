@@ -49,6 +49,30 @@ def test_default_config_file_sets_every_other_section_explicitly():
             assert set(section) == set(PipelineConfig.model_fields[name].annotation.model_fields), name
 
 
+def test_one_set_of_defaults():
+    """The built-in defaults are the default run's: config/config.yaml and the baseline preset write the
+    same values out (documented in place), so a command given no --config behaves as with those files."""
+    from b2txt.ground.config import PipelineConfig
+
+    assert PipelineConfig() == load_config(BASE) == load_config(BASE[:1])
+
+
+def test_commands_read_no_config_from_the_working_directory(tmp_path, monkeypatch, capsys):
+    """Without --config a command uses the built-in defaults wherever it runs: a config/config.yaml
+    in the working directory does not change how it decodes."""
+    from b2txt.cli import main
+    from b2txt.ground.config import PipelineConfig
+
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text("decode: {acoustic_scale: 9.0}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["config-show"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["decode"]["acoustic_scale"] == PipelineConfig().decode.acoustic_scale == 1.5
+    assert main(["config-show", "--config", "config/config.yaml"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["decode"]["acoustic_scale"] == 9.0
+
+
 def test_later_files_override_earlier_ones(tmp_path):
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text("train: {seed: 1, batch_size: 8, model: {n_units: 10, n_layers: 1}}\n")

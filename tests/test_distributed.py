@@ -36,6 +36,7 @@ BASE = {
     "seed": 3, "model": GRU, "num_training_batches": 6, "batch_size": 6, "days_per_batch": 2,
     "lr_warmup_steps": 2, "lr_decay_steps": 6, "lr_warmup_steps_day": 2, "lr_decay_steps_day": 6,
     "batches_per_train_log": 2, "batches_per_val_step": 6, "batches_per_checkpoint": 3, "threads": 1,
+    "holdout_sessions": [],
 }
 
 

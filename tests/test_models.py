@@ -1,19 +1,23 @@
 """GRUDecoder against an independent computation of REFERENCE §3, and model-directory I/O."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import yaml
 
+from b2txt.ground.config import ModelConfig, load_config
 from b2txt.ground.errors import B2txtError
 from b2txt.models.checkpoint import load_model
-from b2txt.models.decoders import GRUDecoder, GRUDecoderConfig, output_lengths
+from b2txt.models.decoders import GRUDecoder, output_lengths
 from b2txt.models.inference import run_model
 
-CFG = GRUDecoderConfig(n_days=3, neural_dim=512, n_units=12, n_layers=2, patch_size=5, patch_stride=3)
+CFG = ModelConfig(n_units=12, n_layers=2, patch_size=5, patch_stride=3)
+N_DAYS = 3
 
 
-def reference_forward(sd: dict, x: np.ndarray, day: int, cfg: GRUDecoderConfig) -> np.ndarray:
+def reference_forward(sd: dict, x: np.ndarray, day: int, cfg: ModelConfig) -> np.ndarray:
     """REFERENCE §3 written out with numpy loops, from the state dict alone."""
     sd = {k: v.detach().double().numpy() for k, v in sd.items()}
     h = x.astype(np.float64) @ sd[f"day_weights.{day}"] + sd[f"day_biases.{day}"]
@@ -41,7 +45,7 @@ def reference_forward(sd: dict, x: np.ndarray, day: int, cfg: GRUDecoderConfig) 
 
 def randomised_model(seed=0) -> GRUDecoder:
     torch.manual_seed(seed)
-    model = GRUDecoder(CFG).eval()
+    model = GRUDecoder(CFG, N_DAYS).eval()
     with torch.no_grad():  # move day layers away from identity so the day index matters
         for w, b in zip(model.day_weights, model.day_biases):
             w.add_(0.05 * torch.randn_like(w))
@@ -50,7 +54,8 @@ def randomised_model(seed=0) -> GRUDecoder:
 
 
 def test_parameter_names_and_shapes_match_the_published_checkpoint():
-    model = GRUDecoder(GRUDecoderConfig(n_days=2))
+    paper = load_config(Path(__file__).parents[1] / "config" / "model" / "paper.yaml").train.model
+    model = GRUDecoder(paper, n_days=2)
     sd = model.state_dict()
     expected = {"h0", "out.weight", "out.bias", "day_weights.0", "day_weights.1", "day_biases.0", "day_biases.1"}
     expected |= {f"gru.{k}_l{i}" for i in range(5) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}

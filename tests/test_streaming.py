@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from b2txt.ground.config import ModelConfig
 from b2txt.ground.errors import B2txtError
-from b2txt.models.decoders import GRUDecoder, GRUDecoderConfig
+from b2txt.models.decoders import GRUDecoder
 from b2txt.models.inference import run_model
 from b2txt.models.streaming import StreamingDecoder
 from b2txt.models.transforms import gaussian_kernel
@@ -22,9 +23,9 @@ KERNELS = {"none": None, "gauss2": gaussian_kernel(2.0), "gauss1": gaussian_kern
 
 def make_model(patch_size: int, patch_stride: int, seed: int = 0) -> GRUDecoder:
     torch.manual_seed(seed)
-    cfg = GRUDecoderConfig(n_days=N_DAYS, neural_dim=NEURAL_DIM, n_units=16, n_layers=2,
-                           patch_size=patch_size, patch_stride=patch_stride)
-    model = GRUDecoder(cfg)
+    # patch_size 0 (no patching, as a published args.yaml may say) is ModelConfig's 1
+    cfg = ModelConfig(n_units=16, n_layers=2, patch_size=patch_size or 1, patch_stride=patch_stride)
+    model = GRUDecoder(cfg, N_DAYS, NEURAL_DIM)
     with torch.no_grad():  # day layers away from identity so the day index matters
         for w, b in zip(model.day_weights, model.day_biases):
             w.add_(0.2 * torch.randn_like(w))

@@ -1,35 +1,35 @@
 """TripleGRUDecoder (the seed note's adversarial model), gradient reversal, bf16 and torch.compile."""
 
-from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from b2txt.ground.config import ModelConfig, load_config
 from b2txt.models import decoders as models
+from b2txt.models.checkpoint import model_args, model_config_from_args
 from b2txt.models.decoders import (
     CleanSpeechModel,
     GRUDecoder,
-    GRUDecoderConfig,
     NoiseModel,
     NoisySpeechModel,
     TripleGRUDecoder,
-    TripleGRUDecoderConfig,
     gradient_reversal,
     output_lengths,
 )
 
-CFG = TripleGRUDecoderConfig(n_days=3, neural_dim=8, n_units=16, n_layers=2, noise_units=12,
-                             noise_layers=2, noisy_units=10, noisy_layers=2, patch_size=5,
-                             patch_stride=3)
-P_C = CFG.patch_size * CFG.neural_dim
+CFG = ModelConfig(architecture="triple", n_units=16, n_layers=2, noise_units=12, noise_layers=2, noisy_units=10,
+                  noisy_layers=2, patch_size=5, patch_stride=3)
+N_DAYS, NEURAL_DIM = 3, 8
+P_C = CFG.patch_size * NEURAL_DIM
 T = 23
 T_OUT = output_lengths(T, CFG.patch_size, CFG.patch_stride)  # (23 - 5) // 3 + 1 = 7
 
 
 def make_model(seed=0, cfg=CFG) -> TripleGRUDecoder:
     torch.manual_seed(seed)
-    model = TripleGRUDecoder(cfg)
+    model = TripleGRUDecoder(cfg, N_DAYS, NEURAL_DIM)
     with torch.no_grad():  # move day layers away from identity so the day index matters
         for w, b in zip(model.day_weights, model.day_biases):
             w.add_(0.1 * torch.randn_like(w))
@@ -39,7 +39,7 @@ def make_model(seed=0, cfg=CFG) -> TripleGRUDecoder:
 
 def batch(seed=0, n=3):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, T, CFG.neural_dim, generator=g), torch.tensor([2, 0, 1][:n])
+    return torch.randn(n, T, NEURAL_DIM, generator=g), torch.tensor([2, 0, 1][:n])
 
 
 def ctc(logits, seed=0):
@@ -52,14 +52,15 @@ def ctc(logits, seed=0):
                       reduction="mean", zero_infinity=True)
 
 
-def test_config_defaults_and_to_dict():
-    cfg = TripleGRUDecoderConfig(n_days=4)
-    d = cfg.to_dict()
-    assert d == {"n_days": 4, "neural_dim": 512, "n_units": 768, "n_layers": 5, "noise_units": 256,
-                 "noise_layers": 2, "noisy_units": 256, "noisy_layers": 2, "n_classes": 41,
-                 "rnn_dropout": 0.4, "input_dropout": 0.2, "patch_size": 14, "patch_stride": 4,
-                 "grl_scale": 1.0}
-    assert TripleGRUDecoderConfig(**d) == cfg
+def test_one_model_config_round_trips_through_args_yaml():
+    """The models, the trainer and args.yaml share one config type: args.yaml's model section
+    (published key names) gives back the config it was written from, for every preset."""
+    presets = Path(__file__).parents[1] / "config" / "model"
+    configs = [CFG, ModelConfig(), *(load_config(presets / f"{p}.yaml").train.model for p in ("paper", "triple"))]
+    for cfg in configs:
+        assert model_config_from_args(model_args(cfg, NEURAL_DIM)) == cfg
+    paper = load_config(presets / "triple.yaml").train.model
+    assert TripleGRUDecoder(paper, 4).cfg is paper and TripleGRUDecoder(paper, 4).n_days == 4
 
 
 def test_output_shapes_in_both_modes_and_output_lengths():
@@ -82,8 +83,8 @@ def test_output_shapes_in_both_modes_and_output_lengths():
     assert model.output_lengths(T) == T_OUT
     lengths = torch.tensor([23, 5, 14, 8])
     assert torch.equal(model.output_lengths(lengths), torch.tensor([7, 1, 4, 2]))
-    assert model.output_lengths(T) == GRUDecoder(GRUDecoderConfig(
-        n_days=1, neural_dim=8, n_units=4, n_layers=1, patch_size=5, patch_stride=3)).output_lengths(T)
+    assert model.output_lengths(T) == GRUDecoder(ModelConfig(
+        n_units=4, n_layers=1, patch_size=5, patch_stride=3), n_days=1, neural_dim=8).output_lengths(T)
 
 
 def test_submodules_and_state_dict_keys():
@@ -105,7 +106,7 @@ def test_submodules_and_state_dict_keys():
     assert sd["noisy_speech_model.h0"].shape == (1, 1, 10)
     assert sd["noisy_speech_model.out.weight"].shape == (41, 10)
     # Fresh day layers are identity / zero, as for the baseline; recurrent weights orthogonal.
-    fresh = TripleGRUDecoder(CFG).state_dict()
+    fresh = TripleGRUDecoder(CFG, N_DAYS, NEURAL_DIM).state_dict()
     assert torch.equal(fresh["day_weights.1"], torch.eye(8)) and not fresh["day_biases.1"].any()
     w_hh = fresh["noisy_speech_model.gru.weight_hh_l0"]  # [3H, H]: orthonormal columns
     torch.testing.assert_close(w_hh.T @ w_hh, torch.eye(10), atol=1e-5, rtol=0)
@@ -257,8 +258,8 @@ def _compile_matches_eager(model, args, kwargs, train):
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_gru_decoder_compiles_fullgraph(train):
     torch.manual_seed(0)
-    model = GRUDecoder(GRUDecoderConfig(n_days=3, neural_dim=8, n_units=16, n_layers=2,
-                                        patch_size=5, patch_stride=3, rnn_dropout=0.0))
+    model = GRUDecoder(ModelConfig(n_units=16, n_layers=2, patch_size=5, patch_stride=3, rnn_dropout=0.0),
+                       n_days=3, neural_dim=8)
     x, days = batch(5)
     _compile_matches_eager(model, (x, days), {}, train)
 
@@ -266,7 +267,7 @@ def test_gru_decoder_compiles_fullgraph(train):
 @pytest.mark.parametrize("train,mode", [(False, "inference"), (False, "full"), (True, "full")],
                          ids=["eval-inference", "eval-full", "train-full"])
 def test_triple_decoder_compiles_fullgraph(train, mode):
-    model = make_model(7, replace(CFG, rnn_dropout=0.0))
+    model = make_model(7, CFG.model_copy(update={"rnn_dropout": 0.0}))
     x, days = batch(6)
     _compile_matches_eager(model, (x, days), {"mode": mode}, train)
 
@@ -274,9 +275,10 @@ def test_triple_decoder_compiles_fullgraph(train, mode):
 def test_compiled_train_mode_with_gru_dropout():
     x, days = batch(7)
     torch.manual_seed(0)
-    baseline = GRUDecoder(GRUDecoderConfig(n_days=3, neural_dim=8, n_units=16, n_layers=2,
-                                           patch_size=5, patch_stride=3, rnn_dropout=0.5))
-    for model, kwargs in ((baseline, {}), (make_model(8, replace(CFG, rnn_dropout=0.5)), {"mode": "full"})):
+    baseline = GRUDecoder(ModelConfig(n_units=16, n_layers=2, patch_size=5, patch_stride=3, rnn_dropout=0.5),
+                          n_days=3, neural_dim=8)
+    dropout = make_model(8, CFG.model_copy(update={"rnn_dropout": 0.5}))
+    for model, kwargs in ((baseline, {}), (dropout, {"mode": "full"})):
         torch._dynamo.reset()
         with torch.no_grad():
             eval_out = model.eval()(x, days, **kwargs)

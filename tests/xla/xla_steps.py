@@ -52,15 +52,15 @@ def device_of(name: str) -> torch.device:
 
 
 def forward(spec: dict, out: str) -> None:
-    from b2txt.models.decoders import GRUDecoder, GRUDecoderConfig, TripleGRUDecoder, TripleGRUDecoderConfig
+    from b2txt.ground.config import ModelConfig
+    from b2txt.models.decoders import GRUDecoder, TripleGRUDecoder
 
     dev = device_of(spec["device"])
     torch.manual_seed(spec.get("seed", 0))
-    common = dict(n_days=3, neural_dim=512, n_units=48, n_layers=2, rnn_dropout=0.4, input_dropout=0.2,
-                  patch_size=14, patch_stride=4)
-    models = {"gru": GRUDecoder(GRUDecoderConfig(**common)),
-              "triple": TripleGRUDecoder(TripleGRUDecoderConfig(**common, noise_units=24, noise_layers=1,
-                                                                noisy_units=24, noisy_layers=1))}
+    common = dict(n_units=48, n_layers=2, rnn_dropout=0.4, input_dropout=0.2, patch_size=14, patch_stride=4)
+    models = {"gru": GRUDecoder(ModelConfig(**common), n_days=3, neural_dim=512),
+              "triple": TripleGRUDecoder(ModelConfig(architecture="triple", **common, noise_units=24, noise_layers=1,
+                                                     noisy_units=24, noisy_layers=1), n_days=3, neural_dim=512)}
     x = torch.randn(3, spec.get("n_bins", 150), 512)
     day = torch.tensor([0, 2, 1])
     ref = torch.load(spec["init_from"], weights_only=True) if spec.get("init_from") else None

@@ -1,5 +1,10 @@
 """Typed configuration of every stage (pydantic), read from ``config/config.yaml``.
 
+One set of defaults: the defaults below are the embedded default run's, and
+``config/config.yaml`` + ``config/model/baseline.yaml`` write the same values out, documented
+in place (a test keeps them equal). A command given no ``--config`` uses them, wherever it
+runs; the presets (``config/model/paper.yaml``, ``triple.yaml``) override them.
+
 The YAML file documents each knob in place; these models give defaults, types and checks,
 and are the single source of the JSON schema in ``workflow/schemas/config.schema.json``
 (regenerate with ``b2txt config-schema``). Every stage command takes ``--config FILE`` and
@@ -74,9 +79,18 @@ class ModelSourceConfig(Section):
         return f"{self.dir.rstrip('/')}/{unpack_target(self.file)}"
 
 
+#: Debian's fortune files the default corpus reads (package ``fortunes``, BSD licence).
+FORTUNE_FILES = (
+    "computers", "cookie", "debian", "definitions", "disclaimer", "drugs", "education", "ethnic", "food",
+    "fortunes", "goedel", "humorists", "kids", "knghtbrd", "law", "linux", "linuxcookie", "literature", "love",
+    "magic", "medicine", "men-women", "miscellaneous", "news", "paradoxum", "people", "perl", "pets",
+    "platitudes", "politics", "pratchett", "riddles", "science", "songs-poems", "sports", "startrek", "tao",
+    "translate-me", "wisdom", "work", "zippy")
+
+
 class CorpusConfig(Section):
     source_dir: str | None = "/usr/share/games/fortunes"
-    files: list[str] = Field(default_factory=lambda: ["fortunes"])
+    files: list[str] = Field(default_factory=lambda: list(FORTUNE_FILES))
     min_words: int = Field(3, ge=1)
     max_words: int = Field(14, ge=1)
     out: str = "data/corpus/sentences.txt"
@@ -149,15 +163,18 @@ class SimulateConfig(Section):
 
 
 class ModelConfig(Section):
-    """Phoneme decoder architecture (REFERENCE §3); the paper's GRU is n_units 768, n_layers 5.
+    """Phoneme decoder architecture (REFERENCE §3): the one model config of the models
+    (:mod:`b2txt.models.decoders`), the trainer and ``args.yaml`` (:mod:`b2txt.models.checkpoint`).
+    The default is the small baseline; the paper's GRU is n_units 768, n_layers 5
+    (``config/model/paper.yaml``).
 
     ``triple`` (TripleGRUDecoder) adds a noise GRU and a noisy-speech GRU (``noise_*``,
     ``noisy_*``); ``n_units``/``n_layers`` then size its clean-speech GRU.
     """
 
     architecture: Literal["gru", "triple"] = "gru"
-    n_units: int = Field(768, ge=1)
-    n_layers: int = Field(5, ge=1)
+    n_units: int = Field(256, ge=1)
+    n_layers: int = Field(2, ge=1)
     rnn_dropout: float = Field(0.4, ge=0, lt=1)
     input_dropout: float = Field(0.2, ge=0, lt=1)
     patch_size: int = Field(14, ge=1)
@@ -184,34 +201,34 @@ class TrainConfig(Section):
     seed: int = 10
     model: ModelConfig = ModelConfig()
     augment: AugmentConfig = AugmentConfig()
-    num_training_batches: int = Field(120_000, ge=1)
-    batch_size: int = Field(64, ge=1)
+    num_training_batches: int = Field(400, ge=1)
+    batch_size: int = Field(32, ge=1)
     days_per_batch: int = Field(4, ge=1)
     must_include_days: list[int] = Field(default_factory=list)
     length_bucketing: bool = Field(True, description="draw each batch's trials at one length quantile (less padding)")
     feature_subset: list[int] | None = Field(None, min_length=1, description="feature indices to use (default: all 512)")
     holdout_sessions: list[int | str] = Field(
-        default_factory=list, description="sessions left out of training (names or indices, -1 = last), e.g. for calibrate")
+        default_factory=lambda: [-1], description="sessions left out of training (names or indices, -1 = last), e.g. for calibrate")
     adversarial_weight: float = Field(0.5, ge=0, description="triple: weight of the noisy-head CTC term")
     lr_scheduler_type: Literal["cosine", "linear"] = "cosine"
     lr_max: float = Field(0.005, gt=0)
     lr_min: float = Field(0.0001, ge=0)
-    lr_decay_steps: int = Field(120_000, ge=1)
-    lr_warmup_steps: int = Field(1000, ge=0)
+    lr_decay_steps: int = Field(400, ge=1)
+    lr_warmup_steps: int = Field(50, ge=0)
     lr_max_day: float = Field(0.005, gt=0)
     lr_min_day: float = Field(0.0001, ge=0)
-    lr_decay_steps_day: int = Field(120_000, ge=1)
-    lr_warmup_steps_day: int = Field(1000, ge=0)
+    lr_decay_steps_day: int = Field(400, ge=1)
+    lr_warmup_steps_day: int = Field(50, ge=0)
     beta0: float = 0.9
     beta1: float = 0.999
     epsilon: float = 0.1
     weight_decay: float = Field(0.001, ge=0)
     weight_decay_day: float = Field(0.0, ge=0)
     grad_norm_clip_value: float = Field(10.0, gt=0)
-    batches_per_train_log: int = Field(200, ge=1)
-    batches_per_val_step: int = Field(2000, ge=1)
+    batches_per_train_log: int = Field(50, ge=1)
+    batches_per_val_step: int = Field(100, ge=1)
     early_stopping_val_steps: int | None = Field(None, ge=1)
-    batches_per_checkpoint: int = Field(500, ge=1, description="resume checkpoint interval")
+    batches_per_checkpoint: int = Field(100, ge=1, description="resume checkpoint interval")
     xla_pad_multiple: int = Field(64, ge=1, description="xla: pad batch lengths to a multiple (static shapes)")
     amp: Literal["auto", "bf16", "off"] = "auto"
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, xla")
@@ -281,7 +298,7 @@ class DecodeConfig(Section):
     """
 
     decoder: Literal["wfst", "lexicon"] = "wfst"
-    acoustic_scale: float = Field(0.325, gt=0)
+    acoustic_scale: float = Field(1.5, gt=0, description="the published model's sharper logits: 0.325 (paper preset)")
     blank_penalty: float = Field(90.0, gt=0, description="blank log-prob lowered by log(blank_penalty)")
     blank_skip_threshold: float = Field(1.0, gt=0, le=1)
     beam: float = Field(17.0, gt=0)
@@ -361,7 +378,7 @@ class ResourcesConfig(Section):
     decode: RuleResources = Field(RuleResources(cpus=8, mem_mb=8000, runtime=120),
                                   description="decode, evaluate (per split; evaluate runs redis-server and the LM "
                                               "server inside its job)")
-    figures: RuleResources = Field(RuleResources(), description="figures")
+    figures: RuleResources = Field(RuleResources(runtime=30), description="figures")
 
 
 class PipelineConfig(Section):

@@ -29,28 +29,19 @@ from torch import nn
 from ..ground.config import ModelConfig, TrainConfig, read_yaml
 from ..ground.errors import B2txtError
 from ..ground.phonemes import N_CLASSES
-from .decoders import GRUDecoder, GRUDecoderConfig, TripleGRUDecoder, TripleGRUDecoderConfig
+from .decoders import N_FEATURES, GRUDecoder, TripleGRUDecoder
 from .transforms import gaussian_kernel
-
-N_FEATURES = 512
 
 
 def build_model(mcfg: ModelConfig, n_days: int, neural_dim: int = N_FEATURES) -> nn.Module:
     """A freshly initialised model of the configured architecture."""
-    common = dict(n_days=n_days, neural_dim=neural_dim, n_units=mcfg.n_units, n_layers=mcfg.n_layers,
-                  n_classes=N_CLASSES, rnn_dropout=mcfg.rnn_dropout, input_dropout=mcfg.input_dropout,
-                  patch_size=mcfg.patch_size, patch_stride=mcfg.patch_stride)
-    if mcfg.architecture == "gru":
-        return GRUDecoder(GRUDecoderConfig(**common))
-    return TripleGRUDecoder(TripleGRUDecoderConfig(
-        **common, noise_units=mcfg.noise_units, noise_layers=mcfg.noise_layers,
-        noisy_units=mcfg.noisy_units, noisy_layers=mcfg.noisy_layers, grl_scale=mcfg.grl_scale))
+    return (GRUDecoder if mcfg.architecture == "gru" else TripleGRUDecoder)(mcfg, n_days, neural_dim)
 
 
-def published_args(cfg: TrainConfig, sessions: list[str], data_dir: str, out_dir: str) -> dict[str, Any]:
-    """``args.yaml`` in the published layout (REFERENCE §3), plus our own keys."""
-    m, a = cfg.model, cfg.augment
-    n_features = len(cfg.feature_subset) if cfg.feature_subset else N_FEATURES
+def model_args(m: ModelConfig, n_features: int) -> dict[str, Any]:
+    """``args.yaml``'s ``model`` section (published key names) of a model config; our additions
+    (``architecture``, ``triple``) live under keys the published code ignores.
+    :func:`model_config_from_args` is its inverse."""
     model: dict[str, Any] = {
         "n_input_features": n_features, "n_units": m.n_units, "rnn_dropout": m.rnn_dropout,
         "rnn_trainable": True, "n_layers": m.n_layers, "patch_size": m.patch_size,
@@ -61,8 +52,27 @@ def published_args(cfg: TrainConfig, sessions: list[str], data_dir: str, out_dir
     }
     if m.architecture == "triple":
         model["triple"] = {"noise_units": m.noise_units, "noise_layers": m.noise_layers,
-                           "noisy_units": m.noisy_units, "noisy_layers": m.noisy_layers,
-                           "grl_scale": m.grl_scale, "adversarial_weight": cfg.adversarial_weight}
+                           "noisy_units": m.noisy_units, "noisy_layers": m.noisy_layers, "grl_scale": m.grl_scale}
+    return model
+
+
+def model_config_from_args(m: dict[str, Any]) -> ModelConfig:
+    """The model config of an ``args.yaml`` ``model`` section, ours or published (which lacks our keys)."""
+    triple = {k: v for k, v in (m.get("triple") or {}).items() if k != "adversarial_weight"}
+    return ModelConfig(
+        architecture=m.get("architecture", "gru"), n_units=int(m["n_units"]), n_layers=int(m["n_layers"]),
+        rnn_dropout=float(m.get("rnn_dropout", 0.0)),
+        input_dropout=float((m.get("input_network") or {}).get("input_layer_dropout", 0.0)),
+        patch_size=int(m.get("patch_size", 1)) or 1, patch_stride=int(m.get("patch_stride", 1)) or 1, **triple)
+
+
+def published_args(cfg: TrainConfig, sessions: list[str], data_dir: str, out_dir: str) -> dict[str, Any]:
+    """``args.yaml`` in the published layout (REFERENCE §3), plus our own keys."""
+    a = cfg.augment
+    n_features = len(cfg.feature_subset) if cfg.feature_subset else N_FEATURES
+    model = model_args(cfg.model, n_features)
+    if cfg.model.architecture == "triple":
+        model["triple"]["adversarial_weight"] = cfg.adversarial_weight
     return {
         "model": model,
         "mode": "train", "use_amp": cfg.amp != "off", "output_dir": out_dir,
@@ -99,12 +109,7 @@ def _model_from_args(args: dict[str, Any], where: Path) -> tuple[nn.Module, list
         sessions = [str(s) for s in ds["sessions"]]
         transforms = ds.get("data_transforms") or {}
         subset = ds.get("feature_subset")
-        mcfg = ModelConfig(
-            architecture=m.get("architecture", "gru"), n_units=int(m["n_units"]), n_layers=int(m["n_layers"]),
-            rnn_dropout=float(m.get("rnn_dropout", 0.0)),
-            input_dropout=float((m.get("input_network") or {}).get("input_layer_dropout", 0.0)),
-            patch_size=int(m.get("patch_size", 1)) or 1, patch_stride=int(m.get("patch_stride", 1)) or 1,
-            **{k: v for k, v in (m.get("triple") or {}).items() if k != "adversarial_weight"})
+        mcfg = model_config_from_args(m)
         neural_dim = int(m.get("n_input_features", N_FEATURES))
     except (KeyError, TypeError, ValueError) as exc:
         raise B2txtError(f"{where}: not a valid args.yaml ({exc!r})") from None

@@ -1,5 +1,7 @@
 """Phoneme decoders. Read top to bottom: front end, the GRU decoder, then the adversarial
-``TripleGRUDecoder``.
+``TripleGRUDecoder``. Both are built from the one model config, :class:`b2txt.ground.config.ModelConfig`
+(also the trainer's and, in the published key names, ``args.yaml``'s), plus the data's number of
+days (sessions) and features.
 
 ``GRUDecoder`` computes exactly the published baseline (REFERENCE §3) and uses its parameter
 names, so published state dicts load unchanged:
@@ -47,28 +49,14 @@ patching preserves dtype). Both decoders compile with ``torch.compile(fullgraph=
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from torch import nn
 
+from ..ground.config import ModelConfig
 from ..ground.phonemes import N_CLASSES
 
-
-@dataclass
-class GRUDecoderConfig:
-    n_days: int
-    neural_dim: int = 512
-    n_units: int = 768
-    n_layers: int = 5
-    n_classes: int = N_CLASSES
-    rnn_dropout: float = 0.4
-    input_dropout: float = 0.2
-    patch_size: int = 14
-    patch_stride: int = 4
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+#: Features per 20 ms bin in the published data (REFERENCE §1).
+N_FEATURES = 512
 
 
 def output_lengths(n_steps: torch.Tensor | int, patch_size: int, patch_stride: int):
@@ -120,27 +108,26 @@ def _init_gru_(gru: nn.GRU) -> None:
 class GRUDecoder(DayLayers):
     """The published baseline phoneme decoder (state-dict compatible)."""
 
-    def __init__(self, cfg: GRUDecoderConfig):
+    def __init__(self, cfg: ModelConfig, n_days: int, neural_dim: int = N_FEATURES):
         super().__init__()
-        self.cfg = cfg
-        input_size = self._init_day_layers(cfg.n_days, cfg.neural_dim, cfg.input_dropout,
-                                           cfg.patch_size, cfg.patch_stride)
+        self.cfg, self.n_days, self.neural_dim, self.n_classes = cfg, n_days, neural_dim, N_CLASSES
+        input_size = self._init_day_layers(n_days, neural_dim, cfg.input_dropout, cfg.patch_size, cfg.patch_stride)
         self.gru = nn.GRU(input_size, cfg.n_units, cfg.n_layers,
                           dropout=cfg.rnn_dropout if cfg.n_layers > 1 else 0.0, batch_first=True)
         _init_gru_(self.gru)
-        self.out = nn.Linear(cfg.n_units, cfg.n_classes)
+        self.out = nn.Linear(cfg.n_units, N_CLASSES)
         nn.init.xavier_uniform_(self.out.weight)
         self.h0 = nn.Parameter(nn.init.xavier_uniform_(torch.zeros(1, 1, cfg.n_units)))
 
     def output_lengths(self, n_steps):
-        return output_lengths(n_steps, self.cfg.patch_size, self.cfg.patch_stride)
+        return output_lengths(n_steps, self.patch_size, self.patch_stride)
 
     def forward(self, x: torch.Tensor, day_idx: torch.Tensor, states: torch.Tensor | None = None,
                 return_state: bool = False):
         x = self._apply_preprocessing(x, day_idx)
         batch_size = x.size(0)
         if states is None:
-            states = self.h0.expand(self.cfg.n_layers, batch_size, self.cfg.n_units).contiguous()
+            states = self.h0.expand(self.gru.num_layers, batch_size, self.gru.hidden_size).contiguous()
         output, hidden = self.gru(x, states.to(x.dtype))
         logits = self.out(output)
         return (logits, hidden) if return_state else logits
@@ -149,27 +136,6 @@ class GRUDecoder(DayLayers):
 # ---------------------------------------------------------------------------------------------
 # Adversarial triple-GRU decoder (seed note's XLA-friendly model)
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TripleGRUDecoderConfig:
-    n_days: int
-    neural_dim: int = 512
-    n_units: int = 768  # clean-speech GRU
-    n_layers: int = 5
-    noise_units: int = 256  # noise GRU
-    noise_layers: int = 2
-    noisy_units: int = 256  # noisy-speech GRU
-    noisy_layers: int = 2
-    n_classes: int = N_CLASSES
-    rnn_dropout: float = 0.4
-    input_dropout: float = 0.2
-    patch_size: int = 14
-    patch_stride: int = 4
-    grl_scale: float = 1.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class GradientReversal(torch.autograd.Function):
@@ -234,20 +200,18 @@ class NoisySpeechModel(_GRUHead):
 class TripleGRUDecoder(DayLayers):
     """Shared front end + noise / clean-speech / noisy-speech GRUs (see the module docstring)."""
 
-    def __init__(self, cfg: TripleGRUDecoderConfig):
+    def __init__(self, cfg: ModelConfig, n_days: int, neural_dim: int = N_FEATURES):
         super().__init__()
-        self.cfg = cfg
-        input_size = self._init_day_layers(cfg.n_days, cfg.neural_dim, cfg.input_dropout,
-                                           cfg.patch_size, cfg.patch_stride)
+        self.cfg, self.n_days, self.neural_dim, self.n_classes = cfg, n_days, neural_dim, N_CLASSES
+        input_size = self._init_day_layers(n_days, neural_dim, cfg.input_dropout, cfg.patch_size, cfg.patch_stride)
         self.noise_model = NoiseModel(input_size, cfg.noise_units, cfg.noise_layers, cfg.rnn_dropout)
-        self.clean_speech_model = CleanSpeechModel(input_size, cfg.n_units, cfg.n_layers,
-                                                   cfg.n_classes, cfg.rnn_dropout)
+        self.clean_speech_model = CleanSpeechModel(input_size, cfg.n_units, cfg.n_layers, N_CLASSES, cfg.rnn_dropout)
         self.noisy_speech_model = NoisySpeechModel(input_size, cfg.noisy_units, cfg.noisy_layers,
-                                                   cfg.n_classes, cfg.rnn_dropout)
+                                                   N_CLASSES, cfg.rnn_dropout)
         self.grl_scale = float(cfg.grl_scale)  # a plain attribute so a trainer may schedule it
 
     def output_lengths(self, n_steps):
-        return output_lengths(n_steps, self.cfg.patch_size, self.cfg.patch_stride)
+        return output_lengths(n_steps, self.patch_size, self.patch_stride)
 
     def forward(self, x: torch.Tensor, day_idx: torch.Tensor, mode: str = "inference"):
         if mode not in ("inference", "full"):

@@ -57,8 +57,8 @@ class StreamingDecoder:
         if not isinstance(model, GRUDecoder):
             raise B2txtError(f"StreamingDecoder runs the baseline GRUDecoder only, got {type(model).__name__}")
         cfg = model.cfg
-        if not 0 <= int(day) < cfg.n_days:
-            raise B2txtError(f"day index {day} out of range: the model has {cfg.n_days} day layer(s)")
+        if not 0 <= int(day) < model.n_days:
+            raise B2txtError(f"day index {day} out of range: the model has {model.n_days} day layer(s)")
         self.patching = cfg.patch_size > 1 or cfg.patch_stride > 1
         if self.patching and cfg.patch_size < 1:
             raise B2txtError(f"patch_size {cfg.patch_size} with patch_stride {cfg.patch_stride} is not a valid model")
@@ -76,8 +76,8 @@ class StreamingDecoder:
         self.kernel = kernel
         self.model = model.eval()
         self.day = int(day)
-        self.neural_dim = int(cfg.neural_dim)
-        self.n_classes = int(cfg.n_classes)
+        self.neural_dim = int(model.neural_dim)
+        self.n_classes = int(model.n_classes)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self._day_idx = torch.tensor([self.day], device=self.device)
         self.reset()

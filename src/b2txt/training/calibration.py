@@ -43,8 +43,7 @@ def with_new_session(loaded: LoadedModel, session: str) -> tuple[torch.nn.Module
     source = earlier[-1] if earlier else 0
     model.day_weights.append(torch.nn.Parameter(model.day_weights[source].detach().clone()))
     model.day_biases.append(torch.nn.Parameter(model.day_biases[source].detach().clone()))
-    if hasattr(model, "cfg"):
-        model.cfg.n_days += 1
+    model.n_days += 1
     return model, len(loaded.sessions)
 
 

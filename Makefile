@@ -12,8 +12,9 @@ all: help
 
 help:
 	@echo "make run        bootstrap, then run the pipeline: snakemake --cores $(CORES)"
-	@echo "make test       bootstrap, then run the test suite (pytest)"
-	@echo "make test-fast  tests without the end-to-end pipeline runs"
+	@echo "make test       bootstrap, then the layer contract (lint-imports), lint (ruff) and the test suite"
+	@echo "make test-fast  the same without the slow, multi-process and KenLM tests (under 2 minutes)"
+	@echo "make lint       lint-imports (the package's layers) and ruff"
 	@echo "make test-cluster  the tiny pipeline through profiles/slurm on a private Slurm cluster (root)"
 	@echo "make test-xla   the TPU path on XLA:CPU in .venv-xla (torch 2.9 + torch_xla; ~4 GB download)"
 	@echo "make report     snakemake --report results/report.html"
@@ -25,11 +26,19 @@ bootstrap:
 run: bootstrap
 	snakemake --cores $(CORES)
 
-test: bootstrap
+test: lint
 	python -m pytest $(PYTEST_ARGS)
 
-test-fast: bootstrap
-	python -m pytest -m "not slow" $(PYTEST_ARGS)
+# Markers (pyproject.toml): slow = the whole pipeline through Snakemake/DVC, redis = LM-server processes, ddp = several training
+# processes, kenlm = needs lmplz (built once), cluster = a Slurm cluster (never in make test).
+test-fast: lint
+	python -m pytest -m "not slow and not redis and not ddp and not kenlm and not cluster" $(PYTEST_ARGS)
+
+# The layers of the package (an import-linter contract in pyproject.toml: no upward import, no
+# cycle) and pyflakes/import-order checks.
+lint: bootstrap
+	lint-imports
+	ruff check src tests benchmarks
 
 # snakemake --profile profiles/slurm on a one-node Slurm cluster of its own (munged, slurmctld and
 # slurmd on ports of their own, all stopped at the end), compared with a local run. As root it

@@ -219,7 +219,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, "tests")
-from test_pipeline import make_project  # the tiny project of the end-to-end tests
+from helpers.project import make_project  # the tiny project of the end-to-end tests
 
 from b2txt.ground.config import merge, read_yaml
 
@@ -276,7 +276,7 @@ for line in (T / "log/jobcomp.log").read_text().splitlines():
     comp[fields["JobId"]] = fields
 family = {"train": "train", "calibrate": "calibrate", "infer": "infer", "lm_ngram": "lm", "lm_graph": "lm",
           "decode": "decode", "evaluate": "decode", "figures": "figures"}
-want = {"corpus", "simulate", "validate", "preprocess", "train", "infer", "score", "calibrate", "lm_text",
+want = {"corpus", "data", "validate", "preprocess", "train", "infer", "score", "calibrate", "lm_text",
         "lm_ngram", "lm_graph", "decode", "score_words", "evaluate", "figures"}
 if set(jobs.values()) != want:
     problems.append(f"rules run as Slurm jobs: {sorted(set(jobs.values()))}, expected {sorted(want)}")

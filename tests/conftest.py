@@ -1,7 +1,14 @@
-"""Shared fixtures: the CMU lexicon, a tiny simulated data set and a single-file writer.
+"""The tests' fixtures, one per concept: the CMU lexicon, small simulated data sets, a single
+trial file, the KenLM tools, language models to decode with, a short directory for Unix
+sockets and a Dryad-shaped HTTP server. Helpers (data makers, the project copy the end-to-end
+tests run in, synthetic logits, waiting) live in ``tests/helpers/``; no test module imports another.
 
-``tiny_sim`` is session-scoped and must be treated as read-only: tests that corrupt data copy
-it first (``shutil.copytree``) or build their own file with ``make_trial_file``.
+Markers (pyproject.toml) say what a test needs: ``slow`` (the whole pipeline through Snakemake or
+DVC), ``redis`` (real redis-server and LM-server processes), ``ddp`` (several training processes),
+``kenlm`` (KenLM's lmplz, built once by scripts/build_kenlm.sh: added here to every test that uses
+the tools). ``make test-fast`` leaves out slow, ddp and kenlm.
+
+Session-scoped data are read-only: tests that corrupt data copy them first.
 """
 
 from __future__ import annotations
@@ -9,17 +16,20 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 os.environ.setdefault("B2TXT_PROGRESS", "0")  # no progress bars in test output
 
-from b2txt.data.dryad import Trial, data_file_path, write_trials  # noqa: E402
-from b2txt.data.simulate import simulate  # noqa: E402
+from helpers.arpa import template_graph, template_sentences  # noqa: E402
+from helpers.data import SENTENCES, SESSION, TINY_SIM_CONFIG, make_trials  # noqa: E402
+from helpers.dryad_server import FakeDryad, dryad_server  # noqa: E402
+
+from b2txt.data.dryad import data_file_path, write_trials  # noqa: E402
 from b2txt.ground.config import SimulateConfig  # noqa: E402
 from b2txt.ground.phonemes import Lexicon  # noqa: E402
 
@@ -27,53 +37,19 @@ from b2txt.ground.phonemes import Lexicon  # noqa: E402
 # collected, so its conftest (another module named `conftest`) cannot shadow this one.
 collect_ignore = [] if importlib.util.find_spec("torch_xla") else ["xla"]
 
-#: Plain sentences of 3-6 common words, every word in the CMU dictionary.
-SENTENCES: list[str] = [
-    "the cat sat on the mat",
-    "i like green apples",
-    "we went home early",
-    "she reads a good book",
-    "the sun is very warm",
-    "open the door please",
-    "they play music at night",
-    "my dog runs fast",
-    "he drinks cold water",
-    "the bird can sing",
-    "you need more time",
-    "we eat lunch at noon",
-    "the car is red",
-    "please call me later",
-    "it was a long day",
-    "she has two sisters",
-    "the tree is tall",
-    "turn off the light",
-    "i want some tea",
-    "the baby is asleep",
-]
-
-#: A valid session folder name used by ``make_trial_file``.
-SESSION = "t15.2023.08.13"
-
-TINY_SIM_CONFIG = SimulateConfig(
-    n_sessions=2, train_blocks=1, val_blocks=1, test_blocks=1, trials_per_block=3,
-    span_days=30, max_words=6,
-)
-
-
 #: Where scripts/build_kenlm.sh puts lmplz and build_binary by default (lm.kenlm_dir).
 KENLM_DIR = Path("~/.cache/b2txt/kenlm").expanduser()
+FORTUNES = "/usr/share/games/fortunes"
 
 
-@pytest.fixture(scope="session")
-def kenlm_dir() -> Path:
-    """lmplz + build_binary, built by the project's script (about a minute once, then instant)."""
-    import subprocess
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs the KenLM tools (directly or through a fixture) is marked ``kenlm``."""
+    for item in items:
+        if "kenlm_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kenlm)
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "build_kenlm.sh"
-    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=1800)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return KENLM_DIR
 
+# ----------------------------------------------------------------------------- data
 
 @pytest.fixture(scope="session")
 def lexicon() -> Lexicon:
@@ -81,39 +57,26 @@ def lexicon() -> Lexicon:
 
 
 @pytest.fixture(scope="session")
-def tiny_sim_config() -> SimulateConfig:
-    return TINY_SIM_CONFIG
-
-
-@pytest.fixture(scope="session")
-def sentences() -> list[str]:
-    return list(SENTENCES)
-
-
-@pytest.fixture(scope="session")
 def tiny_sim(tmp_path_factory, lexicon) -> Path:
-    """Dryad-layout root (holding ``hdf5_data_final/`` and the description CSV). Read-only."""
+    """Dryad-layout root (holding ``hdf5_data_final/`` and the description CSV): 2 sessions. Read-only."""
+    from b2txt.data.simulate import simulate
+
     out = tmp_path_factory.mktemp("tiny_sim") / "data"
     return simulate(TINY_SIM_CONFIG, list(SENTENCES), out, lexicon)
 
 
-def make_trials(lexicon: Lexicon, n_trials: int = 3, session: str = SESSION, labelled: bool = True,
-                seed: int = 0, block_num: int = 1, first_trial_num: int = 0) -> list[Trial]:
-    """Valid trials: TX-like counts in 0..255, Gaussian SBP in 256..511, lexicon labels."""
-    rng = np.random.default_rng(seed)
-    trials = []
-    for i in range(n_trials):
-        n_steps = 20 + 3 * i
-        tx = rng.poisson(1.0, size=(n_steps, 256)).astype(np.float32)
-        sbp = rng.normal(size=(n_steps, 256)).astype(np.float32)
-        sentence = SENTENCES[(seed + i) % len(SENTENCES)]
-        trials.append(Trial(
-            features=np.concatenate([tx, sbp], axis=1),
-            session=session, block_num=block_num, trial_num=first_trial_num + i,
-            sentence=sentence if labelled else None,
-            phoneme_ids=np.asarray(lexicon.sentence_ids(sentence)) if labelled else None,
-        ))
-    return trials
+@pytest.fixture(scope="session")
+def small_sim(tmp_path_factory, lexicon) -> tuple[Path, Path]:
+    """3 sessions x (8 train, 4 val, 4 test) trials and their manifest, for training tests. Read-only."""
+    from b2txt.data.simulate import simulate
+    from b2txt.data.store import build_manifest, write_manifest
+
+    root = tmp_path_factory.mktemp("small_sim")
+    data = simulate(SimulateConfig(n_sessions=3, train_blocks=2, val_blocks=1, test_blocks=1, trials_per_block=4,
+                                   span_days=30, max_words=5), list(SENTENCES), root / "data", lexicon)
+    manifest = root / "manifest.csv"
+    write_manifest(build_manifest(data), manifest)
+    return data, manifest
 
 
 @pytest.fixture
@@ -127,7 +90,7 @@ def make_trial_file(tmp_path, lexicon) -> Callable[..., Path]:
     """
 
     def make(split: str = "train", n_trials: int = 3, session: str = SESSION, root: Path | None = None,
-             seed: int = 0, block_num: int = 1, trials: list[Trial] | None = None) -> Path:
+             seed: int = 0, block_num: int = 1, trials: list | None = None) -> Path:
         root = Path(root) if root is not None else tmp_path / "data"
         path = data_file_path(root, session, split)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,18 +103,47 @@ def make_trial_file(tmp_path, lexicon) -> Callable[..., Path]:
     return make
 
 
+# ----------------------------------------------------------------------------- language models
+
 @pytest.fixture(scope="session")
-def small_sim(tmp_path_factory, lexicon) -> tuple[Path, Path]:
-    """3 sessions x (8 train, 4 val, 4 test) trials and their manifest, for training tests. Read-only."""
-    from b2txt.data.store import build_manifest, write_manifest
+def kenlm_dir() -> Path:
+    """lmplz + build_binary, built by the project's script (about a minute once, then instant)."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "build_kenlm.sh"
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return KENLM_DIR
 
-    root = tmp_path_factory.mktemp("small_sim")
-    data = simulate(SimulateConfig(n_sessions=3, train_blocks=2, val_blocks=1, test_blocks=1, trials_per_block=4,
-                                   span_days=30, max_words=5), list(SENTENCES), root / "data", lexicon)
-    manifest = root / "manifest.csv"
-    write_manifest(build_manifest(data), manifest)
-    return data, manifest
 
+@pytest.fixture(scope="session")
+def fortune_sentences(lexicon) -> list[str]:
+    """The tests' sentences and 300 of Debian's fortunes (LM text with some variety)."""
+    from b2txt.data.corpus import extract_sentences, read_sources
+
+    return list(SENTENCES) + extract_sentences(read_sources(FORTUNES, ["fortunes"]), lexicon, 3, 10)[:300]
+
+
+@pytest.fixture(scope="session")
+def kenlm_graph(tmp_path_factory, kenlm_dir, lexicon, fortune_sentences) -> Path:
+    """A KenLM 3-gram over ``fortune_sentences``, pruned (``--prune 0 0 1``, with its unpruned twin),
+    and its TLG graph, all in one ``3gram/`` directory (lm.arpa, lm.bin, TLG.fst, words.txt, ...)."""
+    from b2txt.lm.graph import build_graph_from_arpa
+    from b2txt.lm.ngram import build_ngram
+    from b2txt.lm.text import prepare_text
+
+    out = tmp_path_factory.mktemp("kenlm_graph")
+    prepare_text(out / "text.txt", fortune_sentences, lexicon, add_lexicon_words=False)
+    build_ngram(out / "text.txt", out / "3gram", 3, prune=[0, 0, 1], memory="5%", kenlm_dir=kenlm_dir)
+    build_graph_from_arpa(out / "3gram" / "lm.arpa", out / "3gram", lexicon)
+    return out / "3gram"
+
+
+@pytest.fixture(scope="session")
+def template_lm(tmp_path_factory, lexicon) -> Path:
+    """A bigram TLG graph over the template sentences' words (no KenLM; decodes in a few ms)."""
+    return template_graph(tmp_path_factory.mktemp("template_lm"), lexicon, template_sentences(300))
+
+
+# ----------------------------------------------------------------------------- processes and servers
 
 @pytest.fixture
 def run_dir():
@@ -159,3 +151,12 @@ def run_dir():
     path = Path(tempfile.mkdtemp(prefix="b2t-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def dryad(monkeypatch) -> FakeDryad:
+    """A Dryad-shaped API on 127.0.0.1 (helpers/dryad_server.py); tests fill ``datasets``, use ``url``."""
+    for name in ("no_proxy", "NO_PROXY"):  # a proxy set for the machine must not see these requests
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+    with dryad_server() as state:
+        yield state

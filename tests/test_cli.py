@@ -92,7 +92,7 @@ def test_stages_chain_from_cli(tiny_sim, tmp_path, capsys):
     assert (model / "checkpoint" / "best_checkpoint").is_file() and (model / "training_log").is_file()
     for split in ("val", "test"):
         assert main(["infer", "--model", str(model), "--data", str(tiny_sim), "--split", split,
-                     "--out", str(tmp_path / f"{split}.hdf5")]) == 0
+                     "--out", str(tmp_path / f"{split}.hdf5"), "--known-sessions-only"]) == 0  # -1 held out
     with h5py.File(tmp_path / "test.hdf5") as f:
         assert all("seq_class_ids" not in g for g in f.values())  # test split: no labels
         assert all(g["logits"].shape[1] == 41 for g in f.values())

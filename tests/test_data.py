@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import SENTENCES, SESSION, make_trials
+from helpers.data import SENTENCES, SESSION, make_trials
 
 from b2txt.cli import main
 from b2txt.data.description import (

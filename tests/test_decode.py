@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SENTENCES
+from helpers.data import SENTENCES
 from helpers.synthetic import phoneme_logits
 
 from b2txt.cli import main
@@ -21,26 +21,10 @@ from b2txt.evaluation.error_rates import edit_distance
 from b2txt.ground.config import DecodeConfig
 from b2txt.ground.phonemes import ids_to_words, to_lm_order
 from b2txt.lm.core import DecodingCore, make_decoder
-from b2txt.lm.graph import build_graph_from_arpa
-from b2txt.lm.ngram import build_ngram
 from b2txt.lm.pool import decode_file, decode_many
-from b2txt.lm.text import prepare_text
 
 #: Fast, deterministic options for tiny graphs (the meaning is the config's).
 OPTS = DecodeConfig(acoustic_scale=1.5, nbest=10, augment_top=10, workers=1)
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory, kenlm_dir, lexicon):
-    from b2txt.data.corpus import extract_sentences, read_sources
-
-    out = tmp_path_factory.mktemp("decode_lm")
-    corpus = list(SENTENCES) + extract_sentences(read_sources("/usr/share/games/fortunes", ["fortunes"]),
-                                                 lexicon, 3, 10)[:200]
-    prepare_text(out / "text.txt", corpus, lexicon, add_lexicon_words=False)
-    build_ngram(out / "text.txt", out / "3gram", 3, memory="5%", kenlm_dir=kenlm_dir)
-    build_graph_from_arpa(out / "3gram" / "lm.arpa", out / "3gram", lexicon)
-    return out / "3gram"
 
 
 def trials_file(path, lexicon, sentences, seed=0, **kw):
@@ -56,9 +40,9 @@ def trials_file(path, lexicon, sentences, seed=0, **kw):
     return path, logits
 
 
-def test_both_decoders_recover_clean_sentences_and_agree(lm_dir, lexicon):
-    wfst = make_decoder(OPTS, lm_dir)
-    lex = make_decoder(OPTS.model_copy(update={"decoder": "lexicon"}), lm_dir)
+def test_both_decoders_recover_clean_sentences_and_agree(kenlm_graph, lexicon):
+    wfst = make_decoder(OPTS, kenlm_graph)
+    lex = make_decoder(OPTS.model_copy(update={"decoder": "lexicon"}), kenlm_graph)
     rng = np.random.default_rng(0)
     for sentence in SENTENCES[:8]:
         x = to_lm_order(phoneme_logits(lexicon.sentence_ids(sentence), rng, peak=14.0))
@@ -69,12 +53,12 @@ def test_both_decoders_recover_clean_sentences_and_agree(lm_dir, lexicon):
         assert a.candidates[0].ngram == pytest.approx(b.candidates[0].ngram, abs=0.05)
 
 
-def test_lm_beats_greedy_phonemes_through_the_lexicon_on_noisy_logits(lm_dir, lexicon):
+def test_lm_beats_greedy_phonemes_through_the_lexicon_on_noisy_logits(kenlm_graph, lexicon):
     rng = np.random.default_rng(3)
     sentences = list(SENTENCES)
     # soft logits with uncertain errors: the true phoneme a close second where another wins
     logits = [phoneme_logits(lexicon.sentence_ids(s), rng, confusion=0.15, runner_up=2.0) for s in sentences]
-    core = DecodingCore(lm_dir, OPTS.model_copy(update={"acoustic_scale": 0.5}))
+    core = DecodingCore(kenlm_graph, OPTS.model_copy(update={"acoustic_scale": 0.5}))
     results = decode_many(core, [to_lm_order(x) for x in logits], workers=1, show_progress=False)
 
     def wer(hyps):
@@ -86,19 +70,19 @@ def test_lm_beats_greedy_phonemes_through_the_lexicon_on_noisy_logits(lm_dir, le
     assert with_lm < greedy / 2, (with_lm, greedy)
 
 
-def test_process_pool_gives_the_same_results_in_order(lm_dir, lexicon):
+def test_process_pool_gives_the_same_results_in_order(kenlm_graph, lexicon):
     rng = np.random.default_rng(5)
     logits = [to_lm_order(phoneme_logits(lexicon.sentence_ids(s), rng, confusion=0.1)) for s in SENTENCES]
-    core = DecodingCore(lm_dir, OPTS)
+    core = DecodingCore(kenlm_graph, OPTS)
     one = decode_many(core, logits, workers=1, show_progress=False)
     two = decode_many(core, logits, workers=2, show_progress=False)
     assert [r.index for r in two] == list(range(len(logits)))
     assert [r.nbest for r in one] == [r.nbest for r in two]
 
 
-def test_decode_file_writes_sentences_and_nbest(lm_dir, lexicon, tmp_path):
+def test_decode_file_writes_sentences_and_nbest(kenlm_graph, lexicon, tmp_path):
     path, _ = trials_file(tmp_path / "val.hdf5", lexicon, SENTENCES[:6], peak=14.0)
-    table = decode_file(path, lm_dir, tmp_path / "out", OPTS, log=lambda m: None)
+    table = decode_file(path, kenlm_graph, tmp_path / "out", OPTS, log=lambda m: None)
     assert table["decoded"].tolist() == SENTENCES[:6]
     assert table["reference"].tolist() == SENTENCES[:6]
     again = read_decoded(tmp_path / "out" / "decoded.csv")
@@ -110,22 +94,22 @@ def test_decode_file_writes_sentences_and_nbest(lm_dir, lexicon, tmp_path):
         assert totals == sorted(totals, reverse=True) and len({c[0] for c in x["candidates"]}) == len(totals)
 
 
-def test_cli_decode_then_score_words(lm_dir, lexicon, tmp_path, capsys):
+def test_cli_decode_then_score_words(kenlm_graph, lexicon, tmp_path, capsys):
     path, _ = trials_file(tmp_path / "val.hdf5", lexicon, SENTENCES[:5], peak=14.0)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("decode: {acoustic_scale: 1.5, nbest: 5, workers: 2}\n")
-    assert main(["decode", "--config", str(cfg), "--logits", str(path), "--lm", str(lm_dir),
+    assert main(["decode", "--config", str(cfg), "--logits", str(path), "--lm", str(kenlm_graph),
                  "--out", str(tmp_path / "dec")]) == 0
     assert main(["score", "--decoded", str(tmp_path / "dec" / "decoded.csv"), "--out", str(tmp_path / "sc")]) == 0
     assert json.loads((tmp_path / "sc" / "wer.json").read_text())["WER"] == 0.0
-    assert main(["decode", "--config", str(cfg), "--logits", str(path), "--lm", str(lm_dir),
+    assert main(["decode", "--config", str(cfg), "--logits", str(path), "--lm", str(kenlm_graph),
                  "--out", str(tmp_path / "dec2"), "--decoder", "lexicon"]) == 0
     a = pd.read_csv(tmp_path / "dec" / "decoded.csv", keep_default_na=False)["decoded"]
     b = pd.read_csv(tmp_path / "dec2" / "decoded.csv", keep_default_na=False)["decoded"]
     assert a.tolist() == b.tolist()
 
 
-def test_bad_inputs_are_one_clear_error_and_no_output(lm_dir, lexicon, tmp_path, capsys):
+def test_bad_inputs_are_one_clear_error_and_no_output(kenlm_graph, lexicon, tmp_path, capsys):
     import h5py
 
     path, _ = trials_file(tmp_path / "val.hdf5", lexicon, SENTENCES[:3])
@@ -135,7 +119,7 @@ def test_bad_inputs_are_one_clear_error_and_no_output(lm_dir, lexicon, tmp_path,
         del f["trial_00001/logits"]
         f["trial_00001/logits"] = x
     out = tmp_path / "out"
-    assert main(["decode", "--logits", str(path), "--lm", str(lm_dir), "--out", str(out)]) == 2
+    assert main(["decode", "--logits", str(path), "--lm", str(kenlm_graph), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "trial 1" in err and "non-finite" in err and "Traceback" not in err
     assert not out.exists()

@@ -13,12 +13,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers.processes import free_port, wait_for
 
 from b2txt.ground.config import AugmentConfig, TrainConfig, merge
 from b2txt.ground.errors import B2txtError
@@ -26,6 +26,8 @@ from b2txt.models.checkpoint import build_model, safe_load
 from b2txt.models.transforms import augment, pad_batch, trial_generator
 from b2txt.training.distributed import DistContext, context_from_env
 from b2txt.training.trainer import Trainer, partial_dir, train
+
+pytestmark = pytest.mark.ddp
 
 NO_DROPOUT = {"rnn_dropout": 0.0, "input_dropout": 0.0}
 GRU = {"n_units": 16, "n_layers": 2, **NO_DROPOUT}
@@ -112,14 +114,9 @@ def test_torchrun_launch_equals_one_process(sim, tmp_path):
     train(TrainConfig.model_validate(config), sim[0], sim[1], one, log=lambda m: None)
     two = tmp_path / "two"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                str(_free_port()), "-m"]
+                str(free_port()), "-m"]
     run_cli(config, sim, two, launcher=launcher)
     assert_close_states(final_state(one), final_state(two))
-
-
-def _free_port() -> int:
-    from b2txt.training.distributed import free_port
-    return free_port()
 
 
 def test_killed_two_process_run_resumes_and_ends_like_one_process(sim, tmp_path):
@@ -131,10 +128,7 @@ def test_killed_two_process_run_resumes_and_ends_like_one_process(sim, tmp_path)
     with open(tmp_path / "first.log", "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
         try:
-            deadline = time.monotonic() + 180
-            while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert last.exists(), (tmp_path / "first.log").read_text()[-3000:]
+            wait_for(last.exists, "a resume checkpoint", 180, proc, tmp_path / "first.log")
             os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
             assert proc.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed"
         finally:

@@ -11,7 +11,7 @@ import os
 import shutil
 
 import pytest
-from test_pipeline import ROOT, RUN, make_project, run
+from helpers.project import ROOT, RUN, init_dvc, make_project, run
 
 GIT = ["git", "-c", "user.name=b2txt test", "-c", "user.email=test@example.invalid", "-c", "commit.gpgsign=false"]
 
@@ -26,14 +26,14 @@ def test_default_remote_is_a_local_directory_beside_the_repository():
 
 
 @pytest.mark.slow
+@pytest.mark.kenlm
+@pytest.mark.redis
 def test_repro_push_clone_pull_is_up_to_date_and_runs(tmp_path):
     (tmp_path / "origin").mkdir()
     origin = make_project(tmp_path / "origin")
     shutil.copy(ROOT / ".gitignore", origin / ".gitignore")  # results/ and data/ never reach git
     remote = tmp_path / "remote"
-    run(GIT + ["init", "-q"], origin)
-    run(["dvc", "init", "-q"], origin)
-    run(["dvc", "config", "core.analytics", "false"], origin)
+    init_dvc(origin, *GIT)
     run(["dvc", "remote", "add", "-d", "test", str(remote)], origin)  # the test's own remote
     run(["dvc", "repro"], origin)
     run(GIT + ["add", "-A"], origin)

@@ -23,7 +23,15 @@ from b2txt.lm.nbest import DecodeInputError, NBest, frame_log_probs, scoring_str
 
 #: Words put into the LM vocabulary without training counts: homophones of trained words.
 HOMOPHONES = ("to", "too", "sea", "write", "tee")
-OPTS = DecodeConfig()
+
+
+def options(**changes) -> DecodeConfig:
+    """The published decoding options (config/model/paper.yaml's acoustic scale 0.325, which these
+    tests are sized for; the built-in default is the small simulated model's 1.5), with changes."""
+    return DecodeConfig(**{"acoustic_scale": 0.325, **changes})
+
+
+OPTS = options()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +65,7 @@ def test_vocabulary_is_the_lexicon_restricted_to_the_lm(decoder, lm_sentences):
 
 
 def test_trie_is_built_once_per_process(decoder, arpa, lexicon):
-    other = LexiconDecoder(arpa, DecodeConfig(beam=10.0, nbest=5), lexicon)
+    other = LexiconDecoder(arpa, options(beam=10.0, nbest=5), lexicon)
     assert other.search is decoder.search
 
 
@@ -97,7 +105,7 @@ def test_nbest_is_the_same_in_a_fresh_process(decoder, arpa, lexicon, lm_sentenc
     code = ("import sys, numpy as np; sys.path.insert(0, 'tests');"
             "from b2txt.ground.config import DecodeConfig; from b2txt.lm.lexicon_search import LexiconDecoder;"
             "from b2txt.lm.nbest import scoring_string;"
-            f"d = LexiconDecoder({str(arpa)!r}, DecodeConfig());"
+            f"d = LexiconDecoder({str(arpa)!r}, DecodeConfig(acoustic_scale=0.325));"
             f"print(scoring_string(d.decode(np.load({str(tmp_path / 'x.npy')!r}))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parents[1])
@@ -107,7 +115,7 @@ def test_nbest_is_the_same_in_a_fresh_process(decoder, arpa, lexicon, lm_sentenc
 def test_scores_follow_the_interface(arpa, lexicon, lm_sentences):
     import kenlm
 
-    opts = DecodeConfig(acoustic_scale=0.5, blank_penalty=5.0, length_penalty=0.7)
+    opts = options(acoustic_scale=0.5, blank_penalty=5.0, length_penalty=0.7)
     dec = LexiconDecoder(arpa, opts, lexicon)
     x = lm_logits(lexicon, lm_sentences[3], seed=11)
     nbest = dec.decode(x)
@@ -129,7 +137,7 @@ def test_scores_follow_the_interface(arpa, lexicon, lm_sentences):
 
 
 def test_blank_skipping_drops_frames(arpa, lexicon, lm_sentences):
-    opts = DecodeConfig(blank_skip_threshold=0.9)
+    opts = options(blank_skip_threshold=0.9)
     x = lm_logits(lexicon, lm_sentences[4], seed=12)
     assert len(frame_log_probs(x, opts)) < len(x)
     assert LexiconDecoder(arpa, opts, lexicon).decode(x).best == lm_sentences[4]
@@ -142,7 +150,7 @@ def test_negligible_lm_weight_follows_the_acoustics(arpa, lexicon):
     salad = "apple green a want i"
     x = lm_logits(lexicon, salad, seed=5)
     # blank penalty 1: the frame-wise best path is then a valid path of the sentence
-    opts = DecodeConfig(acoustic_scale=1e4, beam=1e5, blank_penalty=1.0)
+    opts = options(acoustic_scale=1e4, beam=1e5, blank_penalty=1.0)
     no_lm = LexiconDecoder(arpa, opts, lexicon).decode(x)
     assert no_lm.best == salad
     best = no_lm.candidates[0]

@@ -17,9 +17,8 @@ from pathlib import Path
 import kaldifst
 import kenlm
 import pytest
-from conftest import SENTENCES
+from helpers.data import SENTENCES
 
-from b2txt.data.corpus import extract_sentences, read_sources
 from b2txt.ground.errors import B2txtError
 from b2txt.ground.phonemes import N_CLASSES
 from b2txt.lm import graph as graph_mod
@@ -42,12 +41,7 @@ MEM = "5%"  # lmplz -S: keep the tests light on a shared machine
 
 
 @pytest.fixture(scope="module")
-def fortune_sentences(lexicon) -> list[str]:
-    return extract_sentences(read_sources(FORTUNES, ["fortunes"]), lexicon, 3, 12)[:300] + list(SENTENCES)
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory, kenlm_dir, lexicon, fortune_sentences) -> Path:
+def ngram_dirs(tmp_path_factory, kenlm_dir, lexicon, fortune_sentences) -> Path:
     """text.txt + 1gram/ and 3gram/ (pruned, with its unpruned twin): lm.arpa, lm.bin."""
     out = tmp_path_factory.mktemp("lm")
     prepare_text(out / "text.txt", fortune_sentences, lexicon, add_lexicon_words=False)
@@ -168,18 +162,18 @@ def test_lmplz_failure_shows_its_stderr_and_leaves_no_arpa(tmp_path, kenlm_dir):
 
 # ----------------------------------------------------------------------------- n-grams
 
-def test_arpa_orders_pruning_and_unk(lm_dir):
-    c1 = read_arpa_counts(lm_dir / "1gram/lm.arpa")
-    c3 = read_arpa_counts(lm_dir / "3gram/lm.arpa")
-    full = read_arpa_counts(lm_dir / "3gram/lm.unpruned.arpa")
+def test_arpa_orders_pruning_and_unk(ngram_dirs):
+    c1 = read_arpa_counts(ngram_dirs / "1gram/lm.arpa")
+    c3 = read_arpa_counts(ngram_dirs / "3gram/lm.arpa")
+    full = read_arpa_counts(ngram_dirs / "3gram/lm.unpruned.arpa")
     assert list(c1) == [1] and list(c3) == [1, 2, 3]
     assert c3[1] == full[1] == c1[1] and c3[3] < full[3]  # pruning removed singleton trigrams
     for name in ("1gram/lm.arpa", "3gram/lm.arpa"):
-        text = (lm_dir / name).read_text()
+        text = (ngram_dirs / name).read_text()
         assert PLACEHOLDER not in text
         unigrams = text.split("\\1-grams:")[1].split("\\")[0].split("\n")
         assert sum(1 for ln in unigrams if ln.split("\t")[1:2] == [UNK]) == 1
-    assert not (lm_dir / "1gram/lm.unpruned.arpa").exists()
+    assert not (ngram_dirs / "1gram/lm.unpruned.arpa").exists()
 
 
 def test_text_with_unk_estimates_and_keeps_its_mass(tmp_path, kenlm_dir):
@@ -191,17 +185,17 @@ def test_text_with_unk_estimates_and_keeps_its_mass(tmp_path, kenlm_dir):
     assert model.score("the qwzx sat", bos=True, eos=True) > model.score("the cat sat", bos=True, eos=True) - 2
 
 
-def test_binaries_load_and_score_like_their_arpa(lm_dir):
-    three_arpa = kenlm.Model(str(lm_dir / "3gram/lm.arpa"))
-    three_bin = kenlm.Model(str(lm_dir / "3gram/lm.bin"))
+def test_binaries_load_and_score_like_their_arpa(ngram_dirs):
+    three_arpa = kenlm.Model(str(ngram_dirs / "3gram/lm.arpa"))
+    three_bin = kenlm.Model(str(ngram_dirs / "3gram/lm.bin"))
     # KenLM cannot load a unigram ARPA ("assumes at least a bigram model"): its .bin is an
     # equivalent bigram model without bigrams, so it scores the sum of the unigram log-probs
     unigram = {}
-    for line in (lm_dir / "1gram/lm.arpa").read_text().split("\\1-grams:")[1].split("\\")[0].splitlines():
+    for line in (ngram_dirs / "1gram/lm.arpa").read_text().split("\\1-grams:")[1].split("\\")[0].splitlines():
         if line.strip():
             prob, word = line.split("\t")[:2]
             unigram[word] = float(prob)
-    one_bin = kenlm.Model(str(lm_dir / "1gram/lm.bin"))
+    one_bin = kenlm.Model(str(ngram_dirs / "1gram/lm.bin"))
     for s in SENTENCES[:5]:
         assert three_bin.score(s) == pytest.approx(three_arpa.score(s), abs=1e-4)
         expected = sum(unigram[w] for w in s.split()) + unigram["</s>"]
@@ -225,8 +219,8 @@ def test_bad_arpa_is_a_clear_error(tmp_path, lexicon, kenlm_dir):
 # ----------------------------------------------------------------------------- graphs
 
 @pytest.fixture(scope="module")
-def graph3(lm_dir, lexicon) -> Path:
-    out = lm_dir / "3gram"
+def graph3(ngram_dirs, lexicon) -> Path:
+    out = ngram_dirs / "3gram"
     build_graph_from_arpa(out / "lm.arpa", out, lexicon)  # beside lm.arpa, lm.unpruned.arpa, lm.bin
     return out
 
@@ -240,7 +234,7 @@ def test_graph_directory_follows_the_published_layout(graph3, lexicon):
     assert len(words) == len(lexicon) + 4 and words[1:-3] == sorted(words[1:-3])
     assert "CAT" in words and all(w == w.upper() for w in words[1:-3])
     tokens = dict(line.split() for line in (graph3 / "tokens.txt").read_text().splitlines())
-    assert (tokens["<eps>"], tokens["<blk>"], tokens["SIL"], tokens["AA"], tokens["ZH"], tokens["#0"]) == \
+    assert (tokens["<eps>"], tokens["<blk>"], tokens["SIL"], tokens["AA"], tokens["ZH"], tokens["#0"]) ==\
         ("0", "1", "2", "3", "41", "42")
     info = json.loads((graph3 / "graph.json").read_text())
     assert info["skipped_words"] == 1 and info["skipped_examples"] == [UNK]
@@ -290,10 +284,10 @@ def test_unpronounceable_arpa_words_are_skipped_or_refused(tmp_path, lexicon):
     assert not (tmp_path / "g2").exists()
 
 
-def test_one_gram_graph_and_free_silence_costs(lm_dir, lexicon):
-    stats = build_graph_from_arpa(lm_dir / "1gram" / "lm.arpa", lm_dir / "1gram", lexicon)
+def test_one_gram_graph_and_free_silence_costs(ngram_dirs, lexicon):
+    stats = build_graph_from_arpa(ngram_dirs / "1gram" / "lm.arpa", ngram_dirs / "1gram", lexicon)
     assert stats.order == 1 and stats.tlg_states > 0 and stats.sil_prob is None
-    assert not (lm_dir / "1gram" / "G_no_prune.fst").exists() and (lm_dir / "1gram" / "lm.bin").exists()
+    assert not (ngram_dirs / "1gram" / "G_no_prune.fst").exists() and (ngram_dirs / "1gram" / "lm.bin").exists()
     with pytest.raises(GraphError, match="sil_prob"):
         graph_mod.lexicon_fst([(1, ("K", "AE", "T"))], [0], 0, 2, sil_prob=1.0)
 

@@ -1,64 +1,33 @@
 """The whole DAG, end to end, on the tiny config: Snakemake and DVC, real tools, real files."""
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from helpers.project import (
+    DECODING,
+    LM_BUILD,
+    ROOT,
+    RUN,
+    init_dvc,
+    make_project,
+    planned_rules,
+    ran_stages,
+    regenerate_dvc,
+    run,
+)
 
-from b2txt.ground.config import merge, read_yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "tests" / "configs" / "tiny.yaml"
-RUN = "results/tiny"
-pytestmark = pytest.mark.slow
-
-
-def make_project(dest: Path) -> Path:
-    """A copy of the workflow files whose config files carry the tiny config's values.
-
-    The tiny values go into the files both tools read (config/config.yaml and the training
-    preset), so Snakemake and `dvc repro` run the same configuration without flags.
-    """
-    for name in ("Snakefile", "dvc.yaml", "workflow", "src", "envs", "config", "scripts"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
-    tiny = read_yaml(TINY)
-    base = dest / "config" / "config.yaml"
-    preset = dest / "config" / "model" / "baseline.yaml"
-    base.write_text(yaml.safe_dump(merge(read_yaml(base), {k: v for k, v in tiny.items() if k != "train"})))
-    preset.write_text(yaml.safe_dump(merge(read_yaml(preset), {"train": tiny["train"]})))
-    return dest
-
-
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, B2TXT_PROGRESS="0",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
-    return r
-
-
-#: Rules downstream of the logits and of the LM graph; rules that build the LM from the data's text.
-DECODING = {"decode", "score_words", "evaluate", "figures"}
-LM_BUILD = {"lm_text", "lm_ngram", "lm_graph"}
-
-
-def planned_rules(out: str) -> set[str]:
-    return set(re.findall(r"^(?:local)?rule (\w+):", out, flags=re.MULTILINE)) - {"all"}
+pytestmark = [pytest.mark.slow, pytest.mark.kenlm, pytest.mark.redis]
 
 
 @pytest.fixture(scope="module")
 def snakemake_project(tmp_path_factory):
+    """The tiny pipeline, run once; Python logs every import of every job (`-X importtime`, on stderr:
+    into each rule's log)."""
     project = make_project(tmp_path_factory.mktemp("smk"))
-    run(["snakemake", "--cores", "1"], project)
+    run(["snakemake", "--cores", "1"], project, env={"PYTHONPROFILEIMPORTTIME": "1"})
     return project
 
 
@@ -96,6 +65,30 @@ def test_snakemake_runs_every_stage(snakemake_project):
             assert (p / RUN / f"figures/{name}.{ext}").stat().st_size > 1000
 
 
+def module_file(module: str) -> str:
+    path = "src/" + module.replace(".", "/")
+    return f"{path}/__init__.py" if (ROOT / path).is_dir() else f"{path}.py"
+
+
+def test_every_command_imported_only_modules_its_dvc_stage_lists(snakemake_project):
+    """DVC reruns a stage when its code changes: the b2txt modules each job really imported (its
+    log, and the logs of the LM servers evaluate started) are among the deps dvc.yaml lists for it."""
+    stages = yaml.safe_load((snakemake_project / "dvc.yaml").read_text())["stages"]
+    checked = set()
+    for log in sorted((snakemake_project / RUN / "logs").glob("*.log")):
+        name = log.stem if log.stem in stages else log.stem.rsplit("_", 1)[0]  # infer_val -> infer
+        if stages[name].get("do", stages[name])["cmd"].startswith("bash"):
+            continue
+        deps = set(stages[name].get("do", stages[name])["deps"])
+        texts = [log.read_text()]
+        if name == "evaluate":
+            texts += [p.read_text() for p in (snakemake_project / RUN / "evaluate").rglob("lm-server.log")]
+        imported = {m for text in texts for m in re.findall(r"\|\s+(b2txt(?:\.\w+)*)\s*$", text, flags=re.M)}
+        assert imported and {module_file(m) for m in imported} <= deps, (name, {module_file(m) for m in imported} - deps)
+        checked.add(name)
+    assert {"data", "train", "infer", "decode", "evaluate", "figures", "lm_graph"} <= checked
+
+
 def test_second_run_does_nothing(snakemake_project):
     r = run(["snakemake", "--cores", "1"], snakemake_project)
     assert "Nothing to be done" in r.stdout + r.stderr
@@ -109,7 +102,7 @@ def test_changed_train_params_rerun_only_downstream(snakemake_project):
     r = run(["snakemake", "-n", "--cores", "1", "--config", "decode={beam: 12}"], snakemake_project)
     assert planned_rules(r.stdout) == DECODING
     r = run(["snakemake", "-n", "--cores", "1", "--config", "simulate={seed: 4}"], snakemake_project)
-    assert planned_rules(r.stdout) == {"simulate", "validate", "preprocess", "train", "infer", "score", "figures",
+    assert planned_rules(r.stdout) == {"data", "validate", "preprocess", "train", "infer", "score", "figures",
                                        "calibrate"} | LM_BUILD | DECODING
 
 
@@ -124,22 +117,41 @@ def test_report_is_self_contained(snakemake_project):
     assert "per_session_per.png" in html
 
 
-def test_dvc_repro_runs_the_same_stages_with_the_same_results(snakemake_project, tmp_path):
-    project = make_project(tmp_path)
-    run(["git", "init", "-q"], project)
-    run(["dvc", "init", "-q"], project)
-    run(["dvc", "config", "core.analytics", "false"], project)
-    r = run(["dvc", "repro"], project)
-    stages = set(re.findall(r"Running stage '([\w@]+)'", r.stdout))
-    assert stages == {"corpus", "data", "validate", "preprocess", "train", "infer@val", "infer@test",
-                      "score", "figures", "calibrate", "kenlm_tools", "lm_text", "lm_ngram@2", "lm_graph@2",
-                      "decode", "score_words", "evaluate@val", "evaluate@test"}
+#: A preset of the tests' own on top of the tiny config: another architecture and another acoustic
+#: scale, as config/model/paper.yaml changes both.
+PRESET = {"train": {"model": {"architecture": "triple", "n_units": 16, "n_layers": 1, "noise_units": 8,
+                              "noise_layers": 1, "noisy_units": 8, "noisy_layers": 1}},
+          "decode": {"acoustic_scale": 0.8}}
+
+
+def test_snakemake_and_dvc_run_a_preset_alike(tmp_path):
+    """One stage table, two tools: with a preset on top of the tiny config, Snakemake
+    (`--configfile`) and `dvc repro` (dvc.yaml generated for the same files) run the same stages,
+    write the same results and decode with the preset's options."""
+    preset = "config/model/tiny-triple.yaml"
+    smk, dvc = make_project(tmp_path / "smk"), make_project(tmp_path / "dvc")
+    for project in (smk, dvc):
+        (project / preset).write_text(yaml.safe_dump(PRESET))
+    run(["snakemake", "--cores", "1", "--configfile", preset], smk)
+    regenerate_dvc(dvc, "config/config.yaml", "config/model/baseline.yaml", preset)
+    init_dvc(dvc)
+    r = run(["dvc", "repro"], dvc)
+    assert ran_stages(r.stdout) == {"corpus", "data", "validate", "preprocess", "train", "infer@val", "infer@test",
+                                    "score", "figures", "calibrate", "kenlm_tools", "lm_text", "lm_ngram@2",
+                                    "lm_graph@2", "decode", "score_words", "evaluate@val", "evaluate@test"}
     for rel in ("manifest.csv", "scores/val/per_session.csv", "scores/val/trials.csv", "calibration/calibration.csv",
-                "lm/text.txt", "lm/2gram/lm.arpa", "decode/val/decoded.csv", "scores/val/wer_per_session.csv",
-                "evaluate/test/submission.csv"):
-        assert (project / RUN / rel).read_text() == (snakemake_project / RUN / rel).read_text(), rel
-    assert "up to date" in run(["dvc", "status"], project).stdout.lower()
-    shown = run(["dvc", "metrics", "show", "--json"], project).stdout
+                "lm/text.txt", "lm/2gram/lm.arpa", "decode/val/decoded.csv", "decode/val/nbest.jsonl",
+                "scores/val/wer_per_session.csv", "evaluate/val/decoded.csv", "evaluate/test/submission.csv",
+                "model/checkpoint/args.yaml"):
+        assert (dvc / RUN / rel).read_text() == (smk / RUN / rel).read_text(), rel
+    args = yaml.safe_load((dvc / RUN / "model/checkpoint/args.yaml").read_text())
+    assert args["model"]["architecture"] == "triple"
+    nbest = [json.loads(line) for line in (dvc / RUN / "decode/val/nbest.jsonl").read_text().splitlines()]
+    best = next(row["candidates"][0] for row in nbest if row["candidates"])
+    sentence, acoustic, ngram, llm, total = best
+    assert total == pytest.approx(0.8 * acoustic + ngram, rel=1e-5)  # the preset's acoustic scale, in both tools
+    assert "up to date" in run(["dvc", "status"], dvc).stdout.lower()
+    shown = run(["dvc", "metrics", "show", "--json"], dvc).stdout
     assert "PER" in shown and "WER" in shown
 
 

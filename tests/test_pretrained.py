@@ -9,22 +9,20 @@ stages the README documents for the real Dryad files, without training.
 from __future__ import annotations
 
 import io
-import re
-import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from test_download import DATA_DOI, LM_DOI, Blob, dryad, zip_bytes  # noqa: F401 (dryad: the fixture)
-from test_pipeline import LM_BUILD, ROOT, RUN, make_project, planned_rules, run
+from helpers.dryad_server import DATA_DOI, LM_DOI, Blob, zip_bytes
+from helpers.project import LM_BUILD, RUN, configure, init_dvc, make_project, planned_rules, ran_stages, run
 
 from b2txt.data.dryad import DATA_SUBDIR
-from b2txt.ground.config import ModelConfig, merge, read_yaml
+from b2txt.ground.config import ModelConfig
 from b2txt.models.checkpoint import build_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.kenlm]
 
 MODEL_ZIP = "t15_pretrained_rnn_baseline.zip"
 DATA_ZIP = "t15_copyTask_neuralData.zip"
@@ -65,11 +63,6 @@ def serve(dryad, data: Path) -> list[str]:
     return sessions
 
 
-def configure(project: Path, **sections) -> None:
-    base = project / "config" / "config.yaml"
-    base.write_text(yaml.safe_dump(merge(read_yaml(base), sections)))
-
-
 def fast_download(dryad) -> dict:
     return {"api_root": dryad.url, "files": [DATA_ZIP, DESCRIPTION], "retries": 1, "timeout_s": 20}
 
@@ -77,7 +70,7 @@ def fast_download(dryad) -> dict:
 def test_pretrained_plan_skips_training_calibration_and_figures(tmp_path):
     project = make_project(tmp_path)
     r = run(["snakemake", "-n", "--cores", "1", "--config", "model={source: pretrained}"], project)
-    assert planned_rules(r.stdout) == {"corpus", "simulate", "validate", "preprocess", "download_model", "infer",
+    assert planned_rules(r.stdout) == {"corpus", "data", "validate", "preprocess", "download_model", "infer",
                                        "score", "decode", "score_words", "evaluate"} | LM_BUILD
     r = run(["snakemake", "-n", "--cores", "1", "--config", "data={source: dryad, dir: data/pretrained}",
              "model={source: pretrained}"], project, check=False)
@@ -90,7 +83,7 @@ def test_snakemake_downloads_data_and_published_model_then_infers(tmp_path, tiny
     configure(project, data={"source": "dryad", "dir": "data/dryad"}, model={"source": "pretrained"},
               download=fast_download(dryad))
     r = run(["snakemake", "-n", "--cores", "1"], project)
-    assert planned_rules(r.stdout) == {"download", "download_model", "validate", "preprocess", "infer", "score",
+    assert planned_rules(r.stdout) == {"data", "download_model", "validate", "preprocess", "infer", "score",
                                        "decode", "score_words", "evaluate"} | LM_BUILD
     target = f"{RUN}/scores/val/metrics.json"
     run(["snakemake", "--cores", "1", target, f"{RUN}/logits/test.hdf5"], project)
@@ -106,14 +99,10 @@ def test_snakemake_downloads_data_and_published_model_then_infers(tmp_path, tiny
 def test_dvc_repro_of_the_pretrained_pipeline_fetches_instead_of_training(tmp_path, tiny_sim, dryad):
     serve(dryad, tiny_sim)
     project = make_project(tmp_path)
-    shutil.copytree(ROOT / "pretrained", project / "pretrained")
-    configure(project, model={"source": "pretrained"}, download=fast_download(dryad))
-    run(["git", "init", "-q"], project)
-    run(["dvc", "init", "-q"], project)
-    run(["dvc", "config", "core.analytics", "false"], project)
+    configure(project, download=fast_download(dryad))
+    init_dvc(project)
     r = run(["dvc", "repro", "pretrained/dvc.yaml:score"], project)
-    stages = set(re.findall(r"Running stage '([\w@/.:]+)'", r.stdout))
-    assert stages == {"corpus", "data", "validate", "preprocess", "pretrained/dvc.yaml:download_model",
+    assert ran_stages(r.stdout) == {"corpus", "data", "validate", "preprocess", "pretrained/dvc.yaml:download_model",
                       "pretrained/dvc.yaml:infer@val", "pretrained/dvc.yaml:score"}
     assert (project / RUN / "pretrained/scores/val/metrics.json").is_file()
     assert not (project / RUN / "model").exists()
@@ -123,21 +112,21 @@ def test_dvc_repro_of_the_pretrained_pipeline_fetches_instead_of_training(tmp_pa
 
 
 def test_dvc_data_stage_follows_data_source(tmp_path, tiny_sim, dryad):
-    """dvc.yaml has one data stage; data.source picks what it does: dryad downloads, dir leaves
-    the directory as it is (and DVC does not delete it first)."""
+    """dvc.yaml follows data.source as Snakemake does: dryad makes the data stage a download; dir (after
+    `b2txt workflow dvc`) has no data stage, and the directory is left as it is."""
     sessions = serve(dryad, tiny_sim)
     project = make_project(tmp_path)
     configure(project, data={"source": "dryad", "dir": "data/dryad"}, download=fast_download(dryad))
-    run(["git", "init", "-q"], project)
-    run(["dvc", "init", "-q"], project)
-    run(["dvc", "config", "core.analytics", "false"], project)
+    init_dvc(project)
     r = run(["dvc", "repro", "preprocess"], project)
-    assert set(re.findall(r"Running stage '([\w@/.:]+)'", r.stdout)) == {"corpus", "data", "validate", "preprocess"}
+    assert ran_stages(r.stdout) == {"data", "validate", "preprocess"}
     data = project / "data/dryad"
     assert sorted(p.name for p in (data / DATA_SUBDIR).iterdir()) == sessions
     assert dryad.blob_requests(DATA_ZIP) and not dryad.blob_requests(MODEL_ZIP)
+    assert "data:" in (project / "dvc.yaml").read_text()
     before = {p: p.stat().st_mtime_ns for p in data.rglob("*.hdf5")}
     configure(project, data={"source": "dir", "dir": "data/dryad"})
+    assert "\n  data:\n" not in (project / "dvc.yaml").read_text()  # no stage makes a given directory
     r = run(["dvc", "repro", "preprocess"], project)
-    assert set(re.findall(r"Running stage '([\w@/.:]+)'", r.stdout)) == {"data"}  # same data: nothing downstream
+    assert ran_stages(r.stdout) == set()  # same data: nothing to do
     assert {p: p.stat().st_mtime_ns for p in data.rglob("*.hdf5")} == before

@@ -20,7 +20,8 @@ import numpy as np
 import psutil
 import pytest
 import redis
-from helpers.arpa import template_graph, template_sentences
+from helpers.arpa import template_sentences
+from helpers.processes import wait_for
 from helpers.synthetic import synthetic_logits
 
 from b2txt.ground.config import DecodeConfig
@@ -29,19 +30,15 @@ from b2txt.lm.wfst import WfstDecoder
 from b2txt.server.client import LMClient, LMServerError
 from b2txt.server.redis_process import RedisServer
 
+pytestmark = pytest.mark.redis
+
 SENTENCES = template_sentences(300)
 MAX_BYTES = 400 * 41 * 4
 MAX_FRAMES = 600
 
 
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory, lexicon) -> Path:
-    """A bigram TLG graph over the template sentences' words (decodes in a few ms)."""
-    return template_graph(tmp_path_factory.mktemp("server_lm"), lexicon, SENTENCES)
-
-
-def start_server(lm_dir: Path, socket: Path, log: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "b2txt", "lm-server", "--lm_path", str(lm_dir), "--redis-socket",
+def start_server(template_lm: Path, socket: Path, log: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "b2txt", "lm-server", "--lm_path", str(template_lm), "--redis-socket",
            str(socket), "--workers", "2", "--max-logits-bytes", str(MAX_BYTES), "--max-trial-frames",
            str(MAX_FRAMES), "--log-level", "info", *extra]
     return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
@@ -49,11 +46,7 @@ def start_server(lm_dir: Path, socket: Path, log: Path, *extra: str) -> subproce
 
 def wait_ready(r: redis.Redis, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
     """The server is serving once it has put its options on remote_lm_args (as published)."""
-    deadline = time.monotonic() + timeout
-    while r.xlen("remote_lm_args") == 0:
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
+    wait_for(lambda: r.xlen("remote_lm_args"), "the LM server's options on remote_lm_args", timeout, proc, log)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -63,7 +56,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def own_service(lm_dir: Path, run_dir: Path, *args: str, ready_timeout: float = 60):
+def own_service(template_lm: Path, run_dir: Path, *args: str, ready_timeout: float = 60):
     """A redis-server + lm-server of this test's own (for tests that kill or restart them).
 
     Yields (redis server, lm-server process, client connection, log path) once the server is ready.
@@ -71,7 +64,7 @@ def own_service(lm_dir: Path, run_dir: Path, *args: str, ready_timeout: float = 
     rs = RedisServer(run_dir)
     rs.start()
     log = run_dir / "server.log"
-    proc = start_server(lm_dir, rs.socket, log, *args)
+    proc = start_server(template_lm, rs.socket, log, *args)
     try:
         r = redis.Redis(unix_socket_path=str(rs.socket))
         wait_ready(r, proc, log, timeout=ready_timeout)
@@ -88,13 +81,13 @@ class Service:
 
 
 @pytest.fixture(scope="module")
-def service(lm_dir):
+def service(template_lm):
     """One redis-server + lm-server (2 workers) shared by the protocol tests of this module."""
     root = Path(tempfile.mkdtemp(prefix="b2s-"))
     rs = RedisServer(root)
     rs.start()
     log = root / "server.log"
-    proc = start_server(lm_dir, rs.socket, log)
+    proc = start_server(template_lm, rs.socket, log)
     svc = Service(rs, proc, log)
     wait_ready(svc.r, proc, log)
     yield svc
@@ -236,7 +229,7 @@ def test_consumed_entries_are_trimmed_and_unconsumed_ones_kept(service):
     r.delete(stranger)
 
 
-def test_sessions_decode_at_once_with_their_own_options(service, lexicon, lm_dir):
+def test_sessions_decode_at_once_with_their_own_options(service, lexicon, template_lm):
     address = service.redis_server.address
     results: dict[str, list[str]] = {}
     trials = {f"s{k}": (1 + 9 * k, [synthetic_logits(s, lexicon, np.random.default_rng(k * 10 + i))
@@ -257,7 +250,7 @@ def test_sessions_decode_at_once_with_their_own_options(service, lexicon, lm_dir
     for t in threads:
         t.join()
     for name, (nbest, logits) in trials.items():  # exactly what in-process decoding with its options gives
-        decoder = WfstDecoder(lm_dir, DecodeConfig(nbest=nbest))
+        decoder = WfstDecoder(template_lm, DecodeConfig(nbest=nbest))
         assert results[name] == [decoder.decode(x).best for x in logits]
     args = service.r.xrevrange("remote_lm_args", count=1)[0][1]
     assert args[b"nbest"] == b"100"  # the default session kept its options
@@ -273,8 +266,8 @@ def test_idle_server_blocks_instead_of_spinning(service):
 
 # ----------------------------------------------------------------------------- faults (own processes)
 
-def test_reconnects_after_redis_restarts(lm_dir, run_dir):
-    with own_service(lm_dir, run_dir) as (rs, proc, r, log):
+def test_reconnects_after_redis_restarts(template_lm, run_dir):
+    with own_service(template_lm, run_dir) as (rs, proc, r, log):
         rs.proc.kill()  # Redis goes away without a goodbye
         rs.proc.wait()
         time.sleep(0.5)
@@ -288,8 +281,8 @@ def test_reconnects_after_redis_restarts(lm_dir, run_dir):
         assert proc.poll() is None
 
 
-def test_sigterm_finishes_the_trial_under_way_and_exits_0(lm_dir, run_dir):
-    with own_service(lm_dir, run_dir) as (rs, proc, r, log):
+def test_sigterm_finishes_the_trial_under_way_and_exits_0(template_lm, run_dir):
+    with own_service(template_lm, run_dir) as (rs, proc, r, log):
         c = RawClient(r)
         r.xadd("remote_lm_reset", {"done": 1})
         c.read("remote_lm_done_resetting")
@@ -303,8 +296,8 @@ def test_sigterm_finishes_the_trial_under_way_and_exits_0(lm_dir, run_dir):
         assert proc.wait(timeout=20) == 0
 
 
-def test_a_dead_worker_is_replaced(lm_dir, run_dir):
-    with own_service(lm_dir, run_dir) as (rs, proc, r, log):
+def test_a_dead_worker_is_replaced(template_lm, run_dir):
+    with own_service(template_lm, run_dir) as (rs, proc, r, log):
         for child in psutil.Process(proc.pid).children():
             child.kill()
         time.sleep(0.3)  # died while idle
@@ -314,8 +307,8 @@ def test_a_dead_worker_is_replaced(lm_dir, run_dir):
         assert "died" in log.read_text()
 
 
-def test_lan_address_is_refused_by_default(lm_dir):
-    out = subprocess.run([sys.executable, "-m", "b2txt", "lm-server", "--lm_path", str(lm_dir),
+def test_lan_address_is_refused_by_default(template_lm):
+    out = subprocess.run([sys.executable, "-m", "b2txt", "lm-server", "--lm_path", str(template_lm),
                           "--redis_ip", "192.168.150.2"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--allow-remote" in out.stderr
 
@@ -328,10 +321,8 @@ def test_private_redis_dies_with_a_killed_parent(run_dir):
     assert psutil.pid_exists(pid)
     parent.kill()
     parent.wait()
-    deadline = time.monotonic() + 5
-    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-        assert time.monotonic() < deadline, "redis-server outlived its SIGKILLed parent"
-        time.sleep(0.05)
+    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+             "redis-server to die with its SIGKILLed parent", 5)
 
 
 def test_password_from_the_environment(run_dir, monkeypatch):
@@ -368,10 +359,10 @@ def _tiny_opt(out: Path, words: list[str]) -> Path:
     return out
 
 
-def test_llm_rescoring_fills_the_llm_scores(lm_dir, run_dir, tmp_path):
+def test_llm_rescoring_fills_the_llm_scores(template_lm, run_dir, tmp_path):
     words = sorted({w for s in SENTENCES for w in s.split()} | {"what", "did", "say"})
     llm = _tiny_opt(tmp_path / "tiny_opt", words)
-    with own_service(lm_dir, run_dir, "--do_opt", "--llm", str(llm), "--alpha", "0.5", "--workers", "1",
+    with own_service(template_lm, run_dir, "--do_opt", "--llm", str(llm), "--alpha", "0.5", "--workers", "1",
                      "--acoustic_scale", "0.325", ready_timeout=120) as (rs, proc, r, log):
         client = LMClient(rs.address, timeout=60)
         client.set_context("what did you say")

@@ -13,42 +13,18 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import redis
-from helpers.arpa import template_graph, template_sentences
-from helpers.synthetic import synthetic_logits
+from helpers.arpa import template_sentences
+from helpers.processes import wait_for
+from helpers.synthetic import synthetic_logits_file
 
-from b2txt.data.logits import write_logits
-from b2txt.ground.phonemes import Lexicon, from_lm_order
+pytestmark = pytest.mark.redis
 
 SENTENCES = template_sentences(300)
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory, lexicon) -> Path:
-    return template_graph(tmp_path_factory.mktemp("eval_lm"), lexicon, SENTENCES)
-
-
-def make_logits_file(path: Path, lexicon: Lexicon, n: int, split: str = "val", seed: int = 1,
-                     noisy_every: int = 0) -> Path:
-    """``n`` labelled trials over three sessions, logits in model column order (as `b2txt infer` writes);
-    with ``noisy_every`` every such trial is noisy, so some decode wrong and the WER is not 0."""
-    rng = np.random.default_rng(seed)
-    rows, logits, labels = [], [], []
-    for i in range(n):
-        s = SENTENCES[i % len(SENTENCES)]
-        rows.append({"session": f"t15.2023.08.{11 + i % 3:02d}", "split": split, "trial": i, "block_num": 1,
-                     "trial_num": i, "corpus": "Fortunes", "post_implant_day": 25 + i % 3, "sentence": s})
-        noisy = dict(noise=2.0, peak=4.0) if noisy_every and i % noisy_every == noisy_every - 1 else {}
-        logits.append(from_lm_order(synthetic_logits(s, lexicon, rng, **noisy)))
-        labels.append(np.asarray(lexicon.sentence_ids(s)))
-    write_logits(path, pd.DataFrame(rows), logits, labels)
-    return path
 
 
 def run_evaluate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -66,10 +42,10 @@ def check_one_sentence_per_trial(out: Path, n: int) -> pd.DataFrame:
     return table
 
 
-def test_evaluate_scores_every_trial(lm_dir, lexicon, tmp_path):
-    logits = make_logits_file(tmp_path / "val.h5", lexicon, 40)
+def test_evaluate_scores_every_trial(template_lm, lexicon, tmp_path):
+    logits = synthetic_logits_file(tmp_path / "val.h5", lexicon, 40)
     out = tmp_path / "out"
-    done = run_evaluate("--logits", str(logits), "--lm", str(lm_dir), "--out", str(out), "--workers", "2")
+    done = run_evaluate("--logits", str(logits), "--lm", str(template_lm), "--out", str(out), "--workers", "2")
     assert done.returncode == 0, done.stderr
     table = check_one_sentence_per_trial(out, 40)
     assert (table["decoded"] == table["reference"]).mean() > 0.9
@@ -82,17 +58,17 @@ def test_evaluate_scores_every_trial(lm_dir, lexicon, tmp_path):
     assert (out / "lm-server.log").is_file()
 
 
-def test_the_three_decoding_runtimes_write_the_same_decoded_csv(lm_dir, lexicon, tmp_path):
+def test_the_three_decoding_runtimes_write_the_same_decoded_csv(template_lm, lexicon, tmp_path):
     """One decoding core in every runtime: `b2txt decode` (a process pool), `evaluate` through the LM
     server, and `evaluate` through consumer-group lm-workers write byte-identical decoded.csv files,
     noisy trials (where the n-best and its augmentation matter) included."""
-    logits = make_logits_file(tmp_path / "val.h5", lexicon, 30, noisy_every=3)
+    logits = synthetic_logits_file(tmp_path / "val.h5", lexicon, 30, noisy_every=3)
     outs = {name: tmp_path / name for name in ("pool", "server", "workers")}
-    done = subprocess.run([sys.executable, "-m", "b2txt", "decode", "--logits", str(logits), "--lm", str(lm_dir),
+    done = subprocess.run([sys.executable, "-m", "b2txt", "decode", "--logits", str(logits), "--lm", str(template_lm),
                            "--out", str(outs["pool"]), "--workers", "2"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     for name, extra in (("server", ["--workers", "2"]), ("workers", ["--group-workers", "2"])):
-        done = run_evaluate("--logits", str(logits), "--lm", str(lm_dir), "--out", str(outs[name]), *extra)
+        done = run_evaluate("--logits", str(logits), "--lm", str(template_lm), "--out", str(outs[name]), *extra)
         assert done.returncode == 0, done.stderr
     pool, server, workers = ((outs[n] / "decoded.csv").read_bytes() for n in ("pool", "server", "workers"))
     assert pool == server == workers
@@ -100,11 +76,11 @@ def test_the_three_decoding_runtimes_write_the_same_decoded_csv(lm_dir, lexicon,
     assert 0 < (table["decoded"] != table["reference"]).sum() < len(table)  # the noisy trials differ
 
 
-def test_published_single_client_protocol_and_chunks_give_the_same_sentences(lm_dir, lexicon, tmp_path):
-    logits = make_logits_file(tmp_path / "test.h5", lexicon, 12, split="test")
+def test_published_single_client_protocol_and_chunks_give_the_same_sentences(template_lm, lexicon, tmp_path):
+    logits = synthetic_logits_file(tmp_path / "test.h5", lexicon, 12, split="test")
     whole, chunked = tmp_path / "whole", tmp_path / "chunked"
     for out, extra in ((whole, []), (chunked, ["--chunk-frames", "7"])):
-        done = run_evaluate("--logits", str(logits), "--lm", str(lm_dir), "--out", str(out), "--workers", "1",
+        done = run_evaluate("--logits", str(logits), "--lm", str(template_lm), "--out", str(out), "--workers", "1",
                             "--sessions", "0", *extra)
         assert done.returncode == 0, done.stderr
     a = check_one_sentence_per_trial(whole, 12)
@@ -113,7 +89,7 @@ def test_published_single_client_protocol_and_chunks_give_the_same_sentences(lm_
 
 
 def test_bad_language_model_directory_fails_with_one_message(tmp_path, lexicon):
-    logits = make_logits_file(tmp_path / "val.h5", lexicon, 2)
+    logits = synthetic_logits_file(tmp_path / "val.h5", lexicon, 2)
     empty = tmp_path / "no_graph"
     empty.mkdir()
     done = run_evaluate("--logits", str(logits), "--lm", str(empty), "--out", str(tmp_path / "out"),
@@ -131,31 +107,23 @@ def _xadd_calls(sock: Path) -> int:
     return int(stats.get("cmdstat_xadd", {}).get("calls", 0))
 
 
-def _wait(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-
-
-def test_no_trial_lost_or_duplicated_when_lm_server_and_redis_are_killed(lm_dir, lexicon, tmp_path):
+def test_no_trial_lost_or_duplicated_when_lm_server_and_redis_are_killed(template_lm, lexicon, tmp_path):
     n = 240
-    logits = make_logits_file(tmp_path / "val.h5", lexicon, n, seed=7)
+    logits = synthetic_logits_file(tmp_path / "val.h5", lexicon, n, seed=7)
     run_dir = Path(tempfile.mkdtemp(prefix="b2e-"))
     out = tmp_path / "out"
     sock = run_dir / "redis.sock"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "b2txt", "evaluate", "--logits", str(logits), "--lm", str(lm_dir),
+        [sys.executable, "-m", "b2txt", "evaluate", "--logits", str(logits), "--lm", str(template_lm),
          "--out", str(out), "--workers", "2", "--run-dir", str(run_dir), "--timeout", "10"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "B2TXT_PROGRESS": "0"})
     try:
         per_trial = 7  # XADDs per trial: reset, logits, finalize + 4 replies
-        _wait(lambda: _xadd_calls(sock) > 50 * per_trial, proc)
+        wait_for(lambda: _xadd_calls(sock) > 50 * per_trial, "50 trials sent", 120, proc)
         lm_pid = int((run_dir / "lm-server.pid").read_text())
         os.kill(lm_pid, signal.SIGKILL)
-        _wait(lambda: int((run_dir / "lm-server.pid").read_text()) != lm_pid, proc)
-        _wait(lambda: _xadd_calls(sock) > 150 * per_trial, proc)  # counts again from the restarted server
+        wait_for(lambda: int((run_dir / "lm-server.pid").read_text()) != lm_pid, "a new lm-server", 120, proc)
+        wait_for(lambda: _xadd_calls(sock) > 150 * per_trial, "150 trials sent", 120, proc)  # counts again from the restarted server
         os.kill(int((run_dir / "redis-server.pid").read_text()), signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=180)
         assert proc.returncode == 0, stderr

@@ -21,15 +21,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import redis
-from helpers.arpa import template_graph, template_sentences
-from helpers.synthetic import synthetic_logits
-from test_server_evaluate import make_logits_file as evaluate_logits_file
+from helpers.arpa import template_sentences
+from helpers.processes import free_port, wait_for
+from helpers.synthetic import synthetic_logits, synthetic_logits_file
 
 from b2txt.ground.config import DecodeConfig
 from b2txt.ground.phonemes import Lexicon
 from b2txt.server import trial_queue as G
 from b2txt.server.evaluate_group import GroupCollector
 from b2txt.server.redis_process import RedisServer
+
+pytestmark = pytest.mark.redis
 
 SENTENCES = template_sentences(300)
 #: Small search settings: fast trials (tens of ms) that still give 5-best lists.
@@ -38,49 +40,25 @@ STREAM = "b2txt:batch:trials"
 ENV = {**os.environ, "B2TXT_PROGRESS": "0"}
 
 
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory, lexicon) -> Path:
-    return template_graph(tmp_path_factory.mktemp("workers_lm"), lexicon, SENTENCES)
-
-
 def make_logits_file(path: Path, lexicon: Lexicon, n: int, seed: int = 3, noisy_every: int = 4) -> Path:
     """``n`` labelled val trials; every 4th is noisy (by default), so some decode wrong and the WER is not 0."""
-    return evaluate_logits_file(path, lexicon, n, seed=seed, noisy_every=noisy_every)
+    return synthetic_logits_file(path, lexicon, n, seed=seed, noisy_every=noisy_every)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def evaluate_cmd(logits: Path, lm_dir: Path, out: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "b2txt", "evaluate", "--logits", str(logits), "--lm", str(lm_dir),
+def evaluate_cmd(logits: Path, template_lm: Path, out: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "b2txt", "evaluate", "--logits", str(logits), "--lm", str(template_lm),
             "--out", str(out), *DECODE, *args]
 
 
-def start_worker(lm_dir: Path, log: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "b2txt", "lm-worker", "--lm", str(lm_dir), *DECODE, "--log-level", "info",
+def start_worker(template_lm: Path, log: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "b2txt", "lm-worker", "--lm", str(template_lm), *DECODE, "--log-level", "info",
            *args]
     return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env or ENV)
 
 
-def run_worker(lm_dir: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "b2txt", "lm-worker", "--lm", str(lm_dir), *args],
+def run_worker(template_lm: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "b2txt", "lm-worker", "--lm", str(template_lm), *args],
                           capture_output=True, text=True, timeout=120, env=env or ENV)
-
-
-def wait_for(predicate, what: str, timeout: float = 60, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"evaluate exited ({proc.returncode}) while waiting for {what}:\n"
-                                 f"{proc.communicate()[1][-3000:]}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def consumer_name(proc: subprocess.Popen) -> str:
@@ -128,16 +106,16 @@ def read_outputs(out: Path, n: int) -> tuple[pd.DataFrame, dict, dict]:
 
 # ----------------------------------------------------------------------------- whatever dies
 
-def test_three_workers_one_killed_one_stalled_every_trial_once_and_same_wer(lm_dir, lexicon, tmp_path, run_dir):
+def test_three_workers_one_killed_one_stalled_every_trial_once_and_same_wer(template_lm, lexicon, tmp_path, run_dir):
     n = 200
     logits = make_logits_file(tmp_path / "val.h5", lexicon, n)
 
     # the reference: the session mode (lm-server), then one local worker in the consumer-group mode
     session_out, one_out = tmp_path / "session", tmp_path / "one"
-    done = subprocess.run(evaluate_cmd(logits, lm_dir, session_out, "--workers", "2"), capture_output=True,
+    done = subprocess.run(evaluate_cmd(logits, template_lm, session_out, "--workers", "2"), capture_output=True,
                           text=True, timeout=300, env=ENV)
     assert done.returncode == 0, done.stderr
-    done = subprocess.run(evaluate_cmd(logits, lm_dir, one_out, "--group-workers", "1"), capture_output=True,
+    done = subprocess.run(evaluate_cmd(logits, template_lm, one_out, "--group-workers", "1"), capture_output=True,
                           text=True, timeout=300, env=ENV)
     assert done.returncode == 0, done.stderr
     one, one_summary, one_wer = read_outputs(one_out, n)
@@ -153,7 +131,7 @@ def test_three_workers_one_killed_one_stalled_every_trial_once_and_same_wer(lm_d
     rs.start()
     out = tmp_path / "three"
     logs = [run_dir / f"w{k}.log" for k in range(3)]
-    workers = [start_worker(lm_dir, logs[k], "--redis-port", str(port), "--claim-idle-ms", "800") for k in range(3)]
+    workers = [start_worker(template_lm, logs[k], "--redis-port", str(port), "--claim-idle-ms", "800") for k in range(3)]
     proc = None
     try:
         r = redis.Redis(port=port, socket_timeout=10)
@@ -167,7 +145,7 @@ def test_three_workers_one_killed_one_stalled_every_trial_once_and_same_wer(lm_d
             return {consumer_name(w) for w in workers} <= names
 
         wait_for(registered, "three workers waiting for trials")
-        proc = subprocess.Popen(evaluate_cmd(logits, lm_dir, out, "--external-workers", "--server",
+        proc = subprocess.Popen(evaluate_cmd(logits, template_lm, out, "--external-workers", "--server",
                                              f"127.0.0.1:{port}"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 
@@ -218,11 +196,11 @@ def test_three_workers_one_killed_one_stalled_every_trial_once_and_same_wer(lm_d
     assert "claimed trial" in logs[2].read_text()
 
 
-def test_redis_killed_mid_run_the_unanswered_trials_are_sent_again(lm_dir, lexicon, tmp_path, run_dir):
+def test_redis_killed_mid_run_the_unanswered_trials_are_sent_again(template_lm, lexicon, tmp_path, run_dir):
     n = 300
     logits = make_logits_file(tmp_path / "val.h5", lexicon, n, noisy_every=0)
     out = tmp_path / "out"
-    proc = subprocess.Popen(evaluate_cmd(logits, lm_dir, out, "--group-workers", "2", "--run-dir", str(run_dir)),
+    proc = subprocess.Popen(evaluate_cmd(logits, template_lm, out, "--group-workers", "2", "--run-dir", str(run_dir)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         r = redis.Redis(unix_socket_path=str(run_dir / "redis.sock"), socket_timeout=10)
@@ -289,7 +267,7 @@ def test_the_collector_keeps_the_first_result_of_each_trial(run_dir):
         rs.stop()
 
 
-def test_a_trial_whose_workers_all_died_is_failed_after_max_deliveries(lm_dir, run_dir, lexicon):
+def test_a_trial_whose_workers_all_died_is_failed_after_max_deliveries(template_lm, run_dir, lexicon):
     rs = RedisServer(run_dir)
     rs.start()
     try:
@@ -302,7 +280,7 @@ def test_a_trial_whose_workers_all_died_is_failed_after_max_deliveries(lm_dir, r
             r.xadd("t:q:trials", {"job": "j1", "trial": trial, "logits": x.tobytes(), "options": options,
                                   "reply_to": "t:q:results:j1"})
         r.xreadgroup(G.GROUP, "ghost", {"t:q:trials": ">"}, count=1)  # trial 0 taken by a worker that died
-        worker = start_worker(lm_dir, run_dir / "w.log", "--redis-socket", str(rs.socket), "--queue", "t:q",
+        worker = start_worker(template_lm, run_dir / "w.log", "--redis-socket", str(rs.socket), "--queue", "t:q",
                               "--claim-idle-ms", "100", "--max-deliveries", "1")
         try:
             got = wait_for(lambda: r.xlen("t:q:results:j1") >= 2 and r.xrange("t:q:results:j1"), "two results")
@@ -323,7 +301,7 @@ def test_a_trial_whose_workers_all_died_is_failed_after_max_deliveries(lm_dir, r
 
 # ----------------------------------------------------------------------------- across hosts: password, bind, TLS
 
-def test_a_worker_that_cannot_authenticate_gets_one_clear_error(lm_dir, run_dir, monkeypatch):
+def test_a_worker_that_cannot_authenticate_gets_one_clear_error(template_lm, run_dir, monkeypatch):
     monkeypatch.setenv("B2TXT_TEST_PW", "right one")
     port = free_port()
     rs = RedisServer(run_dir, port=port, password_env="B2TXT_TEST_PW")
@@ -333,7 +311,7 @@ def test_a_worker_that_cannot_authenticate_gets_one_clear_error(lm_dir, run_dir,
             env = {k: v for k, v in ENV.items() if k != "B2TXT_TEST_PW"}
             if password:
                 env["B2TXT_TEST_PW"] = password
-            done = run_worker(lm_dir, "--redis-port", str(port), "--password-env", "B2TXT_TEST_PW", env=env)
+            done = run_worker(template_lm, "--redis-port", str(port), "--password-env", "B2TXT_TEST_PW", env=env)
             assert done.returncode == 2, done.stderr
             line = done.stderr.strip().splitlines()[-1]
             assert line.startswith("b2txt lm-worker: error: redis at 127.0.0.1:") and "authentication failed" in line
@@ -343,19 +321,19 @@ def test_a_worker_that_cannot_authenticate_gets_one_clear_error(lm_dir, run_dir,
         rs.stop()
 
 
-def test_a_network_address_needs_a_password(lm_dir, lexicon, tmp_path, run_dir, monkeypatch):
+def test_a_network_address_needs_a_password(template_lm, lexicon, tmp_path, run_dir, monkeypatch):
     logits = make_logits_file(tmp_path / "val.h5", lexicon, 2)
     env = {k: v for k, v in ENV.items() if k != "B2TXT_REDIS_PASSWORD"}
     port = str(free_port())
-    done = subprocess.run(evaluate_cmd(logits, lm_dir, tmp_path / "out", "--external-workers", "--bind", "0.0.0.0",
+    done = subprocess.run(evaluate_cmd(logits, template_lm, tmp_path / "out", "--external-workers", "--bind", "0.0.0.0",
                                        "--port", port), capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2
     assert "--bind 0.0.0.0: not a loopback address, and B2TXT_REDIS_PASSWORD is not set" in done.stderr
     assert not (tmp_path / "out").exists()
-    done = subprocess.run(evaluate_cmd(logits, lm_dir, tmp_path / "out", "--bind", "127.0.0.1", "--port", port),
+    done = subprocess.run(evaluate_cmd(logits, template_lm, tmp_path / "out", "--bind", "127.0.0.1", "--port", port),
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2 and "only in the consumer-group mode" in done.stderr
-    done = run_worker(lm_dir, "--redis-host", "192.0.2.7", "--redis-port", port, env=env)
+    done = run_worker(template_lm, "--redis-host", "192.0.2.7", "--redis-port", port, env=env)
     assert done.returncode == 2
     assert "redis host 192.0.2.7: not a loopback address, and B2TXT_REDIS_PASSWORD is not set" in done.stderr
     # with a password the same bind is accepted, and Redis there refuses anyone without it
@@ -412,14 +390,14 @@ def _make_certificates(root: Path) -> dict[str, Path]:
     return files
 
 
-def test_tls_round_trip_with_client_certificates(lm_dir, lexicon, tmp_path, run_dir):
+def test_tls_round_trip_with_client_certificates(template_lm, lexicon, tmp_path, run_dir):
     certs = _make_certificates(tmp_path)
     n = 12
     logits = make_logits_file(tmp_path / "val.h5", lexicon, n)
     env = {**ENV, "B2TXT_TEST_PW": "tls and a password"}
     port = str(free_port())
     out = tmp_path / "out"
-    proc = subprocess.Popen(evaluate_cmd(logits, lm_dir, out, "--external-workers", "--port", port,
+    proc = subprocess.Popen(evaluate_cmd(logits, template_lm, out, "--external-workers", "--port", port,
                                          "--tls-cert", str(certs["server"]), "--tls-key", str(certs["server_key"]),
                                          "--tls-ca", str(certs["ca"]), "--password-env", "B2TXT_TEST_PW",
                                          "--run-dir", str(run_dir)),
@@ -430,13 +408,13 @@ def test_tls_round_trip_with_client_certificates(lm_dir, lexicon, tmp_path, run_
     try:
         wait_for(lambda: (run_dir / "redis.sock").exists(), "the evaluator's redis-server", proc=proc)
         # a worker that does not trust the server's CA, and one without a client certificate: refused
-        done = run_worker(lm_dir, *client, "--tls-ca", str(certs["other_ca"]), env=env)
+        done = run_worker(template_lm, *client, "--tls-ca", str(certs["other_ca"]), env=env)
         assert done.returncode == 2 and "TLS failed" in done.stderr and "certificate verify failed" in done.stderr
         assert "Traceback" not in done.stderr
-        done = run_worker(lm_dir, "--redis-port", port, "--password-env", "B2TXT_TEST_PW", "--tls-ca",
+        done = run_worker(template_lm, "--redis-port", port, "--password-env", "B2TXT_TEST_PW", "--tls-ca",
                           str(certs["ca"]), env=env)
         assert done.returncode == 2 and "TLS failed" in done.stderr, done.stderr
-        worker = start_worker(lm_dir, run_dir / "w.log", *client, "--tls-ca", str(certs["ca"]), env=env)
+        worker = start_worker(template_lm, run_dir / "w.log", *client, "--tls-ca", str(certs["ca"]), env=env)
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, stderr
         assert f"127.0.0.1:{port} (TLS)" in stderr

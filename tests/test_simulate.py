@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SENTENCES
+from helpers.data import SENTENCES, TINY_SIM_CONFIG
 
 from b2txt.data.description import DESCRIPTION_FILE, read_description
 from b2txt.data.dryad import DATA_SUBDIR, discover, read_file, session_date
@@ -56,8 +56,8 @@ def tiny_trials(tiny_sim):
 
 # ----------------------------------------------------------------------------- determinism
 
-def test_same_seed_gives_byte_identical_data(tiny_sim, tiny_sim_config, sentences, lexicon, tmp_path, tiny_features):
-    again = simulate(tiny_sim_config, sentences, tmp_path / "again", lexicon)
+def test_same_seed_gives_byte_identical_data(tiny_sim, lexicon, tmp_path, tiny_features):
+    again = simulate(TINY_SIM_CONFIG, SENTENCES, tmp_path / "again", lexicon)
     feats = all_features(again)
     assert feats.keys() == tiny_features.keys() and len(feats) == 18
     for key, x in feats.items():
@@ -67,8 +67,8 @@ def test_same_seed_gives_byte_identical_data(tiny_sim, tiny_sim_config, sentence
         assert (again / name).read_bytes() == (tiny_sim / name).read_bytes(), name
 
 
-def test_different_seed_gives_different_data(tiny_sim_config, sentences, lexicon, tmp_path, tiny_features):
-    other = simulate(tiny_sim_config.model_copy(update={"seed": 1}), sentences, tmp_path / "other", lexicon)
+def test_different_seed_gives_different_data(lexicon, tmp_path, tiny_features):
+    other = simulate(TINY_SIM_CONFIG.model_copy(update={"seed": 1}), SENTENCES, tmp_path / "other", lexicon)
     feats = all_features(other)
     assert len(feats) == len(tiny_features)
     for key, x in feats.items():
@@ -76,12 +76,12 @@ def test_different_seed_gives_different_data(tiny_sim_config, sentences, lexicon
         assert x.shape != y.shape or not np.array_equal(x, y), key
 
 
-def test_trials_are_keyed_by_seed_session_block_trial(tiny_sim, tiny_sim_config, sentences, lexicon, tiny_trials):
+def test_trials_are_keyed_by_seed_session_block_trial(tiny_sim, lexicon, tiny_trials):
     """Rebuild the generator state as documented and regenerate every trial bit-exactly."""
-    cfg = tiny_sim_config
+    cfg = TINY_SIM_CONFIG
     rng = np.random.default_rng(cfg.seed)
     model = NeuralModel(cfg.neural, rng)
-    blocks = plan(cfg, SentenceSource(sentences, lexicon, cfg, rng), rng)
+    blocks = plan(cfg, SentenceSource(SENTENCES, lexicon, cfg, rng), rng)
     states = model.sessions(session_days(cfg), rng)
     truth = pd.read_csv(tiny_sim / TRUTH_FILE)
     sessions = sorted({b.session for b in blocks})
@@ -100,14 +100,14 @@ def test_trials_are_keyed_by_seed_session_block_trial(tiny_sim, tiny_sim_config,
 
 # ----------------------------------------------------------------------------- format
 
-def test_layout_and_session_names(tiny_sim, tiny_sim_config):
+def test_layout_and_session_names(tiny_sim):
     root = tiny_sim / DATA_SUBDIR
     sessions = sorted(p.name for p in root.iterdir())
-    assert len(sessions) == tiny_sim_config.n_sessions == 2
+    assert len(sessions) == TINY_SIM_CONFIG.n_sessions == 2
     assert all(SESSION_RE.match(s) for s in sessions)
-    days = session_days(tiny_sim_config)
+    days = session_days(TINY_SIM_CONFIG)
     assert days == [25, 55]  # first_day 25, span 30
-    assert [session_date(s) for s in sessions] == [tiny_sim_config.implant_date + dt.timedelta(days=d) for d in days]
+    assert [session_date(s) for s in sessions] == [TINY_SIM_CONFIG.implant_date + dt.timedelta(days=d) for d in days]
     for s in sessions:
         assert sorted(p.name for p in (root / s).iterdir()) == ["data_test.hdf5", "data_train.hdf5", "data_val.hdf5"]
     assert (tiny_sim / DESCRIPTION_FILE).is_file() and (tiny_sim / TRUTH_FILE).is_file()
@@ -180,8 +180,8 @@ def test_truth_csv_matches_the_files(tiny_sim, tiny_trials):
     assert truth.sentence.is_unique
 
 
-def test_description_rows_match_the_blocks(tiny_sim, tiny_sim_config, tiny_trials):
-    cfg = tiny_sim_config
+def test_description_rows_match_the_blocks(tiny_sim, tiny_trials):
+    cfg = TINY_SIM_CONFIG
     blocks = read_description(tiny_sim / DESCRIPTION_FILE)
     n_blocks = cfg.train_blocks + cfg.val_blocks + cfg.test_blocks
     assert len(blocks) == cfg.n_sessions * n_blocks == 6
@@ -212,35 +212,35 @@ def test_simulated_data_passes_validation(tiny_sim):
 
 # ----------------------------------------------------------------------------- corpora and errors
 
-def test_fifty_word_and_random_corpora(sentences, lexicon, tmp_path):
+def test_fifty_word_and_random_corpora(lexicon, tmp_path):
     fifty = SimulateConfig(n_sessions=1, train_blocks=1, val_blocks=1, test_blocks=0, trials_per_block=2,
                            max_words=6, corpus_mix={"50-Word": 1.0})
-    simulate(fifty, sentences, tmp_path / "fifty", lexicon)
+    simulate(fifty, SENTENCES, tmp_path / "fifty", lexicon)
     truth = pd.read_csv(tmp_path / "fifty" / TRUTH_FILE)
     assert set(truth.corpus) == {"50-Word"}
     for s in truth.sentence:
         assert 3 <= len(s.split()) <= 6 and set(s.split()) <= set(FIFTY_WORDS)
 
     rand = fifty.model_copy(update={"corpus_mix": {"Random": 1.0}})
-    simulate(rand, sentences, tmp_path / "rand", lexicon)
+    simulate(rand, SENTENCES, tmp_path / "rand", lexicon)
     truth = pd.read_csv(tmp_path / "rand" / TRUTH_FILE)
-    vocab = {w for s in sentences for w in s.split()}
+    vocab = {w for s in SENTENCES for w in s.split()}
     assert set(truth.corpus) == {"Random"}
     for s in truth.sentence:
         assert 3 <= len(s.split()) <= 6 and set(s.split()) <= vocab
 
 
-def test_unknown_word_fails_without_partial_output(lexicon, tmp_path, tiny_sim_config):
+def test_unknown_word_fails_without_partial_output(lexicon, tmp_path):
     out = tmp_path / "bad"
     with pytest.raises(UnknownWordsError) as exc:
-        simulate(tiny_sim_config, ["the zzqxv sat down"] * 3, out, lexicon)
+        simulate(TINY_SIM_CONFIG, ["the zzqxv sat down"] * 3, out, lexicon)
     assert exc.value.words == ["zzqxv"]
     assert not out.exists() and not list(tmp_path.glob(".bad.tmp-*"))
 
 
-def test_no_sentence_of_the_right_length(lexicon, tmp_path, tiny_sim_config):
+def test_no_sentence_of_the_right_length(lexicon, tmp_path):
     with pytest.raises(B2txtError, match="no corpus sentence"):
-        simulate(tiny_sim_config, ["one two", "a b c d e f g h"], tmp_path / "x", lexicon)
+        simulate(TINY_SIM_CONFIG, ["one two", "a b c d e f g h"], tmp_path / "x", lexicon)
 
 
 # ----------------------------------------------------------------------------- learnability
@@ -256,8 +256,8 @@ def _phoneme_run(model, state, phoneme, seed):
     return x[65:145, 256:]  # SBP
 
 
-def test_phonemes_are_separable_in_feature_means(tiny_sim_config):
-    cfg = tiny_sim_config
+def test_phonemes_are_separable_in_feature_means():
+    cfg = TINY_SIM_CONFIG
     rng = np.random.default_rng(123)
     model = NeuralModel(cfg.neural, rng)
     state = model.sessions(session_days(cfg), rng)[0]
@@ -273,8 +273,8 @@ def test_phonemes_are_separable_in_feature_means(tiny_sim_config):
     assert min(between) > 2 * max(within), (between, within)
 
 
-def test_sessions_drift_but_share_the_code(tiny_sim_config):
-    cfg = tiny_sim_config.model_copy(update={"span_days": 120})
+def test_sessions_drift_but_share_the_code():
+    cfg = TINY_SIM_CONFIG.model_copy(update={"span_days": 120})
     rng = np.random.default_rng(7)
     model = NeuralModel(cfg.neural, rng)
     s0, s1 = model.sessions(session_days(cfg), rng)

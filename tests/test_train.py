@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -21,6 +20,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from helpers.processes import wait_for
 
 from b2txt.cli import main
 from b2txt.data.store import DayBatchSampler, TrialStore, read_manifest
@@ -134,10 +134,7 @@ def test_killed_cli_run_resumes_and_publishes(sim, tmp_path):
     with open(tmp_path / "first.log", "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=tmp_path)
         try:
-            deadline = time.monotonic() + 120
-            while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert last.exists(), f"no resume checkpoint appeared: {(tmp_path / 'first.log').read_text()[-2000:]}"
+            wait_for(last.exists, "a resume checkpoint", 120, proc, tmp_path / "first.log")
             proc.send_signal(signal.SIGKILL)
             assert proc.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed"
         finally:

@@ -12,17 +12,14 @@ from pathlib import Path
 import kenlm
 import numpy as np
 import pytest
-from conftest import KENLM_DIR, SENTENCES
+from helpers.data import SENTENCES
 from helpers.synthetic import phoneme_logits
 
-from b2txt.data.corpus import extract_sentences, read_sources
 from b2txt.evaluation.error_rates import edit_distance
 from b2txt.ground.config import DecodeConfig
 from b2txt.ground.phonemes import LM_ORDER, N_CLASSES, SIL_ID, Lexicon, to_lm_order
-from b2txt.lm.graph import GraphError, build_graph, build_graph_from_arpa
+from b2txt.lm.graph import GraphError, build_graph
 from b2txt.lm.nbest import DecodeInputError, frame_log_probs, total_score
-from b2txt.lm.ngram import build_ngram
-from b2txt.lm.text import prepare_text
 from b2txt.lm.wfst import WfstDecoder, graph_files, load_graph
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,25 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = dict(beam=12.0, max_active=2000)
 
 
-@pytest.fixture(scope="module")
-def corpus(lexicon) -> list[str]:
-    fortunes = extract_sentences(read_sources("/usr/share/games/fortunes", ["fortunes"]), lexicon, 3, 10)
-    return list(SENTENCES) + fortunes[:280]
-
-
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory, lexicon, corpus, kenlm_dir) -> Path:
-    """A pruned 3-gram (+ unpruned twin) over the corpus and its graph, in ``3gram/``."""
-    out = tmp_path_factory.mktemp("wfst")
-    prepare_text(out / "text.txt", corpus, lexicon, add_lexicon_words=False)
-    build_ngram(out / "text.txt", out / "3gram", 3, prune=[0, 0, 1], memory="5%", kenlm_dir=KENLM_DIR)
-    build_graph_from_arpa(out / "3gram" / "lm.arpa", out / "3gram", lexicon)
-    return out / "3gram"
-
-
-@pytest.fixture(scope="module")
-def graph(lm) -> Path:
-    return lm
+def options(**changes) -> DecodeConfig:
+    """The published decoding options (config/model/paper.yaml's acoustic scale 0.325, which these
+    tests are sized for; the built-in default is the small simulated model's 1.5), with changes."""
+    return DecodeConfig(**{"acoustic_scale": 0.325, **changes})
 
 
 def logits_for(lexicon: Lexicon, sentence: str, seed: int, **kw) -> np.ndarray:
@@ -84,10 +66,10 @@ def lm_columns(lexicon: Lexicon, sentence: str) -> list[int]:
 
 # ----------------------------------------------------------------------------- recognition
 
-def test_recovers_known_sentences_from_clean_logits(graph, lexicon, corpus):
-    decoder = WfstDecoder(graph, DecodeConfig())  # the published options: beam 17, nbest 100 -> 1
-    decoder_1 = WfstDecoder(graph, DecodeConfig(nbest=1))
-    picks = corpus[::37][:8]
+def test_recovers_known_sentences_from_clean_logits(kenlm_graph, lexicon, fortune_sentences):
+    decoder = WfstDecoder(kenlm_graph, options())  # the published options: beam 17, nbest 100 -> 1
+    decoder_1 = WfstDecoder(kenlm_graph, options(nbest=1))
+    picks = fortune_sentences[::37][:8]
     for i, s in enumerate(picks):
         # peaky like a trained model's: with peak 8 and blank penalty 90, putting a phoneme on a
         # blank frame costs only ~3.5 nats, and the LM may rightly prefer a likelier word
@@ -97,9 +79,9 @@ def test_recovers_known_sentences_from_clean_logits(graph, lexicon, corpus):
         assert nb.best == s and 1 < len(nb) <= 100
 
 
-def test_nbest_is_distinct_sorted_deterministic_and_consistent(graph, lexicon, lm):
-    opts = DecodeConfig(nbest=20, length_penalty=0.5, **FAST)
-    decoder = WfstDecoder(graph, opts)
+def test_nbest_is_distinct_sorted_deterministic_and_consistent(kenlm_graph, lexicon):
+    opts = options(nbest=20, length_penalty=0.5, **FAST)
+    decoder = WfstDecoder(kenlm_graph, opts)
     x = logits_for(lexicon, SENTENCES[3], seed=3, noise_sd=1.5)
     nb = decoder.decode(x)
     assert 5 <= len(nb) <= 20
@@ -108,7 +90,7 @@ def test_nbest_is_distinct_sorted_deterministic_and_consistent(graph, lexicon, l
     totals = [c.total for c in nb.candidates]
     assert totals == sorted(totals, reverse=True)
     assert decoder.decode(x) == nb  # deterministic
-    arpa = kenlm.Model(str(lm / "lm.arpa"))
+    arpa = kenlm.Model(str(kenlm_graph / "lm.arpa"))
     for c in nb.candidates:
         assert c.llm == 0.0
         assert c.total == pytest.approx(opts.acoustic_scale * c.acoustic + c.ngram + 0.5 * c.n_words, abs=1e-6)
@@ -116,18 +98,18 @@ def test_nbest_is_distinct_sorted_deterministic_and_consistent(graph, lexicon, l
         # free optional SIL: the graph cost is exactly the n-gram cost (natural log)
         assert c.ngram == pytest.approx(arpa.score(c.sentence) * math.log(10), abs=0.01)
     # the 1-best search agrees with the top of the n-best list
-    one = WfstDecoder(graph, DecodeConfig(nbest=1, **FAST)).decode(x).candidates[0]
-    top = WfstDecoder(graph, DecodeConfig(nbest=20, **FAST)).decode(x).candidates[0]
+    one = WfstDecoder(kenlm_graph, options(nbest=1, **FAST)).decode(x).candidates[0]
+    top = WfstDecoder(kenlm_graph, options(nbest=20, **FAST)).decode(x).candidates[0]
     assert one.sentence == top.sentence
     assert one.acoustic == pytest.approx(top.acoustic, abs=1e-2) and one.ngram == pytest.approx(top.ngram, abs=1e-3)
 
 
-def test_acoustic_score_is_the_best_alignment_of_the_sentence(graph, lexicon, corpus):
-    opts = DecodeConfig(nbest=1, **FAST)
-    decoder = WfstDecoder(graph, opts)
-    single = [s for s in corpus if all(len(lexicon.pronunciations[w]) == 1 for w in s.split())]
+def test_acoustic_score_is_the_best_alignment_of_the_sentence(kenlm_graph, lexicon, fortune_sentences):
+    opts = options(nbest=1, **FAST)
+    decoder = WfstDecoder(kenlm_graph, opts)
+    single = [s for s in fortune_sentences if all(len(lexicon.pronunciations[w]) == 1 for w in s.split())]
     checked = 0
-    for i, s in enumerate(corpus[5:40:7] + single[:5]):
+    for i, s in enumerate(fortune_sentences[5:40:7] + single[:5]):
         x = logits_for(lexicon, s, seed=100 + i)
         best = decoder.decode(x).candidates[0]
         assert best.sentence == s
@@ -142,14 +124,14 @@ def test_acoustic_score_is_the_best_alignment_of_the_sentence(graph, lexicon, co
     assert checked >= 5
 
 
-def test_lm_fixes_confused_logits_better_than_greedy(graph, lexicon, corpus):
-    decoder = WfstDecoder(graph, DecodeConfig(nbest=1, **FAST))
+def test_lm_fixes_confused_logits_better_than_greedy(kenlm_graph, lexicon, fortune_sentences):
+    decoder = WfstDecoder(kenlm_graph, options(nbest=1, **FAST))
     by_phones = {}
     for w, prons in lexicon.pronunciations.items():
         by_phones.setdefault(prons[0], w)
     sil_col = LM_ORDER.index(SIL_ID)
     greedy_err = lm_err = ref_len = 0
-    for i, s in enumerate(corpus[1:200:10]):
+    for i, s in enumerate(fortune_sentences[1:200:10]):
         x = logits_for(lexicon, s, seed=200 + i, confusion=0.15)
         best = np.argmax(x, axis=1)
         tokens = [int(t) for j, t in enumerate(best) if t != 0 and (j == 0 or t != best[j - 1])]
@@ -175,8 +157,8 @@ def _phone(col: int) -> str:
 
 # ----------------------------------------------------------------------------- options
 
-def test_bad_inputs_raise_decode_input_error(graph):
-    decoder = WfstDecoder(graph, DecodeConfig(nbest=1))
+def test_bad_inputs_raise_decode_input_error(kenlm_graph):
+    decoder = WfstDecoder(kenlm_graph, options(nbest=1))
     good = np.zeros((10, N_CLASSES), dtype=np.float32)
     nan = good.copy()
     nan[3, 7] = np.nan
@@ -187,46 +169,46 @@ def test_bad_inputs_raise_decode_input_error(graph):
             decoder.decode(bad)
 
 
-def test_blank_penalty_lowers_blanks_so_more_words_come_out(graph, lexicon):
+def test_blank_penalty_lowers_blanks_so_more_words_come_out(kenlm_graph, lexicon):
     s = SENTENCES[0]
     x = logits_for(lexicon, s, seed=7, noise_sd=0.3)
     x[:, 0] = np.maximum(x[:, 0], x.max(axis=1) + 2.0)  # blank beats every phoneme frame (p ≈ 0.88)
     words = {}
     for bp in (1.0, 1000.0):
-        words[bp] = WfstDecoder(graph, DecodeConfig(nbest=1, blank_penalty=bp, **FAST)).decode(x).best
+        words[bp] = WfstDecoder(kenlm_graph, options(nbest=1, blank_penalty=bp, **FAST)).decode(x).best
     assert len(words[1.0].split()) < len(words[1000.0].split())
     assert words[1000.0] == s
 
 
-def test_acoustic_scale_trades_lm_score_for_acoustic_score(graph, lexicon):
+def test_acoustic_scale_trades_lm_score_for_acoustic_score(kenlm_graph, lexicon):
     odd = "the cat sat on the tree"  # every word in the graph, the sentence unlikely under the LM
     x = logits_for(lexicon, odd, seed=11)
-    low = WfstDecoder(graph, DecodeConfig(nbest=1, acoustic_scale=0.02, **FAST)).decode(x).candidates[0]
-    high = WfstDecoder(graph, DecodeConfig(nbest=1, acoustic_scale=3.0, **FAST)).decode(x).candidates[0]
+    low = WfstDecoder(kenlm_graph, options(nbest=1, acoustic_scale=0.02, **FAST)).decode(x).candidates[0]
+    high = WfstDecoder(kenlm_graph, options(nbest=1, acoustic_scale=3.0, **FAST)).decode(x).candidates[0]
     assert high.sentence == odd
     assert low.sentence != odd
     assert low.ngram > high.ngram and low.acoustic < high.acoustic
 
 
-def test_length_penalty_favours_longer_sentences(graph, lexicon):
+def test_length_penalty_favours_longer_sentences(kenlm_graph, lexicon):
     x = logits_for(lexicon, SENTENCES[9], seed=12, noise_sd=1.5, confusion=0.2)
-    n = [len(WfstDecoder(graph, DecodeConfig(nbest=5, length_penalty=lp, **FAST)).decode(x).best.split())
+    n = [len(WfstDecoder(kenlm_graph, options(nbest=5, length_penalty=lp, **FAST)).decode(x).best.split())
          for lp in (-20.0, 0.0, 20.0)]
     assert n[0] <= n[1] <= n[2] and n[0] < n[2]
 
 
-def test_blank_skip_threshold_still_decodes(graph, lexicon):
+def test_blank_skip_threshold_still_decodes(kenlm_graph, lexicon):
     s = SENTENCES[5]
     x = logits_for(lexicon, s, seed=13)
-    decoder = WfstDecoder(graph, DecodeConfig(nbest=1, blank_skip_threshold=0.99, **FAST))
+    decoder = WfstDecoder(kenlm_graph, options(nbest=1, blank_skip_threshold=0.99, **FAST))
     assert decoder.decode(x).best == s
 
 
-def test_rescoring_with_the_unpruned_grammar(graph, lexicon, lm):
+def test_rescoring_with_the_unpruned_grammar(kenlm_graph, lexicon):
     x = logits_for(lexicon, SENTENCES[2], seed=14, noise_sd=1.5)
-    plain = WfstDecoder(graph, DecodeConfig(nbest=10, **FAST)).decode(x)
-    rescored = WfstDecoder(graph, DecodeConfig(nbest=10, rescore_unpruned=True, **FAST)).decode(x)
-    pruned, full = kenlm.Model(str(lm / "lm.arpa")), kenlm.Model(str(lm / "lm.unpruned.arpa"))
+    plain = WfstDecoder(kenlm_graph, options(nbest=10, **FAST)).decode(x)
+    rescored = WfstDecoder(kenlm_graph, options(nbest=10, rescore_unpruned=True, **FAST)).decode(x)
+    pruned, full = kenlm.Model(str(kenlm_graph / "lm.arpa")), kenlm.Model(str(kenlm_graph / "lm.unpruned.arpa"))
     ln10 = math.log(10)
     for c in plain.candidates:
         assert c.ngram == pytest.approx(pruned.score(c.sentence) * ln10, abs=0.01)
@@ -235,34 +217,34 @@ def test_rescoring_with_the_unpruned_grammar(graph, lexicon, lm):
     assert any(abs(pruned.score(c.sentence) - full.score(c.sentence)) > 1e-3 for c in rescored.candidates)
 
 
-def test_graph_is_loaded_once_per_process(graph):
-    a = WfstDecoder(graph, DecodeConfig(nbest=1))
-    b = WfstDecoder(graph, DecodeConfig(nbest=5))
-    assert a.graph is b.graph and a.graph.tlg is load_graph(graph).tlg
-    a.set_options(DecodeConfig(nbest=3))
+def test_graph_is_loaded_once_per_process(kenlm_graph):
+    a = WfstDecoder(kenlm_graph, options(nbest=1))
+    b = WfstDecoder(kenlm_graph, options(nbest=5))
+    assert a.graph is b.graph and a.graph.tlg is load_graph(kenlm_graph).tlg
+    a.set_options(options(nbest=3))
     assert a.graph is b.graph
-    assert [p.name for p in graph_files(graph)] == ["TLG.fst", "words.txt", "G.fst", "G_no_prune.fst"]
+    assert [p.name for p in graph_files(kenlm_graph)] == ["TLG.fst", "words.txt", "G.fst", "G_no_prune.fst"]
 
 
-def test_unreadable_or_missing_graph_is_a_clear_error(tmp_path, graph):
+def test_unreadable_or_missing_graph_is_a_clear_error(tmp_path, kenlm_graph):
     with pytest.raises(GraphError, match="graph directory not found"):
         WfstDecoder(tmp_path / "nope")
     (tmp_path / "TLG.fst").write_bytes(b"not an fst" * 5)
-    (tmp_path / "words.txt").write_text((graph / "words.txt").read_text())
+    (tmp_path / "words.txt").write_text((kenlm_graph / "words.txt").read_text())
     with pytest.raises(GraphError, match=r"TLG.fst: cannot read decoding graph"):
         WfstDecoder(tmp_path)
-    (tmp_path / "TLG.fst").write_bytes((graph / "TLG.fst").read_bytes())
+    (tmp_path / "TLG.fst").write_bytes((kenlm_graph / "TLG.fst").read_bytes())
     (tmp_path / "words.txt").unlink()
     with pytest.raises(GraphError, match="words.txt: word table not found"):
         WfstDecoder(tmp_path)
 
 
-def test_published_style_graph_upper_case_words_decodes_to_normalised_text(tmp_path, lm, lexicon):
+def test_published_style_graph_upper_case_words_decodes_to_normalised_text(tmp_path, kenlm_graph, lexicon):
     """A graph from an upper-case ARPA (the published CMU-dict convention) is interchangeable."""
     upper = tmp_path / "upper.arpa"
     special = {"<s>", "</s>", "<unk>"}
     lines = []
-    for line in (lm / "lm.arpa").read_text().splitlines():
+    for line in (kenlm_graph / "lm.arpa").read_text().splitlines():
         cols = line.split("\t")
         if len(cols) >= 2:
             cols[1] = " ".join(w if w in special else w.upper() for w in cols[1].split())
@@ -271,18 +253,18 @@ def test_published_style_graph_upper_case_words_decodes_to_normalised_text(tmp_p
     build_graph(upper, tmp_path / "g", lexicon)
     s = SENTENCES[1]
     x = logits_for(lexicon, s, seed=15)
-    ours = WfstDecoder(lm, DecodeConfig(nbest=1, **FAST)).decode(x).candidates[0]
-    theirs = WfstDecoder(tmp_path / "g", DecodeConfig(nbest=1, **FAST)).decode(x).candidates[0]
+    ours = WfstDecoder(kenlm_graph, options(nbest=1, **FAST)).decode(x).candidates[0]
+    theirs = WfstDecoder(tmp_path / "g", options(nbest=1, **FAST)).decode(x).candidates[0]
     assert theirs.sentence == ours.sentence == s
     assert theirs.ngram == pytest.approx(ours.ngram, abs=1e-3)
 
 
-def test_streaming_chunks_equal_one_pass_and_end_on_the_decoded_sentence(graph, lexicon, corpus):
+def test_streaming_chunks_equal_one_pass_and_end_on_the_decoded_sentence(kenlm_graph, lexicon, fortune_sentences):
     """A trial fed in chunks (the LM server's partials) searches as one pass does: the chunked
     stream's best sentence after each chunk equals a fresh one-chunk stream over the same frames,
     and after the last chunk it is the sentence decode() finds on clean logits."""
-    decoder = WfstDecoder(graph, DecodeConfig(nbest=1))
-    for i, s in enumerate(corpus[::41][:4]):
+    decoder = WfstDecoder(kenlm_graph, options(nbest=1))
+    for i, s in enumerate(fortune_sentences[::41][:4]):
         x = logits_for(lexicon, s, seed=i, peak=14.0)
         stream = decoder.stream()
         partials = [stream.advance(x[a:a + 7]) for a in range(0, len(x), 7)]

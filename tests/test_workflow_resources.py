@@ -9,32 +9,6 @@ from pathlib import Path
 from b2txt.ground.config import ResourcesConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-RULES = sorted((ROOT / "workflow/rules").glob("*.smk"))
-
-
-def rule_blocks():
-    """(file, rule name, text of the rule) for every rule in workflow/rules."""
-    for path in RULES:
-        text = path.read_text()
-        starts = [(m.start(), m.group(1)) for m in re.finditer(r"^\s*rule (\w+):", text, flags=re.MULTILINE)]
-        for i, (start, name) in enumerate(starts):
-            end = starts[i + 1][0] if i + 1 < len(starts) else len(text)
-            yield path.name, name, text[start:end]
-
-
-def test_every_rule_takes_threads_and_resources_from_one_config_family():
-    families = set(ResourcesConfig.model_fields)
-    seen = set()
-    for file, name, block in rule_blocks():
-        seen.add(name)
-        threads = re.findall(r"^\s*threads:\s*(.+)$", block, flags=re.MULTILINE)
-        assert len(threads) == 1, f"{file}: rule {name} needs one `threads: rule_threads(...)`"
-        t = re.fullmatch(r'rule_threads\("(\w+)"\)', threads[0].strip())
-        r = re.search(r'^\s*resources:\s*\n\s*\*\*rule_resources\("(\w+)"\),', block, flags=re.MULTILINE)
-        assert t and r, f"{file}: rule {name}: threads/resources not from rule_threads/rule_resources"
-        assert t.group(1) == r.group(1) in families, f"{file}: rule {name}: families {t.group(1)}, {r.group(1)}"
-        assert not re.search(r"\b(mem_mb|runtime|gpu|slurm_partition)\s*=", block), f"{file}: rule {name}: literal"
-    assert {"train", "evaluate", "decode", "lm_ngram", "lm_graph", "infer", "figures"} <= seen
 
 
 def dry_run(tmp_path: Path, *config: str) -> str:
@@ -58,13 +32,36 @@ def job(out: str, rule: str) -> str:
     return m.group(1)
 
 
+def test_every_job_takes_threads_and_resources_from_its_family(tmp_path):
+    """Each rule family gets its own cpus and memory here: every job of the dry run shows its family's."""
+    from b2txt.ground.config import load_config
+    from b2txt.workflow import stages
+
+    families = list(ResourcesConfig.model_fields)
+    cpus = {f: 2 + i for i, f in enumerate(families)}
+    mem = {f: 1000 + 7 * i for i, f in enumerate(families)}
+    spec = ", ".join(f"{f}: {{cpus: {cpus[f]}, mem_mb: {mem[f]}}}" for f in families)
+    out = dry_run(tmp_path, f"resources={{{spec}}}")
+    cfg = load_config([ROOT / "config/config.yaml", ROOT / "config/model/baseline.yaml"])
+    seen = set()
+    for stage in stages(cfg):
+        block = job(out, stage.name)
+        threads = min(cpus[stage.family], 16)
+        assert (f"threads: {threads}" in block) == (threads > 1), (stage.name, block)
+        assert f"mem_mb={mem[stage.family]}" in block, (stage.name, block)
+        seen.add(stage.name)
+    assert {"train", "evaluate", "decode", "lm_ngram", "lm_graph", "infer", "figures"} <= seen
+    rules = (ROOT / "workflow/rules/stages.smk").read_text()
+    assert not re.search(r"\b(mem_mb|runtime|gpu|slurm_partition)\s*=", rules)  # no literals in the rules
+
+
 def test_config_resources_reach_the_jobs_and_gpus_launch_nproc(tmp_path):
     out = dry_run(tmp_path, "resources={train: {cpus: 8, mem_mb: 1234, runtime: 77, gpus: 4, partition: gpu}, "
                             "decode: {cpus: 3, slurm_extra: '--qos=long'}}")
     train = job(out, "train")
     assert "threads: 8" in train and "gpu=4" in train and "mem_mb=1234" in train and "runtime=77" in train
     assert "slurm_partition=gpu" in train
-    assert re.search(r"b2txt train .*--threads 2 --nproc 4", train), train  # 8 cores over 4 processes
+    assert re.search(r"b2txt train .*--nproc 4", train) and "--threads 2 " in train, train  # 8 cores over 4 processes
     evaluate = job(out, "evaluate")
     assert "threads: 3" in evaluate and "--workers 3" in evaluate and "slurm_extra=--qos=long" in evaluate
     one = job(dry_run(tmp_path, "resources={train: {cpus: 8, gpus: 1}}"), "train")

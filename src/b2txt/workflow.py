@@ -1,1 +1,439 @@
-"""The pipeline's stage table (filled in below)."""
+"""The pipeline's stage table: one truth for Snakemake and DVC.
+
+:func:`stages` turns a config into the pipeline's stages: for each, the ``b2txt`` command line,
+its inputs and outputs, the config sections the command reads, its rule family (resources,
+conda env) and, for stages run once per split or n-gram order, the values. The Snakefile makes a
+rule of every stage (``workflow/rules/stages.smk``) and :func:`dvc_yaml` writes the same stages
+for DVC (``b2txt workflow dvc``), so both tools run the same commands with the same config:
+
+- command arguments use Snakemake's placeholders (``{input.logits}``, ``{params.out}``,
+  ``{wildcards.split}``); DVC gets them filled in, and ``${item}`` for the per-split/per-order value;
+- a stage that reads config gets ``--config``: in Snakemake a file holding just its sections
+  (named by content, so a change of those sections reruns it), in DVC the config files the
+  pipeline was generated for (its ``params`` list the sections they set);
+- what only one tool has: Snakemake's thread count per job (``--workers``, ``--threads``), its logs,
+  ``ancient()`` and ``localrules``; DVC's ``persist`` and the stage's code in ``deps``: the modules
+  its command imports (:func:`code_deps`, from the import graph).
+
+The published models (``model.source: pretrained``) have their own DVC file,
+:func:`pretrained_dvc_yaml` (outputs under ``results/<run>/pretrained/``), beside the trained
+pipeline's stages.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .ground.config import PipelineConfig, read_yaml
+from .ground.errors import ConfigError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SRC_DIR = PACKAGE_DIR.parent
+
+
+@dataclass(frozen=True)
+class Output:
+    path: str
+    directory: bool = False
+    metric: bool = False  # DVC metrics (JSON); Snakemake: a plain file
+    persist: bool = False  # DVC keeps it before rerunning the stage (a resumable download)
+    report: str | None = None  # Snakemake report: the caption file (the PNGs of a figures directory)
+
+
+@dataclass(frozen=True)
+class Input:
+    path: str
+    ancient: bool = False  # Snakemake: a tool built once; its time does not trigger reruns
+    dvc: bool = True  # False: outside the repository and not a DVC output (the KenLM tools)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage; ``args`` follow ``b2txt`` (or ``shell``'s program) with Snakemake placeholders."""
+
+    name: str
+    args: tuple[str, ...]
+    inputs: Mapping[str, Input] = field(default_factory=dict)
+    outputs: Mapping[str, Output] = field(default_factory=dict)
+    params: Mapping[str, str] = field(default_factory=dict)
+    sections: tuple[str, ...] = ()  # config sections the command reads (--config)
+    family: str = "default"  # resources.<family> and the rule family's conda env
+    env: str = "data"  # envs/<env>.yaml
+    each: tuple[str, tuple[str, ...]] | None = None  # (wildcard, values): one job per value
+    program: str = "b2txt"  # or "bash" (scripts/build_kenlm.sh)
+    threads_flag: str | None = None  # Snakemake passes its job's threads with this flag
+    threads_per: int = 1  # ... shared out over this many processes (train --nproc)
+    local: bool = False  # Snakemake localrules: the submitting host (network, compilers)
+    stdout_to_log: bool = False  # the command prints its result on stdout
+    starts: tuple[str, ...] = ()  # b2txt commands it runs as child processes (code it depends on too)
+
+    @property
+    def command(self) -> str:
+        """The CLI command (``lm ngram``), for its code dependencies."""
+        words = [a for a in self.args if not a.startswith(("-", "{"))]
+        return " ".join(words[:2]) if words[:1] == ["lm"] else (words[0] if words else "")
+
+
+# ----------------------------------------------------------------------------- the table
+
+def _run(cfg: PipelineConfig) -> str:
+    return f"results/{cfg.run}"
+
+
+def stages(cfg: PipelineConfig) -> list[Stage]:
+    """The pipeline's stages for this config, in order."""
+    run, data = _run(cfg), cfg.data.dir
+    simulated, pretrained = cfg.data.source == "simulated", cfg.model.source == "pretrained"
+    lm = f"{run}/lm"
+    decode_lm = cfg.lm.dir if cfg.lm.source == "dir" else f"{lm}/{cfg.lm.decode_order}gram"
+    model_dir = cfg.model.model_dir if pretrained else f"{run}/model"
+    model_input = Input(cfg.model.dir if pretrained else f"{run}/model")
+    out: list[Stage] = []
+
+    if simulated:
+        out.append(Stage("corpus", ("corpus", "--out", "{output.sentences}"),
+                         outputs={"sentences": Output(cfg.corpus.out)}, sections=("corpus",)))
+    if cfg.data.source != "dir":  # dir: the data are there already, no stage makes them
+        out.append(Stage(
+            "data", ("data", *(("--sentences", "{input.sentences}") if simulated else ()), "--out", "{output.data}"),
+            inputs={"sentences": Input(cfg.corpus.out)} if simulated else {},
+            outputs={"data": Output(data, directory=True, persist=True)},
+            sections=("data", "simulate", "corpus", "download"), local=not simulated))
+    out += [
+        Stage("validate", ("validate", "{input.data}", "--report", "{output.report}"),
+              inputs={"data": Input(data)}, outputs={"report": Output(f"{run}/validation.txt")}),
+        Stage("preprocess", ("preprocess", "--data", "{input.data}", "--out", "{output.manifest}"),
+              inputs={"data": Input(data), "validated": Input(f"{run}/validation.txt")},
+              outputs={"manifest": Output(f"{run}/manifest.csv")}),
+    ]
+    manifest = Input(f"{run}/manifest.csv")
+    if pretrained:
+        out.append(Stage("download_model", ("download", "--dataset", "data", "--files", "{params.file}",
+                                            "--out", "{output.model}"),
+                         outputs={"model": Output(cfg.model.dir, directory=True, persist=True)},
+                         params={"file": cfg.model.file}, sections=("download",), local=True))
+    else:
+        nproc = max(1, cfg.resources.train.gpus)  # one process per GPU
+        out.append(Stage("train", ("train", "--data", "{input.data}", "--manifest", "{input.manifest}",
+                                   "--out", "{output.model}", *(("--nproc", str(nproc)) if nproc > 1 else ())),
+                         inputs={"data": Input(data), "manifest": manifest},
+                         outputs={"model": Output(f"{run}/model", directory=True)},
+                         sections=("train",), family="train", env="train", threads_flag="--threads",
+                         threads_per=nproc))
+    out.append(Stage("infer", ("infer", "--model", "{params.model}", "--data", "{input.data}", "--manifest",
+                               "{input.manifest}", "--split", "{wildcards.split}", "--out", "{output.logits}",
+                               "--known-sessions-only"),
+                     inputs={"model": model_input, "data": Input(data), "manifest": manifest},
+                     outputs={"logits": Output(f"{run}/logits/{{split}}.hdf5")}, params={"model": model_dir},
+                     sections=("infer",), family="infer", env="train", each=("split", tuple(cfg.infer.splits))))
+    calibrate = cfg.calibrate.enabled and not pretrained
+    if calibrate:
+        out.append(Stage("calibrate", ("calibrate", "--model", "{input.model}", "--data", "{input.data}",
+                                       "--manifest", "{input.manifest}", "--out", "{output.calibration}"),
+                         inputs={"model": model_input, "data": Input(data), "manifest": manifest},
+                         outputs={"calibration": Output(f"{run}/calibration", directory=True)},
+                         sections=("calibrate",), family="calibrate", env="train", stdout_to_log=True))
+    scores = f"{run}/scores/val"
+    out.append(Stage("score", ("score", "--logits", "{input.logits}", "--out", "{params.out}", "--split", "val"),
+                     inputs={"logits": Input(f"{run}/logits/val.hdf5")},
+                     outputs={"metrics": Output(f"{scores}/metrics.json", metric=True),
+                              **{n: Output(f"{scores}/{n}.csv") for n in ("per_session", "per_corpus", "trials")}},
+                     params={"out": scores}, stdout_to_log=True))
+
+    if cfg.lm.source == "build":
+        tools = os.path.join(os.path.expanduser(cfg.lm.kenlm_dir), "bin")
+        if cfg.lm.tool == "kenlm":
+            out.append(Stage("kenlm_tools", ("scripts/build_kenlm.sh", "{params.dest}"),
+                             outputs={"lmplz": Output(f"{tools}/lmplz"), "build_binary": Output(f"{tools}/build_binary")},
+                             params={"dest": cfg.lm.kenlm_dir}, env="lm", program="bash", local=True))
+        out += [
+            Stage("lm_text", ("lm", "text", "--data", "{input.data}", "--out", "{output.text}"),
+                  inputs={"data": Input(data), **({"corpus": Input(cfg.lm.text)} if cfg.lm.text else {})},
+                  outputs={"text": Output(f"{lm}/text.txt"), "stats": Output(f"{lm}/text.json")},
+                  sections=("corpus", "lm"), env="lm"),
+            Stage("lm_ngram", ("lm", "ngram", "--text", "{input.text}", "--order", "{wildcards.order}",
+                               "--out", "{params.out}"),
+                  inputs={"text": Input(f"{lm}/text.txt"),
+                          **({"tools": Input(f"{tools}/lmplz", ancient=True, dvc=False)} if cfg.lm.tool == "kenlm"
+                             else {})},
+                  outputs={"arpa": Output(f"{lm}/{{order}}gram/lm.arpa"), "binary": Output(f"{lm}/{{order}}gram/lm.bin")},
+                  params={"out": f"{lm}/{{order}}gram"}, sections=("lm",), family="lm", env="lm",
+                  each=("order", tuple(str(o) for o in cfg.lm.orders))),
+            Stage("lm_graph", ("lm", "graph", "--arpa", "{input.arpa}", "--out", "{params.out}"),
+                  inputs={"arpa": Input(f"{lm}/{{order}}gram/lm.arpa")},
+                  outputs={"tlg": Output(f"{lm}/{{order}}gram/TLG.fst"), "words": Output(f"{lm}/{{order}}gram/words.txt"),
+                           "grammar": Output(f"{lm}/{{order}}gram/G.fst")},
+                  params={"out": f"{lm}/{{order}}gram"}, sections=("lm",), family="lm", env="lm",
+                  each=("order", tuple(str(o) for o in cfg.lm.orders))),
+        ]
+    graph = {"tlg": Input(f"{decode_lm}/TLG.fst"), "words": Input(f"{decode_lm}/words.txt")}
+    kenlm = {"kenlm": Input(f"{decode_lm}/lm.bin")} if cfg.decode.decoder == "lexicon" else {}
+    out += [
+        Stage("decode", ("decode", "--logits", "{input.logits}", "--lm", "{params.lm}", "--out", "{output.decoded}"),
+              inputs={"logits": Input(f"{run}/logits/val.hdf5"), **graph, **kenlm},
+              outputs={"decoded": Output(f"{run}/decode/val", directory=True)},
+              params={"lm": decode_lm}, sections=("decode", "rescore"), family="decode", env="lm",
+              threads_flag="--workers"),
+        Stage("score_words", ("score", "--decoded", "{params.decoded}", "--out", "{params.out}", "--split", "val"),
+              inputs={"decoded": Input(f"{run}/decode/val")},
+              outputs={"metrics": Output(f"{scores}/wer.json", metric=True),
+                       **{n: Output(f"{scores}/wer_{n}.csv") for n in ("per_session", "per_corpus", "trials")}},
+              params={"decoded": f"{run}/decode/val/decoded.csv", "out": scores}, env="lm", stdout_to_log=True),
+        Stage("evaluate", ("evaluate", "--logits", "{input.logits}", "--lm", "{params.lm}", "--out",
+                           "{output.evaluation}", "--split", "{wildcards.split}"),
+              inputs={"logits": Input(f"{run}/logits/{{split}}.hdf5"), **graph, **kenlm},
+              outputs={"evaluation": Output(f"{run}/evaluate/{{split}}", directory=True)},
+              params={"lm": decode_lm}, sections=("decode", "rescore", "server"), family="decode", env="lm",
+              each=("split", tuple(s for s in ("val", "test") if s in cfg.infer.splits)), threads_flag="--workers",
+              starts=("lm-server", "lm-worker")),
+    ]
+    if not pretrained:  # our training metrics and held-out session: the published model has neither
+        out.append(Stage(
+            "figures", ("figures", "--model", "{input.model}", "--scores", "{params.scores}", "--logits",
+                        "{input.logits}", *(("--calibration", "{params.calibration}") if calibrate else ()),
+                        "--out", "{output.figures}"),
+            inputs={"model": model_input, "trials": Input(f"{scores}/trials.csv"),
+                    "wer_trials": Input(f"{scores}/wer_trials.csv"), "logits": Input(f"{run}/logits/val.hdf5"),
+                    **({"calibration": Input(f"{run}/calibration")} if calibrate else {})},
+            outputs={"figures": Output(f"{run}/figures", directory=True, report="figures.rst")},
+            params={"scores": scores, **({"calibration": f"{run}/calibration/calibration.csv"} if calibrate else {})},
+            family="figures", env="figures"))
+    return out
+
+
+#: Published language models (REFERENCE §1): the DVC stage key and the Dryad archive.
+PUBLISHED_LMS = {"3gram": "languageModel.tar.gz", "5gram": "languageModel_5gram.tar.gz"}
+
+
+def published_lm_stage() -> Stage:
+    """The published language models, downloaded (DVC's pretrained file runs it per model: ``{lm}``
+    is the key of :data:`PUBLISHED_LMS`, ``{lm_file}`` its archive)."""
+    return Stage("download_lm", ("download", "--dataset", "lm", "--files", "{params.file}", "--out", "{output.lm}"),
+                 outputs={"lm": Output("data/published-lm/{lm}", directory=True, persist=True)},
+                 params={"file": "{lm_file}"}, sections=("download",), local=True)
+
+
+# ----------------------------------------------------------------------------- code dependencies
+
+def _module_file(module: str) -> Path | None:
+    rel = Path(*module.split("."))
+    for path in (SRC_DIR / rel / "__init__.py", SRC_DIR / rel.with_suffix(".py")):
+        if path.is_file():
+            return path
+    return None
+
+
+def _resolve(node: ast.ImportFrom, module: str, is_package: bool) -> list[str]:
+    """Absolute b2txt module names an ``ImportFrom`` names (its module, or modules it imports)."""
+    if node.level:
+        base = module.split(".") if is_package else module.split(".")[:-1]
+        base = base[: len(base) - (node.level - 1)]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    if not target.startswith("b2txt"):
+        return []
+    found = [target]
+    for alias in node.names:  # `from . import protocol`: a submodule
+        if _module_file(f"{target}.{alias.name}") is not None:
+            found.append(f"{target}.{alias.name}")
+    return found
+
+
+def _imports_in(tree: ast.AST, module: str, is_package: bool, top_level: bool = False) -> set[str]:
+    names: set[str] = set()
+    nodes = tree.body if top_level and isinstance(tree, ast.Module) else ast.walk(tree)
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom):
+            names.update(_resolve(node, module, is_package))
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("b2txt"))
+    return names
+
+
+def _closure(roots: Iterable[str]) -> set[str]:
+    """Every b2txt module the roots import, at module level or in functions, and their packages.
+    The CLI's modules count with their module-level imports only: a command runs only its own
+    ``run`` function's imports (:func:`_run_function_imports`), not the other commands'."""
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        module = todo.pop()
+        path = _module_file(module)
+        if module in seen or path is None:
+            continue
+        seen.add(module)
+        parts = module.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b.c runs a and a.b
+        top_level = module == "b2txt.cli" or module.startswith("b2txt.cli.")
+        todo += _imports_in(ast.parse(path.read_text()), module, path.name == "__init__.py", top_level)
+    return seen
+
+
+def command_runs() -> dict[str, tuple[str, str]]:
+    """Every ``b2txt`` command and where it runs: ``name -> (module, run function)``, read from the
+    ``Command(...)`` records of the CLI's modules (their source, not an import of the CLI, which sits
+    above this module)."""
+    runs: dict[str, tuple[str, str]] = {}
+    for path in sorted((PACKAGE_DIR / "cli").glob("*.py")):
+        module = f"b2txt.cli.{path.stem}" if path.stem != "__init__" else "b2txt.cli"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Command" and len(node.args) >= 5:
+                name, run = node.args[0], node.args[4]
+                if isinstance(name, ast.Constant) and isinstance(run, ast.Name):
+                    runs[name.value] = (module, run.id)
+    return runs
+
+
+def _run_function_imports(command: str) -> set[str]:
+    """What the command's ``run`` function imports, following the functions of its CLI module it calls."""
+    runs = command_runs()
+    if command not in runs:
+        raise ConfigError(f"stage command {command!r} is not a b2txt command")
+    module, run = runs[command]
+    tree = ast.parse(_module_file(module).read_text())
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    todo, done, found = [run], set(), {module}
+    while todo:
+        name = todo.pop()
+        if name in done or name not in functions:
+            continue
+        done.add(name)
+        found |= _imports_in(functions[name], module, False)
+        todo += [n.id for n in ast.walk(functions[name]) if isinstance(n, ast.Name)]
+    return found
+
+
+def code_deps(stage: Stage) -> list[str]:
+    """The files of the b2txt modules the stage's command imports (repository-relative), sorted."""
+    if stage.program != "b2txt":
+        return [stage.args[0]]
+    modules = _closure(set().union(*(_run_function_imports(c) for c in (stage.command, *stage.starts))))
+    root = SRC_DIR.parent
+    return sorted(str(_module_file(m).relative_to(root)) for m in modules)
+
+
+# ----------------------------------------------------------------------------- DVC
+
+GENERATED = ("# Generated by `b2txt workflow dvc{args}` from the stage table in src/b2txt/workflow.py\n"
+             "# (the Snakefile makes its rules from the same table). Do not edit: change the config files\n"
+             "# named below or the table, then run the command again (`--check` tells whether this file is\n"
+             "# up to date). Every output is DVC-cached: `dvc push` / `dvc pull` carry them (.dvc/config).\n")
+
+
+def _fill(text: str, stage: Stage, values: Mapping[str, str]) -> str:
+    """Snakemake placeholders made concrete: paths, and ``${item}`` for the per-value wildcard."""
+    out = text
+    for kind, mapping in (("input", {k: v.path for k, v in stage.inputs.items()}),
+                          ("output", {k: v.path for k, v in stage.outputs.items()}), ("params", stage.params)):
+        for key, value in mapping.items():
+            out = out.replace(f"{{{kind}.{key}}}", value)
+    if stage.each is not None:
+        out = out.replace(f"{{wildcards.{stage.each[0]}}}", "${item}").replace(f"{{{stage.each[0]}}}", "${item}")
+    for key, value in values.items():
+        out = out.replace(f"{{{key}}}", value)
+    return out
+
+
+def _sections_of(files: list[Path]) -> list[dict[str, Any]]:
+    return [read_yaml(f) for f in files]
+
+
+def _dvc_stage(stage: Stage, config_files: list[str], raw: list[dict[str, Any]], values: Mapping[str, str],
+               wdir: str | None = None) -> dict[str, Any]:
+    """One DVC stage (a ``foreach`` one when the stage runs per value)."""
+    words = 2 if stage.args[:1] == ("lm",) else 1  # `b2txt lm ngram --config ...`
+    config = [x for f in config_files for x in ("--config", f)] if stage.sections else []
+    args = [stage.program, *stage.args[:words], *config, *stage.args[words:]]
+    body: dict[str, Any] = {"wdir": wdir} if wdir else {}
+    body["cmd"] = _fill(" ".join(args), stage, values)
+    deps = [_fill(i.path, stage, values) for i in stage.inputs.values() if i.dvc]
+    body["deps"] = deps + [d for d in code_deps(stage) if d not in deps]
+    params = [{f: [s for s in stage.sections if s in sections]} for f, sections in zip(config_files, raw)
+              if any(s in sections for s in stage.sections)]
+    if params:
+        body["params"] = params
+    outs: list[Any] = []
+    metrics: list[Any] = []
+    for o in stage.outputs.values():
+        path = _fill(o.path, stage, values)
+        if os.path.isabs(path):  # outside the repository (the KenLM tools): not DVC's to track
+            continue
+        (metrics if o.metric else outs).append({path: {"persist": True}} if o.persist else path)
+    if outs:
+        body["outs"] = outs
+    if metrics:
+        body["metrics"] = metrics
+    return body if stage.each is None else {"foreach": list(stage.each[1]), "do": body}
+
+
+def _check_files(config_files: list[str], root: Path) -> list[Path]:
+    paths = []
+    for f in config_files:
+        p = Path(f)
+        if p.is_absolute():
+            raise ConfigError(f"{f}: give config files relative to the repository root, as DVC runs from there")
+        paths.append(root / p)
+    return paths
+
+
+def dvc_yaml(config_files: list[str], root: Path = Path(".")) -> str:
+    """dvc.yaml for the config these files make (merged in order), relative to the repository root."""
+    from .ground.config import load_config
+
+    paths = _check_files(config_files, root)
+    cfg = load_config(paths)
+    raw = _sections_of(paths)
+    doc: dict[str, Any] = {"stages": {}}
+    for stage in stages(cfg):
+        doc["stages"][stage.name] = _dvc_stage(stage, config_files, raw, {})
+    run = _run(cfg)
+    doc["plots"] = [
+        {f"{run}/scores/val/per_session.csv": {"x": "post_implant_day", "y": "PER",
+                                               "title": "Validation PER per session"}},
+        {f"{run}/scores/val/wer_per_session.csv": {"x": "post_implant_day", "y": "WER",
+                                                   "title": "Validation WER per session (n-gram LM)"}},
+    ]
+    args = "".join(f" --config {f}" for f in config_files)
+    return GENERATED.format(args=args) + yaml.safe_dump(doc, sort_keys=False, width=120)
+
+
+def pretrained_dvc_yaml(config_files: list[str], root: Path = Path(".")) -> str:
+    """pretrained/dvc.yaml: the published checkpoint instead of training (``download_model`` -> ``infer`` ->
+    ``score``, outputs under ``results/<run>/pretrained/``, data and manifest from dvc.yaml), and the
+    published language models (``download_lm@3gram``, ``@5gram``). Paths relative to the repository
+    root (``wdir: ..``)."""
+    from .ground.config import load_config
+
+    paths = _check_files(config_files, root)
+    cfg = load_config(paths)
+    raw = _sections_of(paths)
+    run = _run(cfg)
+    published = cfg.model_copy(update={"model": cfg.model.model_copy(update={"source": "pretrained"})})
+    moved = {f"{run}/logits/": f"{run}/pretrained/logits/", f"{run}/scores/": f"{run}/pretrained/scores/"}
+
+    def move(path: str) -> str:
+        for a, b in moved.items():
+            if path.startswith(a):
+                return b + path[len(a):]
+        return path
+
+    doc: dict[str, Any] = {"stages": {}}
+    for stage in stages(published):
+        if stage.name in ("download_model", "infer", "score"):
+            stage = replace(stage, inputs={k: replace(v, path=move(v.path)) for k, v in stage.inputs.items()},
+                            outputs={k: replace(v, path=move(v.path)) for k, v in stage.outputs.items()},
+                            params={k: move(v) for k, v in stage.params.items()})
+            doc["stages"][stage.name] = _dvc_stage(stage, config_files, raw, {}, wdir="..")
+    lm = published_lm_stage()
+    doc["stages"][lm.name] = {"foreach": dict(PUBLISHED_LMS),
+                              "do": _dvc_stage(lm, config_files, raw, {"lm": "${key}", "lm_file": "${item}"}, "..")}
+    args = "".join(f" --config {f}" for f in config_files)
+    return GENERATED.format(args=f" --pretrained{args}") + yaml.safe_dump(doc, sort_keys=False, width=120)

@@ -3,9 +3,15 @@ LM server exercised without a trained model (tests and benchmarks/)."""
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
 
-from b2txt.ground.phonemes import LM_ORDER, N_CLASSES, PHONEME_TO_ID, Lexicon
+import numpy as np
+import pandas as pd
+
+from b2txt.data.logits import write_logits
+from b2txt.ground.phonemes import LM_ORDER, N_CLASSES, PHONEME_TO_ID, Lexicon, from_lm_order
+
+from .arpa import template_sentences
 
 
 def phoneme_logits(ids: list[int] | np.ndarray, rng: np.random.Generator, frames_per_phoneme: tuple[int, int] = (2, 4),
@@ -63,3 +69,22 @@ def synthetic_logits(sentence: str, lexicon: Lexicon, rng: np.random.Generator, 
         emit(0, int(rng.integers(0, 2)))
     emit(0, 2)
     return np.stack(rows).astype(np.float32)
+
+
+def synthetic_logits_file(path: Path, lexicon: Lexicon, n: int, split: str = "val", seed: int = 1,
+                          noisy_every: int = 0) -> Path:
+    """A logits file (as `b2txt infer` writes, model column order) of ``n`` labelled trials of the
+    template sentences over three sessions; with ``noisy_every`` every such trial is noisy, so some
+    decode wrong and the WER is not 0."""
+    sentences = template_sentences(300)
+    rng = np.random.default_rng(seed)
+    rows, logits, labels = [], [], []
+    for i in range(n):
+        s = sentences[i % len(sentences)]
+        rows.append({"session": f"t15.2023.08.{11 + i % 3:02d}", "split": split, "trial": i, "block_num": 1,
+                     "trial_num": i, "corpus": "Fortunes", "post_implant_day": 25 + i % 3, "sentence": s})
+        noisy = dict(noise=2.0, peak=4.0) if noisy_every and i % noisy_every == noisy_every - 1 else {}
+        logits.append(from_lm_order(synthetic_logits(s, lexicon, rng, **noisy)))
+        labels.append(np.asarray(lexicon.sentence_ids(s)))
+    write_logits(path, pd.DataFrame(rows), logits, labels)
+    return path

@@ -1,36 +1,20 @@
 # Shared names. The config is parsed by the package's typed config (defaults, coercion of
 # `--config` strings, clear errors); each rule then hands its command a small file with the
 # config sections that command reads (`config_for`), named by its content.
-import os
-
 from b2txt.ground.config import parse_config, section_config_file
 
 CFG = parse_config(config, "snakemake config")
 RUN = f"results/{CFG.run}"
 LOGS = f"{RUN}/logs"
-DATA = CFG.data.dir
-PRETRAINED = CFG.model.source == "pretrained"  # no training: calibrate and figures are skipped
-
-
-def partial_download_dir(out):
-    """Partial downloads live beside `out`: Snakemake empties an output directory before its rule
-    reruns, which would throw away what a killed download had fetched."""
-    return CFG.download.partial_dir or f"{out}.partial"
 
 
 def config_for(*sections):
     return section_config_file(config, ".snakemake/b2txt", *sections)
 
 
-def model_dir(wildcards, input):
-    """The model directory of `infer`: ours, or the unpacked archive inside the download directory."""
-    return CFG.model.model_dir if PRETRAINED else input.model
-
-
 # Resources come from the config (`resources:` per rule family, config/config.yaml), never from
-# literals in rules: `threads: rule_threads("train")`, `resources: **rule_resources("train")`.
-# Locally threads are capped at --cores; the slurm executor (profiles/slurm) turns them into
-# sbatch options (--cpus-per-task, --mem, -t, --gpus, -p, slurm_extra).
+# literals in rules. Locally threads are capped at --cores; the slurm executor (profiles/slurm)
+# turns them into sbatch options (--cpus-per-task, --mem, -t, --gpus, -p, slurm_extra).
 def rule_threads(family):
     return getattr(CFG.resources, family).cpus
 

@@ -40,10 +40,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from helpers.synthetic import synthetic_logits  # noqa: E402
 
 from b2txt.ground.config import DecodeConfig, load_config  # noqa: E402
-from b2txt.ground.device import default_workers
+from b2txt.ground.device import available_cores  # noqa: E402
 from b2txt.ground.phonemes import Lexicon  # noqa: E402
-from b2txt.lm.core import make_decoder  # noqa: E402
-from b2txt.lm.nbest import augment_nbest  # noqa: E402
+from b2txt.lm.core import DecodingCore, make_decoder  # noqa: E402
 from b2txt.server.client import LMClient  # noqa: E402
 from b2txt.server.redis_process import RedisServer  # noqa: E402
 
@@ -58,14 +57,13 @@ def demo_graph(out: Path, lexicon: Lexicon) -> tuple[Path, list[str]]:
 
 
 def in_process(lm: Path, options: DecodeConfig, trials: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:
-    decoder = make_decoder(options, lm)
-    decoder.decode(trials[0])  # warm-up
+    """The decoding core every runtime uses (decode + augment), called in this process."""
+    core = DecodingCore(lm, options).load()
+    core.nbest(trials[0])  # warm-up
     seconds, best = [], []
     for x in trials:
         t0 = time.perf_counter()
-        nbest = decoder.decode(x)
-        if options.nbest > 1 and options.augment_top > 1:
-            nbest = augment_nbest(nbest, options.augment_top, options.augment_penalty)
+        nbest = core.nbest(x)
         seconds.append(time.perf_counter() - t0)
         best.append(nbest.best)
     return np.asarray(seconds), best
@@ -224,7 +222,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--lm", type=Path, help="graph directory (TLG.fst + words.txt); default: a small demo graph")
-    ap.add_argument("--workers", default=f"1,{default_workers()}", help="comma-separated worker counts")
+    ap.add_argument("--workers", default=f"1,{available_cores()}", help="comma-separated worker counts")
     ap.add_argument("--nbest", type=int, default=100)
     ap.add_argument("--group-workers", default="1,2,4", help="comma-separated lm-worker counts for the "
                                                             "consumer-group mode ('' to skip)")
@@ -257,7 +255,7 @@ def main() -> None:
         if counts:
             rates = group_throughput(lm, tmp, trials, options, counts)
             base = rates[counts[0]]
-            print(f"consumer-group mode (lm-worker processes, whole trials; {default_workers()} cores): " +
+            print(f"consumer-group mode (lm-worker processes, whole trials; {available_cores()} cores): " +
                   " | ".join(f"{k} worker(s) {rate:.1f} trials/s (x{rate / base:.2f})" for k, rate in rates.items()))
         if args.skip_session:
             return

@@ -12,14 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 from helpers.data import SENTENCES
-from helpers.synthetic import phoneme_logits
+from helpers.synthetic import ids_to_words, phoneme_logits
 
 from b2txt.cli import main
 from b2txt.data.decoded import read_decoded
 from b2txt.data.logits import greedy_decode, write_logits
 from b2txt.evaluation.error_rates import edit_distance
 from b2txt.ground.config import DecodeConfig
-from b2txt.ground.phonemes import ids_to_words, to_lm_order
+from b2txt.ground.phonemes import to_lm_order
 from b2txt.lm.core import DecodingCore, make_decoder
 from b2txt.lm.pool import decode_file, decode_many
 

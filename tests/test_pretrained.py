@@ -16,7 +16,17 @@ import pytest
 import torch
 import yaml
 from helpers.dryad_server import DATA_DOI, LM_DOI, Blob, zip_bytes
-from helpers.project import LM_BUILD, RUN, configure, init_dvc, make_project, planned_rules, ran_stages, run
+from helpers.project import (
+    LM_BUILD,
+    RUN,
+    configure,
+    init_dvc,
+    make_project,
+    planned_rules,
+    ran_stages,
+    regenerate_dvc,
+    run,
+)
 
 from b2txt.data.dryad import DATA_SUBDIR
 from b2txt.ground.config import ModelConfig
@@ -100,6 +110,7 @@ def test_dvc_repro_of_the_pretrained_pipeline_fetches_instead_of_training(tmp_pa
     serve(dryad, tiny_sim)
     project = make_project(tmp_path)
     configure(project, download=fast_download(dryad))
+    regenerate_dvc(project, pretrained=True)
     init_dvc(project)
     r = run(["dvc", "repro", "pretrained/dvc.yaml:score"], project)
     assert ran_stages(r.stdout) == {"corpus", "data", "validate", "preprocess", "pretrained/dvc.yaml:download_model",

@@ -39,11 +39,14 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 900,
     return r
 
 
-def regenerate_dvc(project: Path, *config_files: str) -> None:
-    """dvc.yaml and pretrained/dvc.yaml for the project's config files (``b2txt workflow dvc``)."""
+def regenerate_dvc(project: Path, *config_files: str, pretrained: bool = False) -> None:
+    """dvc.yaml (and pretrained/dvc.yaml when asked for, or already there) for the project's config
+    files (``b2txt workflow dvc``)."""
     args = [x for f in config_files for x in ("--config", f)]
     run(["b2txt", "workflow", "dvc", *args], project)
-    run(["b2txt", "workflow", "dvc", "--pretrained", *args], project)
+    if pretrained or (project / "pretrained" / "dvc.yaml").is_file():
+        (project / "pretrained").mkdir(exist_ok=True)
+        run(["b2txt", "workflow", "dvc", "--pretrained", *args], project)
 
 
 def make_project(dest: Path) -> Path:
@@ -53,7 +56,6 @@ def make_project(dest: Path) -> Path:
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name, **(
             {"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}))
-    (dest / "pretrained").mkdir(exist_ok=True)
     tiny = read_yaml(TINY)
     base = dest / "config" / "config.yaml"
     preset = dest / "config" / "model" / "baseline.yaml"

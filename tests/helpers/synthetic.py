@@ -3,13 +3,14 @@ LM server exercised without a trained model (tests and benchmarks/)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from b2txt.data.logits import write_logits
-from b2txt.ground.phonemes import LM_ORDER, N_CLASSES, PHONEME_TO_ID, Lexicon, from_lm_order
+from b2txt.ground.phonemes import BLANK_ID, CLASSES, LM_ORDER, N_CLASSES, PHONEME_TO_ID, SIL_ID, Lexicon, from_lm_order
 
 from .arpa import template_sentences
 
@@ -88,3 +89,21 @@ def synthetic_logits_file(path: Path, lexicon: Lexicon, n: int, split: str = "va
         labels.append(np.asarray(lexicon.sentence_ids(s)))
     write_logits(path, pd.DataFrame(rows), logits, labels)
     return path
+
+
+def ids_to_words(ids: Sequence[int], lexicon: Lexicon) -> str:
+    """Greedy phonemes to text without a language model: split at SIL, look each word up.
+
+    The no-LM baseline the decoders are compared with; a phoneme string that is no word stays out.
+    """
+    words, current = [], []
+    for i in [*ids, SIL_ID]:
+        if i == SIL_ID:
+            if current:
+                word = lexicon.word_for([CLASSES[c] for c in current])
+                if word is not None:
+                    words.append(word)
+            current = []
+        elif i != BLANK_ID:
+            current.append(i)
+    return " ".join(words)

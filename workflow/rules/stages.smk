@@ -37,7 +37,9 @@ def _resources(stage):
     return res
 
 
-for stage in STAGES:
+def stage_rule(stage):
+    """The rule of one stage. A function, so that each rule's shell command (evaluated again when
+    its job runs) sees its own stage, not the loop's last one."""
 
     rule:
         name:
@@ -61,6 +63,10 @@ for stage in STAGES:
             f"../../envs/{stage.env}.yaml"
         shell:
             _shell(stage)
+
+
+for stage in STAGES:
+    stage_rule(stage)
 
 
 def all_outputs():

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from ..ground.console import log
+from ..ground.errors import B2txtError
 from .common import Command, add_config, config_of, positive
 
 
@@ -18,7 +19,8 @@ def run_train(args: argparse.Namespace) -> int:
         tcfg = tcfg.model_copy(update={"threads": args.threads})
     if args.device:
         tcfg = tcfg.model_copy(update={"device": args.device})
-    positive("--nproc", args.nproc)
+    if args.nproc < 1:
+        raise B2txtError(f"--nproc must be at least 1, not {args.nproc}")
     best = train(tcfg, args.data, args.manifest, args.out, log=log, nproc=args.nproc)
     log(f"{args.out}: best val PER {best.per:.4f}")
     return 0

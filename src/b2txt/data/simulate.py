@@ -9,7 +9,7 @@ Generative model (all knobs in ``simulate.neural`` of ``config/config.yaml``)
 1. **Sentences.** Each block draws from one corpus: ``Fortunes`` (sentences from the corpus
    file, without replacement across the data set), ``50-Word`` (word strings from the 50-word
    vocabulary of earlier speech-BCI studies) or ``Random`` (uniform random words of the corpus).
-   Labels are the lexicon phonemes of each word followed by ``SIL`` (:mod:`b2txt.phonemes`).
+   Labels are the lexicon phonemes of each word followed by ``SIL`` (:mod:`b2txt.ground.phonemes`).
 2. **Timing.** A trial is a pre-speech delay (``pre_speech_ms``, uniform), the phonemes, and a
    post-speech rest. Phoneme durations are log-normal with their median at the geometric
    centre of ``phoneme_ms`` and ±2 sd at its edges (clipped there), word-final ``SIL`` likewise
@@ -38,7 +38,7 @@ Generative model (all knobs in ``simulate.neural`` of ``config/config.yaml``)
    (impedance, micro-motion of the arrays): log-gains ``+N(0, session_gain_sd)``, offsets
    ``+N(0, session_offset_sd)`` and tuning ``W ← sqrt(1-e²)W + e·N`` with
    ``e = session_tuning_change``. These make a new session's data differ from every earlier one,
-   which is what rapid calibration (:mod:`b2txt.calibrate`) corrects.
+   which is what rapid calibration (:mod:`b2txt.training.calibration`) corrects.
 
 Everything is deterministic for ``seed``: session parameters come from one generator, each
 trial from a generator keyed by (seed, session, block, trial).

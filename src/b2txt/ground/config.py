@@ -406,11 +406,6 @@ class PipelineConfig(Section):
                                  "the model is downloaded into a directory of its own")
         return self
 
-    @property
-    def results_dir(self) -> Path:
-        return Path("results") / self.run
-
-
 def _format_error(exc: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration"]
     for err in exc.errors():

@@ -147,28 +147,6 @@ def _cmudict_lexicon() -> Lexicon:
     return Lexicon(prons)
 
 
-def ids_to_words(ids: Sequence[int], lexicon: Lexicon) -> str:
-    """Greedy phonemes to text without a language model: split at SIL, look each word up.
-
-    The no-LM baseline of the decoders; a phoneme string that is no word stays out.
-    """
-    words, current = [], []
-    for i in [*ids, SIL_ID]:
-        if i == SIL_ID:
-            if current:
-                word = lexicon.word_for([CLASSES[c] for c in current])
-                if word is not None:
-                    words.append(word)
-            current = []
-        elif i != BLANK_ID:
-            current.append(i)
-    return " ".join(words)
-
-
-def ids_to_phonemes(ids: Sequence[int]) -> list[str]:
-    return [CLASSES[i] for i in ids]
-
-
 def ids_to_string(ids: Sequence[int]) -> str:
     """Readable phoneme string, words separated by `` | ``."""
     return " ".join(DISPLAY[i] for i in ids if i != BLANK_ID)

@@ -5,7 +5,7 @@ The low-memory alternative to the WFST decoder: no composed graph, only a pronun
 (ARPA or KenLM binary) queried on the fly. Tokens are the 41 columns in language-model order
 (blank 0, ``SIL`` 1, phonemes 2..40), so the decoder takes the logits the LM server receives.
 
-How :class:`~b2txt.config.DecodeConfig` maps onto flashlight's options (the search score is
+How :class:`~b2txt.ground.config.DecodeConfig` maps onto flashlight's options (the search score is
 then exactly the interface's ``acoustic_scale · acoustic + ngram + length_penalty · words`` in
 natural logs):
 

@@ -67,7 +67,7 @@ class PartialDecoder(Protocol):
 
 
 class Decoder(Protocol):
-    """What every decoder offers; construct one with :func:`b2txt.lm.decode.make_decoder`."""
+    """What every decoder offers; construct one with :func:`b2txt.lm.core.make_decoder`."""
 
     options: DecodeConfig
 

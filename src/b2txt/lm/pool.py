@@ -1,6 +1,6 @@
 """``b2txt decode``: every trial of a logits file decoded in process, by a pool of processes.
 
-``b2txt decode`` reads a logits file (:mod:`b2txt.logits`, model column order), re-orders
+``b2txt decode`` reads a logits file (:mod:`b2txt.data.logits`, model column order), re-orders
 every trial to the language-model order, decodes it to an n-best list, augments the list
 (REFERENCE §4), optionally rescores it with a large LM, and writes
 

@@ -13,7 +13,7 @@ the decoder's output: normalised exactly as labels and scoring are
   ``-vocab``, gives no probability to words it never saw).
 
 Sentences with digits are dropped (their spoken form is unknown: "1984" is not "nineteen
-eighty-four" after normalisation), as in :mod:`b2txt.corpus`.
+eighty-four" after normalisation), as in :mod:`b2txt.data.corpus`.
 """
 
 from __future__ import annotations

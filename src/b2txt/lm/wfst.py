@@ -120,13 +120,6 @@ class WfstDecoder:
         self.graph = load_graph(graph_dir, with_rescoring=self.options.rescore_unpruned)
         self._make_searchers()
 
-    def set_options(self, options: DecodeConfig) -> None:
-        """New decoding options (the published server's ``update_params``); the graph stays loaded."""
-        self.options = options
-        if options.rescore_unpruned:
-            self.graph = load_graph(self.graph.path, with_rescoring=True)
-        self._make_searchers()
-
     @property
     def rescoring(self) -> bool:
         return self.options.rescore_unpruned and self.graph.g is not None

@@ -51,7 +51,7 @@ def infer_split(model_dir: str | Path, data_dir: str | Path, manifest_path: str 
 
     Trials of sessions the model does not know are an error, or skipped (and reported) with
     ``known_sessions_only``. With ``chunk_bins`` the trials are decoded online, that many bins
-    at a time (:mod:`b2txt.streaming`); the logits equal the one-pass ones.
+    at a time (:mod:`b2txt.models.streaming`); the logits equal the one-pass ones.
     """
     from ..ground.device import select_device
     from .checkpoint import load_model

@@ -2,7 +2,7 @@
 
 A speech BCI receives neural features in chunks of a few 20 ms bins and must show phonemes
 with the least possible delay. :class:`StreamingDecoder` feeds such chunks through the same
-computation as the one-pass :func:`b2txt.infer.run_model` — Gaussian smoothing with 'same'
+computation as the one-pass :func:`b2txt.models.inference.run_model` — Gaussian smoothing with 'same'
 zero padding, per-day affine layer, softsign, patching, GRU, output layer — carrying the GRU
 state between chunks, so that concatenating what :meth:`~StreamingDecoder.push` returns for
 every chunk and what :meth:`~StreamingDecoder.finish` returns at the end of the trial gives

@@ -23,29 +23,12 @@ from ..ground.console import Log, progress
 from ..ground.errors import B2txtError
 from ..lm.nbest import NBest, parse_scoring
 from . import protocol as P
+from . import trial_queue as Q
 from .client import FinalResult
 from .connection import CONNECTION_ERRORS, RedisAddress, connect, connect_error_message
 from .evaluate_common import EvalSettings, ModeRun, TrialOutcome
 from .redis_process import RedisServer
 from .supervisor import Supervisor, decoder_config
-from .trial_queue import (
-    DELIVERIES_FIELD,
-    GROUP,
-    JOB_FIELD,
-    JOB_TTL_S,
-    OPTIONS_FIELD,
-    REPLY_TO_FIELD,
-    SECONDS_FIELD,
-    SENTENCE_FIELD,
-    TRIAL_FIELD,
-    WORKER_FIELD,
-    check_queue_name,
-    ensure_group,
-    job_key,
-    options_json,
-    results_stream,
-    trials_stream,
-)
 
 
 @dataclass
@@ -69,7 +52,7 @@ class GroupCollector:
                  stall_timeout: float = 600.0, window: int = 1024,
                  failed: Callable[[], str | None] = lambda: None, hint: str = ""):
         self.address = address
-        self.queue = check_queue_name(queue)
+        self.queue = Q.check_queue_name(queue)
         self.options = options
         self.log = log
         self.stall_timeout = stall_timeout
@@ -77,9 +60,9 @@ class GroupCollector:
         self.failed = failed
         self.hint = hint
         self.job = uuid.uuid4().hex[:12]
-        self.stream = trials_stream(queue)
-        self.reply_to = results_stream(queue, self.job)
-        self.key = job_key(queue, self.job)
+        self.stream = Q.trials_stream(queue)
+        self.reply_to = Q.results_stream(queue, self.job)
+        self.key = Q.job_key(queue, self.job)
         self.results: dict[int, GroupResult] = {}
         self.duplicates = 0
         self.resends = 0
@@ -107,8 +90,8 @@ class GroupCollector:
 
     def _start_job(self) -> None:
         assert self.r is not None
-        self.r.set(self.key, "1", ex=JOB_TTL_S)
-        ensure_group(self.r, self.queue)
+        self.r.set(self.key, "1", ex=Q.JOB_TTL_S)
+        Q.ensure_group(self.r, self.queue)
 
     def _enqueue(self, logits: dict[int, np.ndarray], todo: deque[int], outstanding: set[int]) -> None:
         assert self.r is not None
@@ -120,15 +103,15 @@ class GroupCollector:
                 if i in self.results:
                     continue
                 batch.append(i)
-                pipe.xadd(self.stream, {JOB_FIELD: self.job, TRIAL_FIELD: str(i), P.LOGITS_FIELD: P.encode_logits(
-                    logits[i]), OPTIONS_FIELD: self.options, REPLY_TO_FIELD: self.reply_to})
+                pipe.xadd(self.stream, {Q.JOB_FIELD: self.job, Q.TRIAL_FIELD: str(i), P.LOGITS_FIELD: P.encode_logits(
+                    logits[i]), Q.OPTIONS_FIELD: self.options, Q.REPLY_TO_FIELD: self.reply_to})
             pipe.execute()
             outstanding.update(batch)
 
     def _consumers(self) -> str:
         try:
             assert self.r is not None
-            rows = self.r.xinfo_consumers(self.stream, GROUP)
+            rows = self.r.xinfo_consumers(self.stream, Q.GROUP)
         except (redis.RedisError, OSError, AssertionError):
             return "unknown"
         return ", ".join(f"{P.text(c['name'])} (idle {int(c['idle']) / 1000:.0f} s, {c['pending']} pending)"
@@ -152,7 +135,7 @@ class GroupCollector:
                     assert self.r is not None
                     self._enqueue(logits, todo, outstanding)
                     if time.monotonic() - renewed > 30:
-                        self.r.expire(self.key, JOB_TTL_S)
+                        self.r.expire(self.key, Q.JOB_TTL_S)
                         renewed = time.monotonic()
                     seen = []
                     for _stream, items in self.r.xread({self.reply_to: last_id}, count=512, block=500) or []:
@@ -192,13 +175,13 @@ class GroupCollector:
 
     def _take(self, f: dict[str, Any], logits: dict[int, np.ndarray], outstanding: set[int], bar: Any) -> None:
         try:
-            trial = int(P.text(f.get(TRIAL_FIELD)))
+            trial = int(P.text(f.get(Q.TRIAL_FIELD)))
         except ValueError:
             self.log(f"result without a valid trial field ignored: {sorted(f)}")
             return
-        if trial not in logits or P.text(f.get(JOB_FIELD)) != self.job:
+        if trial not in logits or P.text(f.get(Q.JOB_FIELD)) != self.job:
             return
-        worker = P.text(f.get(WORKER_FIELD), "?")
+        worker = P.text(f.get(Q.WORKER_FIELD), "?")
         outstanding.discard(trial)
         if trial in self.results:  # a late answer to a claimed entry, or a re-sent trial: keep the first
             self.duplicates += 1
@@ -210,9 +193,9 @@ class GroupCollector:
             nbest = parse_scoring(scoring)
         except ValueError as exc:
             raise B2txtError(f"trial {trial}: worker {worker}: bad scoring field: {exc}") from None
-        self.results[trial] = GroupResult(P.text(f.get(SENTENCE_FIELD)), nbest, worker,
-                                          int(P.text(f.get(DELIVERIES_FIELD), "1") or 1),
-                                          float(P.text(f.get(SECONDS_FIELD), "0") or 0))
+        self.results[trial] = GroupResult(P.text(f.get(Q.SENTENCE_FIELD)), nbest, worker,
+                                          int(P.text(f.get(Q.DELIVERIES_FIELD), "1") or 1),
+                                          float(P.text(f.get(Q.SECONDS_FIELD), "0") or 0))
         bar.update(1)
 
 
@@ -288,7 +271,7 @@ def run_group(run_dir: Path, settings: EvalSettings, logits: dict[int, np.ndarra
                        "--log-level", settings.server_log_level]
         pool = WorkerPool(run_dir, redis_server, address, settings.group_workers, worker_args,
                           settings.max_restarts, log)
-    collector = GroupCollector(address, settings.queue, options_json(settings.options, settings.alpha, do_opt),
+    collector = GroupCollector(address, settings.queue, Q.options_json(settings.options, settings.alpha, do_opt),
                                log, stall_timeout=settings.startup_timeout, window=settings.window,
                                failed=lambda: pool.failed if pool else None, hint=hint)
     try:

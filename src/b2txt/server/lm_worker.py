@@ -19,27 +19,8 @@ from ..ground.errors import B2txtError
 from ..lm.core import DecodingCore, load_rescorer
 from ..lm.nbest import DecodeInputError, NBest, scoring_string
 from . import protocol as P
+from . import trial_queue as Q
 from .connection import CONNECTION_ERRORS, RedisAddress
-from .trial_queue import (
-    ACK_SCRIPT,
-    DEFAULT_QUEUE,
-    DELIVERIES_FIELD,
-    GROUP,
-    JOB_FIELD,
-    OPTIONS_FIELD,
-    REPLY_TO_FIELD,
-    SECONDS_FIELD,
-    SENTENCE_FIELD,
-    TRIAL_FIELD,
-    WORKER_FIELD,
-    default_consumer,
-    ensure_group,
-    is_nogroup,
-    job_key,
-    open_connection,
-    parse_options,
-    trials_stream,
-)
 
 log = logging.getLogger("b2txt.worker")
 
@@ -50,7 +31,7 @@ class WorkerSettings:
     address: RedisAddress
     params: P.SessionParams = field(default_factory=P.SessionParams)
     llm: RescoreConfig | None = None
-    queue: str = DEFAULT_QUEUE
+    queue: str = Q.DEFAULT_QUEUE
     consumer: str = ""
     claim_idle_ms: int = 60_000
     max_deliveries: int = 5
@@ -76,9 +57,9 @@ class GroupWorker:
 
     def __init__(self, settings: WorkerSettings, core: DecodingCore):
         self.s = settings
-        self.name = settings.consumer or default_consumer()
+        self.name = settings.consumer or Q.default_consumer()
         self.core = core
-        self.stream = trials_stream(settings.queue)
+        self.stream = Q.trials_stream(settings.queue)
         self.results_prefix = f"{settings.queue}:results:"
         self.r: redis.Redis | None = None
         self.script: Any = None
@@ -92,10 +73,10 @@ class GroupWorker:
     # ---- decoding
     def decode(self, fields: dict[str, Any]) -> NBest:
         """One trial through the core, with the options it carries (the evaluator's)."""
-        raw = P.text(fields.get(OPTIONS_FIELD))
+        raw = P.text(fields.get(Q.OPTIONS_FIELD))
         params = self.params.get(raw)
         if params is None:
-            params = parse_options(raw)
+            params = Q.parse_options(raw)
             if len(self.params) > 16:
                 self.params.clear()
             self.params[raw] = params
@@ -109,9 +90,9 @@ class GroupWorker:
 
     # ---- Redis
     def connect(self, deadline: float) -> None:
-        r = open_connection(self.s.address, self.s.queue, deadline, self.s.socket_timeout, lambda: self.stopping)
-        r.xgroup_createconsumer(self.stream, GROUP, self.name)  # visible to the evaluator before its first trial
-        self.r, self.script = r, r.register_script(ACK_SCRIPT)
+        r = Q.open_connection(self.s.address, self.s.queue, deadline, self.s.socket_timeout, lambda: self.stopping)
+        r.xgroup_createconsumer(self.stream, Q.GROUP, self.name)  # visible to the evaluator before its first trial
+        self.r, self.script = r, r.register_script(Q.ACK_SCRIPT)
 
     def reconnect(self, exc: BaseException) -> None:
         log.error("lost the Redis connection (%s); reconnecting", exc)
@@ -130,7 +111,7 @@ class GroupWorker:
         assert self.r is not None
         claimed = []
         if time.monotonic() >= self.next_claim:
-            cursor, claimed, _deleted = self.r.xautoclaim(self.stream, GROUP, self.name, self.s.claim_idle_ms,
+            cursor, claimed, _deleted = self.r.xautoclaim(self.stream, Q.GROUP, self.name, self.s.claim_idle_ms,
                                                          start_id=self.claim_cursor, count=1)
             self.claim_cursor = P.text(cursor)
             if not claimed and self.claim_cursor in ("0-0", "0"):  # scanned the whole pending list
@@ -138,12 +119,12 @@ class GroupWorker:
         for entry_id, raw in claimed:
             if raw is None:
                 continue
-            info = self.r.xpending_range(self.stream, GROUP, min=entry_id, max=entry_id, count=1)
+            info = self.r.xpending_range(self.stream, Q.GROUP, min=entry_id, max=entry_id, count=1)
             deliveries = int(info[0]["times_delivered"]) if info else 2
             log.warning("claimed trial %s (entry %s, delivery %d): its worker stopped answering",
                         P.text(raw.get(b"trial")), P.text(entry_id), deliveries)
             return Entry(entry_id, P.fields_text(raw), deliveries)
-        got = self.r.xreadgroup(GROUP, self.name, {self.stream: ">"}, count=1, block=self.s.block_ms)
+        got = self.r.xreadgroup(Q.GROUP, self.name, {self.stream: ">"}, count=1, block=self.s.block_ms)
         for _stream, items in got or []:
             for entry_id, raw in items:
                 return Entry(entry_id, P.fields_text(raw), 1)
@@ -156,7 +137,7 @@ class GroupWorker:
         if self.live_jobs.get(job, 0.0) > now:
             return True
         assert self.r is not None
-        if not self.r.exists(job_key(self.s.queue, job)):
+        if not self.r.exists(Q.job_key(self.s.queue, job)):
             return False
         self.live_jobs = {j: t for j, t in self.live_jobs.items() if t > now}
         self.live_jobs[job] = now + 5.0
@@ -168,36 +149,36 @@ class GroupWorker:
             try:
                 if result is None or reply_to is None:
                     pipe = self.r.pipeline(transaction=True)  # type: ignore[union-attr]
-                    pipe.xack(self.stream, GROUP, entry.entry_id)
+                    pipe.xack(self.stream, Q.GROUP, entry.entry_id)
                     pipe.xdel(self.stream, entry.entry_id)
                     pipe.execute()
                     return
-                args: list[Any] = [GROUP, entry.entry_id]
+                args: list[Any] = [Q.GROUP, entry.entry_id]
                 for k, v in result.items():
                     args += [k, v]
                 if not self.script(keys=[self.stream, reply_to], args=args):
                     log.info("trial %s: already answered by another worker (it was claimed); result dropped",
-                             result.get(TRIAL_FIELD))
+                             result.get(Q.TRIAL_FIELD))
                 return
             except CONNECTION_ERRORS as exc:
                 if attempt:
                     raise
                 self.reconnect(exc)  # the script is atomic: it ran entirely or not at all
             except redis.ResponseError as exc:
-                if is_nogroup(exc):  # Redis lost its data (restarted): the evaluator sends the trial again
+                if Q.is_nogroup(exc):  # Redis lost its data (restarted): the evaluator sends the trial again
                     log.warning("the trials stream is gone (Redis restarted?); result dropped")
                     return
                 raise
 
     def process(self, entry: Entry) -> None:
         f = entry.fields
-        job, trial, reply_to = P.text(f.get(JOB_FIELD)), P.text(f.get(TRIAL_FIELD)), P.text(f.get(REPLY_TO_FIELD))
+        job, trial, reply_to = P.text(f.get(Q.JOB_FIELD)), P.text(f.get(Q.TRIAL_FIELD)), P.text(f.get(Q.REPLY_TO_FIELD))
         if not job or not reply_to.startswith(self.results_prefix):
             log.warning("entry %s: no job or a reply_to outside %s*; dropped", P.text(entry.entry_id),
                         self.results_prefix)
             self.finish(entry, None, None)
             return
-        head = {JOB_FIELD: job, TRIAL_FIELD: trial, WORKER_FIELD: self.name, DELIVERIES_FIELD: entry.deliveries}
+        head = {Q.JOB_FIELD: job, Q.TRIAL_FIELD: trial, Q.WORKER_FIELD: self.name, Q.DELIVERIES_FIELD: entry.deliveries}
         if entry.deliveries > self.s.max_deliveries:
             message = (f"handed to workers {entry.deliveries} times (max_deliveries {self.s.max_deliveries}); "
                        "each worker that took it stopped answering")
@@ -210,8 +191,8 @@ class GroupWorker:
         t0 = time.perf_counter()
         try:
             nbest = self.decode(f)
-            result = {**head, SENTENCE_FIELD: nbest.best, P.SCORING_FIELD: scoring_string(nbest),
-                      SECONDS_FIELD: f"{time.perf_counter() - t0:.6f}"}
+            result = {**head, Q.SENTENCE_FIELD: nbest.best, P.SCORING_FIELD: scoring_string(nbest),
+                      Q.SECONDS_FIELD: f"{time.perf_counter() - t0:.6f}"}
         except (P.ProtocolError, DecodeInputError, B2txtError) as exc:
             log.warning("trial %s refused: %s", trial, exc)
             result = {**head, P.ERROR_FIELD: str(exc)}
@@ -246,9 +227,9 @@ class GroupWorker:
                         raise
                     continue
                 except redis.ResponseError as exc:
-                    if not is_nogroup(exc):
+                    if not Q.is_nogroup(exc):
                         raise B2txtError(f"redis at {self.s.address}: {exc}") from None
-                    ensure_group(self.r, self.s.queue)  # type: ignore[arg-type]
+                    Q.ensure_group(self.r, self.s.queue)  # type: ignore[arg-type]
                     continue
                 if entry is not None:
                     idle_since = time.monotonic()
@@ -269,9 +250,9 @@ class GroupWorker:
         if self.r is None:
             return
         try:
-            mine = [c for c in self.r.xinfo_consumers(self.stream, GROUP) if P.text(c["name"]) == self.name]
+            mine = [c for c in self.r.xinfo_consumers(self.stream, Q.GROUP) if P.text(c["name"]) == self.name]
             if mine and int(mine[0]["pending"]) == 0:
-                self.r.xgroup_delconsumer(self.stream, GROUP, self.name)
+                self.r.xgroup_delconsumer(self.stream, Q.GROUP, self.name)
         except (redis.RedisError, OSError):
             pass
 
@@ -279,7 +260,7 @@ class GroupWorker:
 def run_worker(settings: WorkerSettings) -> int:
     """Check Redis (password, TLS), load the decoder (and the LLM, when asked for) once, then take
     trials until SIGTERM. A wrong password fails before a large graph is loaded."""
-    open_connection(settings.address, settings.queue, time.monotonic() + settings.connect_timeout).close()
+    Q.open_connection(settings.address, settings.queue, time.monotonic() + settings.connect_timeout).close()
     t0 = time.perf_counter()
     core = DecodingCore(settings.lm_dir, settings.params.decode).load()
     log.info("%s decoder on %s loaded in %.1f s", settings.params.decode.decoder, settings.lm_dir,

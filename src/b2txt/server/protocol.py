@@ -289,7 +289,7 @@ def apply_update(params: SessionParams, fields: dict[str, Any]) -> SessionParams
 
     Unknown names, read-only names and bad values are errors (the published server silently
     ignored unknown names, so a typo went unnoticed); constraints are those of
-    :class:`~b2txt.config.DecodeConfig` (e.g. beam > 0) and 0 <= alpha <= 1.
+    :class:`~b2txt.ground.config.DecodeConfig` (e.g. beam > 0) and 0 <= alpha <= 1.
     """
     names = [k for k in fields if k not in NOT_PARAMS]
     if not names:

@@ -1,5 +1,5 @@
 """Data-parallel training: which process am I, how many are there, and the few collectives the
-trainer needs (:class:`b2txt.train.Trainer` is the only user).
+trainer needs (:class:`b2txt.training.trainer.Trainer` is the only user).
 
 Three ways to start N training processes, all running the same ``b2txt train`` command:
 
@@ -17,6 +17,7 @@ averaged, so N processes with B/N trials each take the step one process takes wi
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -168,7 +169,7 @@ def launch(nproc: int, fn: Callable[..., None], *args: Any) -> None:
         raise B2txtError(f"training process {e.error_index} of {nproc} failed (exit code {e.exit_code})") from None
     except mp.ProcessRaisedException as e:
         last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        last = last.removeprefix("b2txt.errors.B2txtError: ")
+        last = re.sub(r"^b2txt(\.\w+)+: ", "", last)  # our errors' messages stand alone
         raise B2txtError(f"training process {e.error_index} of {nproc} failed: {last}") from None
 
 

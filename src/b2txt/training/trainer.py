@@ -6,11 +6,11 @@ far) atomically into ``MODEL_DIR.partial/``; a killed run started again with the
 and data continues from there and ends bit-identical to an uninterrupted run on CPU. When
 training ends, the directory is completed (``args.yaml``, ``training_log``, ``metrics.csv`` with
 step, training loss, learning rate, gradient norm, validation loss and PER overall and per
-session as ``val_PER:<session>``) and renamed to ``MODEL_DIR`` (published layout, see :mod:`b2txt.checkpoint`), so a half-trained
+session as ``val_PER:<session>``) and renamed to ``MODEL_DIR`` (published layout, see :mod:`b2txt.models.checkpoint`), so a half-trained
 model never appears where ``infer`` would read it.
 
 Objectives. ``gru``: mean over trials of the CTC loss of the logits. ``triple``
-(:class:`b2txt.models.TripleGRUDecoder`)::
+(:class:`b2txt.models.decoders.TripleGRUDecoder`)::
 
     L = CTC(clean_logits) + adversarial_weight · CTC(noisy_logits)
 
@@ -518,7 +518,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, manifest_path: str | Path, out
 
     ``nproc > 1`` spawns that many data-parallel processes here; under a launcher (torchrun,
     srun with several tasks) this process joins the launcher's group instead (see
-    :mod:`b2txt.distributed`).
+    :mod:`b2txt.training.distributed`).
     """
     ctx = context_from_env()
     if ctx.enabled and nproc > 1:

@@ -3,21 +3,11 @@
 import json
 import re
 
+import helpers.project as hp
 import pandas as pd
 import pytest
 import yaml
-from helpers.project import (
-    DECODING,
-    LM_BUILD,
-    ROOT,
-    RUN,
-    init_dvc,
-    make_project,
-    planned_rules,
-    ran_stages,
-    regenerate_dvc,
-    run,
-)
+from helpers.project import DECODING, LM_BUILD, RUN, make_project, planned_rules, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.kenlm, pytest.mark.redis]
 
@@ -58,6 +48,7 @@ def test_snakemake_runs_every_stage(snakemake_project):
     assert wer["n_trials"] == logits_trials and 0 <= wer["WER"]
     via_redis = pd.read_csv(p / RUN / "evaluate/val/decoded.csv", keep_default_na=False)
     assert via_redis["decoded"].tolist() == decoded["decoded"].tolist()  # Redis path == in process
+    assert (p / RUN / "evaluate/val/decoded.csv").read_bytes() == (p / RUN / "decode/val/decoded.csv").read_bytes()
     submission = pd.read_csv(p / RUN / "evaluate/test/submission.csv", keep_default_na=False)
     assert submission["id"].tolist() == list(range(len(submission))) and len(submission) > 0
     for name in ("training_curve", "per_session_per"):
@@ -67,7 +58,7 @@ def test_snakemake_runs_every_stage(snakemake_project):
 
 def module_file(module: str) -> str:
     path = "src/" + module.replace(".", "/")
-    return f"{path}/__init__.py" if (ROOT / path).is_dir() else f"{path}.py"
+    return f"{path}/__init__.py" if (hp.ROOT / path).is_dir() else f"{path}.py"
 
 
 def test_every_command_imported_only_modules_its_dvc_stage_lists(snakemake_project):
@@ -133,10 +124,10 @@ def test_snakemake_and_dvc_run_a_preset_alike(tmp_path):
     for project in (smk, dvc):
         (project / preset).write_text(yaml.safe_dump(PRESET))
     run(["snakemake", "--cores", "1", "--configfile", preset], smk)
-    regenerate_dvc(dvc, "config/config.yaml", "config/model/baseline.yaml", preset)
-    init_dvc(dvc)
+    hp.regenerate_dvc(dvc, "config/config.yaml", "config/model/baseline.yaml", preset)
+    hp.init_dvc(dvc)
     r = run(["dvc", "repro"], dvc)
-    assert ran_stages(r.stdout) == {"corpus", "data", "validate", "preprocess", "train", "infer@val", "infer@test",
+    assert hp.ran_stages(r.stdout) == {"corpus", "data", "validate", "preprocess", "train", "infer@val", "infer@test",
                                     "score", "figures", "calibrate", "kenlm_tools", "lm_text", "lm_ngram@2",
                                     "lm_graph@2", "decode", "score_words", "evaluate@val", "evaluate@test"}
     for rel in ("manifest.csv", "scores/val/per_session.csv", "scores/val/trials.csv", "calibration/calibration.csv",

@@ -217,6 +217,16 @@ def test_rescoring_with_the_unpruned_grammar(kenlm_graph, lexicon):
     assert any(abs(pruned.score(c.sentence) - full.score(c.sentence)) > 1e-3 for c in rescored.candidates)
 
 
+def test_a_trials_nbest_does_not_depend_on_the_trials_before_it(kenlm_graph, lexicon):
+    """One decoder serves many trials in any order (the LM server's workers interleave sessions):
+    each n-best list is the same in either order (a reused kaldi lattice search once kept state)."""
+    decoder = WfstDecoder(kenlm_graph, options(nbest=30, **FAST))
+    xs = [logits_for(lexicon, s, seed=i, confusion=0.3, runner_up=1.0, noise_sd=1.5) for i, s in enumerate(SENTENCES)]
+    forward = [decoder.decode(x) for x in xs]
+    backward = [decoder.decode(x) for x in reversed(xs)][::-1]
+    assert forward == backward and any(len(nb) > 5 for nb in forward)
+
+
 def test_graph_is_loaded_once_per_process(kenlm_graph):
     a = WfstDecoder(kenlm_graph, options(nbest=1))
     b = WfstDecoder(kenlm_graph, options(nbest=5))

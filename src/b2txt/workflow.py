@@ -76,9 +76,8 @@ class Stage:
 
     @property
     def command(self) -> str:
-        """The CLI command (``lm ngram``), for its code dependencies."""
-        words = [a for a in self.args if not a.startswith(("-", "{"))]
-        return " ".join(words[:2]) if words[:1] == ["lm"] else (words[0] if words else "")
+        """The CLI command (``decode``, ``lm ngram``), for its code dependencies."""
+        return " ".join(self.args[:2]) if self.args[0] == "lm" else self.args[0]
 
 
 # ----------------------------------------------------------------------------- the table

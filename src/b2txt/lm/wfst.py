@@ -132,9 +132,8 @@ class WfstDecoder:
         # beam is min(beam, nbest_beam) (None: beam)
         cap = o.nbest_beam
         lattice_search_beam = o.beam if cap is None else min(o.beam, cap)
-        self._lattice = kaldi_decoder.LatticeSimpleDecoder(
-            self.graph.tlg, kaldi_decoder.LatticeSimpleDecoderConfig(
-                beam=lattice_search_beam, lattice_beam=o.lattice_beam))
+        self._lattice_config = kaldi_decoder.LatticeSimpleDecoderConfig(
+            beam=lattice_search_beam, lattice_beam=o.lattice_beam)
 
     # ------------------------------------------------------------------ decoding
 
@@ -177,8 +176,12 @@ class WfstDecoder:
 
     def _n_best(self, decodable: kaldi_decoder.DecodableCtc) -> NBest:
         o = self.options
-        self._lattice.decode(decodable)
-        ok, lat = self._lattice.get_raw_lattice()
+        # A lattice search of its own per trial (~3 µs to make): a reused LatticeSimpleDecoder keeps
+        # state between trials, and on the 126k-word 3-gram the n-best of a trial then depended on
+        # which trials the decoder had seen before (1 of the default run's 140 val lists).
+        search = kaldi_decoder.LatticeSimpleDecoder(self.graph.tlg, self._lattice_config)
+        search.decode(decodable)
+        ok, lat = search.get_raw_lattice()
         if not ok or lat.num_states == 0 or lat.start < 0:
             return NBest(())
         depth = max(o.nbest, RERANK_DEPTH) if (o.length_penalty != 0 or self.rescoring) else o.nbest

@@ -11,13 +11,27 @@ from helpers.project import DECODING, LM_BUILD, RUN, make_project, planned_rules
 
 pytestmark = [pytest.mark.slow, pytest.mark.kenlm, pytest.mark.redis]
 
+#: A preset of the tests' own on top of the tiny config: another architecture and another acoustic
+#: scale, as config/model/paper.yaml changes both.
+PRESET_FILE = "config/model/tiny-triple.yaml"
+PRESET = {"train": {"model": {"architecture": "triple", "n_units": 16, "n_layers": 1, "noise_units": 8,
+                              "noise_layers": 1, "noisy_units": 8, "noisy_layers": 1}},
+          "decode": {"acoustic_scale": 0.8}}
+#: Snakemake with the preset, as a user runs one.
+SNAKEMAKE = ["snakemake", "--configfile", PRESET_FILE]
+
+
+def with_preset(project):
+    (project / PRESET_FILE).write_text(yaml.safe_dump(PRESET))
+    return project
+
 
 @pytest.fixture(scope="module")
 def snakemake_project(tmp_path_factory):
-    """The tiny pipeline, run once; Python logs every import of every job (`-X importtime`, on stderr:
-    into each rule's log)."""
-    project = make_project(tmp_path_factory.mktemp("smk"))
-    run(["snakemake", "--cores", "1"], project, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    """The tiny pipeline with the preset, run once; Python logs every import of every job
+    (`-X importtime`, on stderr: into each rule's log)."""
+    project = with_preset(make_project(tmp_path_factory.mktemp("smk")))
+    run([*SNAKEMAKE, "--cores", "1"], project, env={"PYTHONPROFILEIMPORTTIME": "1"})
     return project
 
 
@@ -81,55 +95,44 @@ def test_every_command_imported_only_modules_its_dvc_stage_lists(snakemake_proje
 
 
 def test_second_run_does_nothing(snakemake_project):
-    r = run(["snakemake", "--cores", "1"], snakemake_project)
+    r = run([*SNAKEMAKE, "--cores", "1"], snakemake_project)
     assert "Nothing to be done" in r.stdout + r.stderr
 
 
 def test_changed_train_params_rerun_only_downstream(snakemake_project):
-    r = run(["snakemake", "-n", "--cores", "1", "--config", "train={seed: 11}"], snakemake_project)
+    r = run([*SNAKEMAKE, "-n", "--cores", "1", "--config", "train={seed: 11}"], snakemake_project)
     assert planned_rules(r.stdout) == {"train", "infer", "score", "figures", "calibrate"} | DECODING
-    r = run(["snakemake", "-n", "--cores", "1", "--config", "calibrate={steps: 4}"], snakemake_project)
+    r = run([*SNAKEMAKE, "-n", "--cores", "1", "--config", "calibrate={steps: 4}"], snakemake_project)
     assert planned_rules(r.stdout) == {"calibrate", "figures"}  # the calibration curve
-    r = run(["snakemake", "-n", "--cores", "1", "--config", "decode={beam: 12}"], snakemake_project)
+    r = run([*SNAKEMAKE, "-n", "--cores", "1", "--config", "decode={beam: 12}"], snakemake_project)
     assert planned_rules(r.stdout) == DECODING
-    r = run(["snakemake", "-n", "--cores", "1", "--config", "simulate={seed: 4}"], snakemake_project)
+    r = run([*SNAKEMAKE, "-n", "--cores", "1", "--config", "simulate={seed: 4}"], snakemake_project)
     assert planned_rules(r.stdout) == {"data", "validate", "preprocess", "train", "infer", "score", "figures",
                                        "calibrate"} | LM_BUILD | DECODING
 
 
 def test_bad_config_stops_before_anything_runs(snakemake_project):
-    r = run(["snakemake", "-n", "--cores", "1", "--config", "train={batch_size: 0}"], snakemake_project, check=False)
+    r = run([*SNAKEMAKE, "-n", "--cores", "1", "--config", "train={batch_size: 0}"], snakemake_project, check=False)
     assert r.returncode != 0 and "train.batch_size" in r.stdout + r.stderr
 
 
 def test_report_is_self_contained(snakemake_project):
-    run(["snakemake", "--cores", "1", "--report", "report.html"], snakemake_project)
+    run([*SNAKEMAKE, "--cores", "1", "--report", "report.html"], snakemake_project)
     html = (snakemake_project / "report.html").read_text(errors="replace")
     assert "per_session_per.png" in html
 
 
-#: A preset of the tests' own on top of the tiny config: another architecture and another acoustic
-#: scale, as config/model/paper.yaml changes both.
-PRESET = {"train": {"model": {"architecture": "triple", "n_units": 16, "n_layers": 1, "noise_units": 8,
-                              "noise_layers": 1, "noisy_units": 8, "noisy_layers": 1}},
-          "decode": {"acoustic_scale": 0.8}}
-
-
-def test_snakemake_and_dvc_run_a_preset_alike(tmp_path):
-    """One stage table, two tools: with a preset on top of the tiny config, Snakemake
-    (`--configfile`) and `dvc repro` (dvc.yaml generated for the same files) run the same stages,
-    write the same results and decode with the preset's options."""
-    preset = "config/model/tiny-triple.yaml"
-    smk, dvc = make_project(tmp_path / "smk"), make_project(tmp_path / "dvc")
-    for project in (smk, dvc):
-        (project / preset).write_text(yaml.safe_dump(PRESET))
-    run(["snakemake", "--cores", "1", "--configfile", preset], smk)
-    hp.regenerate_dvc(dvc, "config/config.yaml", "config/model/baseline.yaml", preset)
+def test_dvc_runs_the_preset_alike(snakemake_project, tmp_path):
+    """One stage table, two tools: with the preset on top of the tiny config, `dvc repro` (dvc.yaml
+    generated for the same files) runs the stages Snakemake (`--configfile`) ran, writes the same
+    results and decodes with the preset's options."""
+    smk, dvc = snakemake_project, with_preset(make_project(tmp_path / "dvc"))
+    hp.regenerate_dvc(dvc, "config/config.yaml", "config/model/baseline.yaml", PRESET_FILE)
     hp.init_dvc(dvc)
     r = run(["dvc", "repro"], dvc)
     assert hp.ran_stages(r.stdout) == {"corpus", "data", "validate", "preprocess", "train", "infer@val", "infer@test",
-                                    "score", "figures", "calibrate", "kenlm_tools", "lm_text", "lm_ngram@2",
-                                    "lm_graph@2", "decode", "score_words", "evaluate@val", "evaluate@test"}
+                                       "score", "figures", "calibrate", "kenlm_tools", "lm_text", "lm_ngram@2",
+                                       "lm_graph@2", "decode", "score_words", "evaluate@val", "evaluate@test"}
     for rel in ("manifest.csv", "scores/val/per_session.csv", "scores/val/trials.csv", "calibration/calibration.csv",
                 "lm/text.txt", "lm/2gram/lm.arpa", "decode/val/decoded.csv", "decode/val/nbest.jsonl",
                 "scores/val/wer_per_session.csv", "evaluate/val/decoded.csv", "evaluate/test/submission.csv",

@@ -46,6 +46,7 @@ TRAIN = {
     "num_training_batches": 100, "batch_size": 4, "days_per_batch": 2,
     "lr_warmup_steps": 2, "lr_decay_steps": 100, "lr_warmup_steps_day": 2, "lr_decay_steps_day": 100,
     "threads": 1,  # eager on one thread (XLA:CPU uses its own thread pool; only CPU fallbacks see this)
+    "holdout_sessions": [],  # every session trains (the built-in default holds the last one out)
 }
 ARCH = {"gru": {}, "triple": {"architecture": "triple", "noise_units": 16, "noise_layers": 1,
                               "noisy_units": 16, "noisy_layers": 1}}

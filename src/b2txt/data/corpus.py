@@ -3,7 +3,7 @@
 The default source is Debian's ``fortunes`` package (BSD licence; quotations, proverbs and
 jokes in modern English), installed by the bootstrap. Any plain-text file (one or more
 sentences per line, or ``%``-separated records as in fortune files) can be used instead.
-Sentences are normalised (:func:`b2txt.phonemes.normalize_text`) and kept only when every
+Sentences are normalised (:func:`b2txt.ground.phonemes.normalize_text`) and kept only when every
 word is in the pronunciation lexicon and the length is within limits.
 """
 

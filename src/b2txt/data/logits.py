@@ -1,7 +1,7 @@
 """The logits file: phoneme logits of every trial of a split, and greedy CTC decoding.
 
 HDF5, one group per trial, ``trial_00000`` … in manifest order, holding dataset ``logits``
-(float32 ``[T', 41]``, model column order — see :func:`b2txt.phonemes.to_lm_order` for the
+(float32 ``[T', 41]``, model column order — see :func:`b2txt.ground.phonemes.to_lm_order` for the
 language-model order) and, for labelled trials, ``seq_class_ids`` (unpadded); attributes
 ``session``, ``split``, ``source_trial``, ``block_num``, ``trial_num``, ``corpus``,
 ``post_implant_day``, ``sentence_label`` (empty when unknown).

@@ -1,7 +1,7 @@
 """The decoder interface: input checks, per-frame scores, n-best lists and their augmentation.
 
 Every decoder takes logits ``[T, 41]`` in **language-model column order** (blank, SIL, AA … ZH;
-:func:`b2txt.phonemes.to_lm_order`), as the published LM server receives them, and returns an
+:func:`b2txt.ground.phonemes.to_lm_order`), as the published LM server receives them, and returns an
 :class:`NBest`. Scores are natural logs, higher is better:
 
 - ``acoustic``: sum over the frames of the chosen alignment of :func:`frame_log_probs`

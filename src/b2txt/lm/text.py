@@ -2,7 +2,7 @@
 
 The n-gram LM decides which word sequences the decoder can output, so its text must look like
 the decoder's output: normalised exactly as labels and scoring are
-(:func:`b2txt.phonemes.normalize_text`), one sentence per line. Three rules keep it honest:
+(:func:`b2txt.ground.phonemes.normalize_text`), one sentence per line. Three rules keep it honest:
 
 - no evaluation leakage: sentences whose normalised text equals a sentence label of the
   excluded splits (val/test by default) of a Dryad-layout data directory are dropped, and counted;

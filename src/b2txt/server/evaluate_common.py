@@ -31,7 +31,7 @@ class EvalSettings:
     max_restarts: int = 5
     server_log_level: str = "warning"
     workers: int | None = None
-    # consumer-group mode (b2txt.server.group): whole trials shared by lm-worker processes
+    # consumer-group mode (evaluate_group): whole trials shared by lm-worker processes
     group_workers: int = 0  # local lm-worker processes
     external_workers: bool = False  # workers started elsewhere take trials too (or only they do)
     queue: str = "b2txt:batch"

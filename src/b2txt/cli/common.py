@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..ground.config import PipelineConfig, load_config
 from ..ground.console import log
+from ..ground.errors import B2txtError
 
 
 @dataclass(frozen=True)
@@ -38,18 +39,15 @@ def add_config(p: argparse.ArgumentParser, reads: str = "") -> None:
                         + (f"; this command reads {reads}" if reads else ""))
 
 
-def config_of(args: argparse.Namespace, quiet: bool = False) -> PipelineConfig:
+def config_of(args: argparse.Namespace) -> PipelineConfig:
     """The config of ``--config`` (merged in order), else the built-in defaults."""
     paths = getattr(args, "config", None) or None
     cfg = load_config(paths)
-    if not quiet:
-        log(f"config: {' + '.join(map(str, paths)) if paths else 'built-in defaults'}")
+    log(f"config: {' + '.join(map(str, paths)) if paths else 'built-in defaults'}")
     return cfg
 
 
 def positive(name: str, value: int | float | None) -> None:
     """A count given on the command line must be at least 1."""
-    from ..ground.errors import B2txtError
-
     if value is not None and value < 1:
         raise B2txtError(f"{name} {value}: must be at least 1")

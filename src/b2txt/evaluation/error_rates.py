@@ -10,6 +10,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from ..data.logits import greedy_decode
+from ..ground.phonemes import ids_to_string
+
 
 def edit_distance(hyp: Sequence, ref: Sequence) -> int:
     """Levenshtein distance (substitution, insertion and deletion each cost 1)."""
@@ -24,9 +27,6 @@ def edit_distance(hyp: Sequence, ref: Sequence) -> int:
 
 def phoneme_table(trials) -> pd.DataFrame:
     """One row per labelled trial: session, corpus, day, edits, reference length, decoded ids."""
-    from ..data.logits import greedy_decode
-    from ..ground.phonemes import ids_to_string
-
     rows = []
     for t in trials:
         if t.labels is None:

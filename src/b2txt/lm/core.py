@@ -5,7 +5,8 @@
 language-model directory (one per set of search options, built on first use, the least
 recently used dropped beyond ``max_decoders``) and does, for one trial:
 
-    decode (WFST or lexicon search) -> augment the n-best (REFERENCE §4) -> LLM rescoring (optional)
+    decode (WFST or lexicon search) -> augment the n-best (REFERENCE §4)    :meth:`DecodingCore.nbest`
+    -> LLM rescoring (optional)                                              :meth:`DecodingCore.rescore`
 
 The LLM is optional and separate: a core built without a rescorer never loads one, and a
 core that only rescores (the LM server's LLM process) never loads a graph.
@@ -23,7 +24,7 @@ import numpy as np
 from ..data.logits import LogitsTrial
 from ..ground.config import DecodeConfig, RescoreConfig
 from ..ground.errors import B2txtError
-from ..ground.phonemes import to_lm_order
+from ..ground.phonemes import Lexicon, to_lm_order
 from .nbest import Decoder, NBest, PartialDecoder, augment_nbest, check_logits
 
 if TYPE_CHECKING:
@@ -55,7 +56,6 @@ def make_decoder(options: DecodeConfig, lm_dir: str | Path) -> Decoder:
         from .wfst import WfstDecoder
 
         return WfstDecoder(lm_dir, options)
-    from ..ground.phonemes import Lexicon
     from .lexicon_search import LexiconDecoder
 
     return LexiconDecoder(find_kenlm_model(lm_dir), options, lexicon=Lexicon.from_cmudict())
@@ -119,12 +119,6 @@ class DecodingCore:
         if not nbest.candidates:
             return nbest
         return self.rescorer.rescore(nbest, options or self.options, llm)
-
-    def decode(self, logits: np.ndarray, options: DecodeConfig | None = None,
-               llm: RescoreConfig | None = None) -> NBest:
-        """The whole job for one trial: decode, augment, and rescore when ``llm`` is given."""
-        nbest = self.nbest(logits, options)
-        return self.rescore(nbest, llm, options) if llm is not None else nbest
 
     def stream(self, options: DecodeConfig | None = None) -> PartialDecoder:
         """A search of its own for one streaming trial; partial results as chunks arrive."""

@@ -12,9 +12,12 @@ import torch.nn.functional as F
 from ..data.logits import write_logits
 from ..data.store import TrialStore, read_manifest
 from ..ground.console import progress
+from ..ground.device import select_device
 from ..ground.errors import B2txtError
 from ..ground.phonemes import N_CLASSES
+from .checkpoint import load_model
 from .decoders import GRUDecoder
+from .streaming import stream_logits
 from .transforms import pad_batch, smooth
 
 
@@ -53,9 +56,6 @@ def infer_split(model_dir: str | Path, data_dir: str | Path, manifest_path: str 
     ``known_sessions_only``. With ``chunk_bins`` the trials are decoded online, that many bins
     at a time (:mod:`b2txt.models.streaming`); the logits equal the one-pass ones.
     """
-    from ..ground.device import select_device
-    from .checkpoint import load_model
-
     dev = select_device(device)
     loaded = load_model(model_dir, dev)
     manifest = read_manifest(manifest_path)
@@ -75,8 +75,6 @@ def infer_split(model_dir: str | Path, data_dir: str | Path, manifest_path: str 
     store = TrialStore.load(data_dir, manifest, split, loaded.sessions)
     features = [loaded.select_features(f) for f in store.features]
     if chunk_bins:
-        from .streaming import stream_logits
-
         logits = stream_logits(loaded.model, features, store.day_idx, loaded.kernel, chunk_bins, dev)
     else:
         logits = run_model(loaded.model, features, store.day_idx, loaded.kernel, dev, batch_size, show_progress=True)

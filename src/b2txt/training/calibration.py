@@ -28,6 +28,7 @@ from ..data.store import TrialStore, read_manifest, resolve_sessions
 from ..evaluation.error_rates import edit_distance
 from ..ground.config import AugmentConfig, CalibrateConfig
 from ..ground.console import progress
+from ..ground.device import select_device
 from ..ground.errors import B2txtError
 from ..ground.fileio import atomic_dir, atomic_file
 from ..models.checkpoint import LoadedModel, load_model
@@ -98,7 +99,6 @@ def _augment_from_args(args: dict) -> AugmentConfig:
 def calibrate(model_dir: str | Path, data_dir: str | Path, manifest_path: str | Path, cfg: CalibrateConfig,
               out_dir: str | Path, device: str = "cpu", log=print) -> pd.DataFrame:
     """PER of the held-out session against the number of calibration sentences."""
-    from ..ground.device import select_device
 
     dev = select_device(device)
     loaded = load_model(model_dir, dev)

@@ -138,3 +138,19 @@ def test_snakemake_rules_come_from_the_table(tmp_path):
     assert "b2txt decode --config .snakemake/b2txt/decode-rescore-" in r.stdout
     assert "--logits results/default/logits/val.hdf5 --lm results/default/lm/3gram --out results/default/decode/val" \
         in r.stdout
+
+
+def test_workflow_dvc_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
+    """--out onto a config file (an input) or any other file is refused and leaves it as it was."""
+    from b2txt.cli import main
+
+    for name in ("Snakefile", "config/config.yaml", "config/model/baseline.yaml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    before = (tmp_path / "config/config.yaml").read_bytes()
+    assert main(["workflow", "dvc", "--root", str(tmp_path), "--out", "config/config.yaml"]) == 2
+    assert "not written by `b2txt workflow dvc`" in capsys.readouterr().err
+    assert (tmp_path / "config/config.yaml").read_bytes() == before
+    assert main(["workflow", "dvc", "--root", str(tmp_path)]) == 0  # new file
+    assert main(["workflow", "dvc", "--root", str(tmp_path)]) == 0  # its own file: replaced
+    assert main(["workflow", "dvc", "--root", str(tmp_path), "--check"]) == 0

@@ -23,6 +23,7 @@ pipeline's stages.
 from __future__ import annotations
 
 import ast
+import functools
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -31,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from .ground.config import PipelineConfig, read_yaml
+from .ground.config import PipelineConfig, load_config, read_yaml
 from .ground.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -75,9 +76,19 @@ class Stage:
     starts: tuple[str, ...] = ()  # b2txt commands it runs as child processes (code it depends on too)
 
     @property
+    def _words(self) -> int:
+        """How many of ``args`` name the command: ``lm ngram`` is two words, the rest one."""
+        return 2 if self.args[0] == "lm" else 1
+
+    @property
     def command(self) -> str:
         """The CLI command (``decode``, ``lm ngram``), for its code dependencies."""
-        return " ".join(self.args[:2]) if self.args[0] == "lm" else self.args[0]
+        return " ".join(self.args[: self._words])
+
+    def argv(self, config: list[str]) -> list[str]:
+        """The command line, with ``config`` (``--config FILE`` arguments) after the command's name."""
+        return [self.program, *self.args[: self._words], *(config if self.sections else []),
+                *self.args[self._words:]]
 
 
 # ----------------------------------------------------------------------------- the table
@@ -229,6 +240,12 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
+@functools.cache
+def _tree(module: str) -> ast.Module:
+    """A module's parsed source (each file is read once per process)."""
+    return ast.parse(_module_file(module).read_text())
+
+
 def _resolve(node: ast.ImportFrom, module: str, is_package: bool) -> list[str]:
     """Absolute b2txt module names an ``ImportFrom`` names (its module, or modules it imports)."""
     if node.level:
@@ -272,10 +289,11 @@ def _closure(roots: Iterable[str]) -> set[str]:
         parts = module.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b.c runs a and a.b
         top_level = module == "b2txt.cli" or module.startswith("b2txt.cli.")
-        todo += _imports_in(ast.parse(path.read_text()), module, path.name == "__init__.py", top_level)
+        todo += _imports_in(_tree(module), module, path.name == "__init__.py", top_level)
     return seen
 
 
+@functools.cache
 def command_runs() -> dict[str, tuple[str, str]]:
     """Every ``b2txt`` command and where it runs: ``name -> (module, run function)``, read from the
     ``Command(...)`` records of the CLI's modules (their source, not an import of the CLI, which sits
@@ -283,7 +301,7 @@ def command_runs() -> dict[str, tuple[str, str]]:
     runs: dict[str, tuple[str, str]] = {}
     for path in sorted((PACKAGE_DIR / "cli").glob("*.py")):
         module = f"b2txt.cli.{path.stem}" if path.stem != "__init__" else "b2txt.cli"
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(_tree(module)):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Command" and len(node.args) >= 5:
                 name, run = node.args[0], node.args[4]
                 if isinstance(name, ast.Constant) and isinstance(run, ast.Name):
@@ -297,8 +315,7 @@ def _run_function_imports(command: str) -> set[str]:
     if command not in runs:
         raise ConfigError(f"stage command {command!r} is not a b2txt command")
     module, run = runs[command]
-    tree = ast.parse(_module_file(module).read_text())
-    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    functions = {n.name: n for n in _tree(module).body if isinstance(n, ast.FunctionDef)}
     todo, done, found = [run], set(), {module}
     while todo:
         name = todo.pop()
@@ -341,18 +358,11 @@ def _fill(text: str, stage: Stage, values: Mapping[str, str]) -> str:
     return out
 
 
-def _sections_of(files: list[Path]) -> list[dict[str, Any]]:
-    return [read_yaml(f) for f in files]
-
-
 def _dvc_stage(stage: Stage, config_files: list[str], raw: list[dict[str, Any]], values: Mapping[str, str],
                wdir: str | None = None) -> dict[str, Any]:
     """One DVC stage (a ``foreach`` one when the stage runs per value)."""
-    words = 2 if stage.args[:1] == ("lm",) else 1  # `b2txt lm ngram --config ...`
-    config = [x for f in config_files for x in ("--config", f)] if stage.sections else []
-    args = [stage.program, *stage.args[:words], *config, *stage.args[words:]]
     body: dict[str, Any] = {"wdir": wdir} if wdir else {}
-    body["cmd"] = _fill(" ".join(args), stage, values)
+    body["cmd"] = _fill(" ".join(stage.argv([x for f in config_files for x in ("--config", f)])), stage, values)
     deps = [_fill(i.path, stage, values) for i in stage.inputs.values() if i.dvc]
     body["deps"] = deps + [d for d in code_deps(stage) if d not in deps]
     params = [{f: [s for s in stage.sections if s in sections]} for f, sections in zip(config_files, raw)
@@ -373,23 +383,18 @@ def _dvc_stage(stage: Stage, config_files: list[str], raw: list[dict[str, Any]],
     return body if stage.each is None else {"foreach": list(stage.each[1]), "do": body}
 
 
-def _check_files(config_files: list[str], root: Path) -> list[Path]:
-    paths = []
+def _load_stack(config_files: list[str], root: Path) -> tuple[PipelineConfig, list[dict[str, Any]]]:
+    """The config the files make (merged in order) and each file's own sections."""
     for f in config_files:
-        p = Path(f)
-        if p.is_absolute():
+        if Path(f).is_absolute():
             raise ConfigError(f"{f}: give config files relative to the repository root, as DVC runs from there")
-        paths.append(root / p)
-    return paths
+    paths = [root / f for f in config_files]
+    return load_config(paths), [read_yaml(p) for p in paths]
 
 
 def dvc_yaml(config_files: list[str], root: Path = Path(".")) -> str:
     """dvc.yaml for the config these files make (merged in order), relative to the repository root."""
-    from .ground.config import load_config
-
-    paths = _check_files(config_files, root)
-    cfg = load_config(paths)
-    raw = _sections_of(paths)
+    cfg, raw = _load_stack(config_files, root)
     doc: dict[str, Any] = {"stages": {}}
     for stage in stages(cfg):
         doc["stages"][stage.name] = _dvc_stage(stage, config_files, raw, {})
@@ -409,11 +414,7 @@ def pretrained_dvc_yaml(config_files: list[str], root: Path = Path(".")) -> str:
     ``score``, outputs under ``results/<run>/pretrained/``, data and manifest from dvc.yaml), and the
     published language models (``download_lm@3gram``, ``@5gram``). Paths relative to the repository
     root (``wdir: ..``)."""
-    from .ground.config import load_config
-
-    paths = _check_files(config_files, root)
-    cfg = load_config(paths)
-    raw = _sections_of(paths)
+    cfg, raw = _load_stack(config_files, root)
     run = _run(cfg)
     published = cfg.model_copy(update={"model": cfg.model.model_copy(update={"source": "pretrained"})})
     moved = {f"{run}/logits/": f"{run}/pretrained/logits/", f"{run}/scores/": f"{run}/pretrained/scores/"}

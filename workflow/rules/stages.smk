@@ -22,9 +22,7 @@ def _output(o):
 
 
 def _shell(stage):
-    words = 2 if stage.args[:1] == ("lm",) else 1
-    cmd = [stage.program, *stage.args[:words], *(["--config", "{params.config}"] if stage.sections else []),
-           *stage.args[words:]]
+    cmd = stage.argv(["--config", "{params.config}"])
     if stage.threads_flag:
         cmd += [stage.threads_flag, "{resources.cmd_threads}"]
     return " ".join(cmd) + (" > {log} 2>&1" if stage.stdout_to_log else " 2> {log}")

@@ -6,7 +6,7 @@ export PATH := $(BIN):$(PATH)
 CORES ?= all
 PYTEST_ARGS ?=
 
-.PHONY: all bootstrap run test test-fast test-xla test-cluster report lint clean help
+.PHONY: all bootstrap run test test-fast test-envs test-xla test-cluster report lint clean help
 
 all: help
 
@@ -15,6 +15,7 @@ help:
 	@echo "make test       bootstrap, then the layer contract (lint-imports), lint (ruff) and the test suite"
 	@echo "make test-fast  the same without the slow, multi-process and KenLM tests (under 2 minutes)"
 	@echo "make lint       lint-imports (the package's layers) and ruff"
+	@echo "make test-envs  one venv per rule family (.venvs/, pip twins of envs/*.yaml) and the tiny DAG in them"
 	@echo "make test-cluster  the tiny pipeline through profiles/slurm on a private Slurm cluster (root)"
 	@echo "make test-xla   the TPU path on XLA:CPU in .venv-xla (torch 2.9 + torch_xla; ~4 GB download)"
 	@echo "make report     snakemake --report results/report.html"
@@ -33,6 +34,12 @@ test: lint
 # processes, kenlm = needs lmplz (built once), cluster = a Slurm cluster (never in make test).
 test-fast: lint
 	python -m pytest -m "not slow and not redis and not ddp and not kenlm and not cluster" $(PYTEST_ARGS)
+
+# One venv per rule family in .venvs/ (the core + that family's extra: what envs/*.yaml hold for
+# conda), built once and reused; the tiny DAG runs with each job in its rule's venv and must give
+# the outputs of the one-venv run. Part of .ci/run (~1.5 min with the venvs built, ~3 min without).
+test-envs: bootstrap
+	python -m pytest -m envs tests/test_family_envs.py $(PYTEST_ARGS)
 
 # The layers of the package (an import-linter contract in pyproject.toml: no upward import, no
 # cycle) and pyflakes/import-order checks.

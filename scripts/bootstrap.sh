@@ -55,6 +55,6 @@ say "installing the package and its pinned dependencies into $VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # requirements.lock pins every transitive dependency; torch==2.13.0 (no local tag) lets pip
 # take the CPU wheel on CPU machines and a CUDA build of the same version elsewhere.
-"$VENV/bin/python" -m pip install -q -c requirements.lock -e ".[workflow,dev]"
+"$VENV/bin/python" -m pip install -q -c requirements.lock -e ".[all,dev]"
 echo "$want" > "$stamp"
 say "done: $("$VENV/bin/b2txt" --version)"

@@ -5,7 +5,8 @@
 #
 # Why: no Debian or PyPI package ships lmplz (the kenlm-ex sdist's lmplz crashes at start), but the
 # kenlm 0.3.0 sdist holds the full C++ source. Static binaries (-DFORCE_STATIC=ON) need nothing at
-# run time. Idempotent: exits at once when both binaries exist and run. Builds in a temporary
+# run time. With lmplz and build_binary on PATH (conda-forge's kenlm) it links those instead.
+# Idempotent: exits at once when both binaries exist and run. Builds in a temporary
 # directory and moves the binaries into place only when both built, so a failed or killed build
 # never leaves half a tool chain behind. Needs the Debian packages listed in scripts/bootstrap.sh
 # (build-essential cmake zlib1g-dev libbz2-dev liblzma-dev libboost-{program-options,system,
@@ -31,6 +32,18 @@ runs() {
 }
 
 if [[ -x "$BIN/lmplz" && -x "$BIN/build_binary" ]] && runs "$BIN/lmplz" && runs "$BIN/build_binary"; then
+  exit 0
+fi
+
+# Tools already on PATH (conda-forge's kenlm in envs/lm.yaml) are linked, not compiled again.
+if command -v lmplz >/dev/null 2>&1 && command -v build_binary >/dev/null 2>&1 \
+   && runs "$(command -v lmplz)" && runs "$(command -v build_binary)"; then
+  mkdir -p "$DEST"
+  stage=$(mktemp -d "$DEST/.link.XXXXXX")
+  ln -s "$(command -v lmplz)" "$stage/lmplz" && ln -s "$(command -v build_binary)" "$stage/build_binary"
+  if [[ -d "$BIN" ]]; then rm -rf "$BIN"; fi
+  mv "$stage" "$BIN"
+  say "linked $BIN/lmplz and $BIN/build_binary to the tools on PATH ($(dirname "$(command -v lmplz)"))"
   exit 0
 fi
 

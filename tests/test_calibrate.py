@@ -169,6 +169,18 @@ def test_calibrated_model_reproduces_the_calibration_per(trained, tmp_path):
     assert (edits, ref_len) == (table["edits"].iloc[0], table["ref_len"].iloc[0])
 
 
+def test_calibration_is_the_same_every_run(trained, tmp_path):
+    """Dropout draws from torch's global generator: whatever state it is in, the fit is the same."""
+    data, manifest, model_dir, _ = trained
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        calibrate(model_dir, data, manifest, CalibrateConfig(n_sentences=[3], fit="all", **CAL), tmp_path / str(seed),
+                  log=lambda m: None)
+        states.append(torch.load(tmp_path / str(seed) / "model" / "checkpoint" / "best_checkpoint")["model_state_dict"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 def test_zero_sentences_is_the_uncalibrated_copy(trained, tmp_path):
     data, manifest, model_dir, sessions = trained
     table = calibrate(model_dir, data, manifest, CalibrateConfig(n_sentences=[0], **CAL), tmp_path / "cal",

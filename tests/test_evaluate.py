@@ -1,9 +1,10 @@
+import jiwer
 import numpy as np
 import pandas as pd
 import pytest
 
 from b2txt.data.logits import greedy_decode
-from b2txt.evaluation.error_rates import aggregate, bootstrap_ci, edit_distance
+from b2txt.evaluation.error_rates import aggregate, bootstrap_ci, edit_distance, word_table
 
 
 @pytest.mark.parametrize("hyp,ref,d", [
@@ -88,3 +89,26 @@ def test_submission_is_in_session_then_trial_order_with_normalised_text(tmp_path
     assert n == 3 and list(out.columns) == ["id", "text"]
     assert out["id"].tolist() == [0, 1, 2]
     assert out["text"].tolist() == ["first", "third one", "second trial"]
+
+
+def test_word_counts_equal_jiwers():
+    """Our word edit counts (no jiwer at run time, so scoring needs only the core packages) against
+    jiwer's on random sentences with substitutions, deletions, insertions and odd whitespace."""
+    rng = np.random.default_rng(3)
+    vocab = ["a", "the", "cat", "sat", "on", "mat", "i", "need", "water"]
+    refs, hyps = [], []
+    for _ in range(200):
+        ref = list(rng.choice(vocab, size=rng.integers(1, 9)))
+        hyp = [w for w in ref if rng.random() > 0.2]
+        for _ in range(rng.integers(0, 3)):
+            hyp.insert(int(rng.integers(0, len(hyp) + 1)), str(rng.choice(vocab)))
+        refs.append("  ".join(ref) + " ")
+        hyps.append(" ".join(hyp))
+    table = word_table(pd.DataFrame({"reference": refs, "decoded": hyps}))
+    for ref, hyp, edits, n in zip(refs, hyps, table["word_edits"], table["ref_words"]):
+        out = jiwer.process_words(ref, hyp) if hyp.strip() else None
+        if out is None:  # jiwer refuses an empty hypothesis only in some versions: all deletions
+            assert (edits, n) == (len(ref.split()), len(ref.split()))
+            continue
+        assert edits == out.substitutions + out.deletions + out.insertions
+        assert n == out.substitutions + out.deletions + out.hits

@@ -25,6 +25,8 @@ from __future__ import annotations
 import ast
 import functools
 import os
+import shlex
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,6 +39,19 @@ from .ground.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SRC_DIR = PACKAGE_DIR.parent
+
+
+#: The conda environments of the rules (``envs/<env>.yaml``, for ``snakemake --use-conda``) and the
+#: extras of ``pyproject.toml`` each holds beyond the core; ``xla`` holds torch 2.9 + torch_xla 2.9
+#: instead of ``train``'s torch (a train rule with ``train.device: xla`` runs in it).
+ENVS: dict[str, tuple[str, ...]] = {
+    "data": (),
+    "train": ("train",),
+    "xla": ("train",),
+    "lm": ("lm",),
+    "rescore": ("lm", "rescore"),
+    "figures": ("figures",),
+}
 
 
 @dataclass(frozen=True)
@@ -65,8 +80,8 @@ class Stage:
     outputs: Mapping[str, Output] = field(default_factory=dict)
     params: Mapping[str, str] = field(default_factory=dict)
     sections: tuple[str, ...] = ()  # config sections the command reads (--config)
-    family: str = "default"  # resources.<family> and the rule family's conda env
-    env: str = "data"  # envs/<env>.yaml
+    family: str = "default"  # resources.<family>
+    env: str = "data"  # envs/<env>.yaml (:data:`ENVS`)
     each: tuple[str, tuple[str, ...]] | None = None  # (wildcard, values): one job per value
     program: str = "b2txt"  # or "bash" (scripts/build_kenlm.sh)
     threads_flag: str | None = None  # Snakemake passes its job's threads with this flag
@@ -105,6 +120,8 @@ def stages(cfg: PipelineConfig) -> list[Stage]:
     decode_lm = cfg.lm.dir if cfg.lm.source == "dir" else f"{lm}/{cfg.lm.decode_order}gram"
     model_dir = cfg.model.model_dir if pretrained else f"{run}/model"
     model_input = Input(cfg.model.dir if pretrained else f"{run}/model")
+    train_env = "xla" if cfg.train.device == "xla" else "train"
+    decode_env = "rescore" if cfg.rescore.enabled else "lm"
     out: list[Stage] = []
 
     if simulated:
@@ -135,14 +152,15 @@ def stages(cfg: PipelineConfig) -> list[Stage]:
                                    "--out", "{output.model}", *(("--nproc", str(nproc)) if nproc > 1 else ())),
                          inputs={"data": Input(data), "manifest": manifest},
                          outputs={"model": Output(f"{run}/model", directory=True)},
-                         sections=("train",), family="train", env="train", threads_flag="--threads",
+                         sections=("train",), family="train", env=train_env, threads_flag="--threads",
                          threads_per=nproc))
     out.append(Stage("infer", ("infer", "--model", "{params.model}", "--data", "{input.data}", "--manifest",
                                "{input.manifest}", "--split", "{wildcards.split}", "--out", "{output.logits}",
                                "--known-sessions-only"),
                      inputs={"model": model_input, "data": Input(data), "manifest": manifest},
                      outputs={"logits": Output(f"{run}/logits/{{split}}.hdf5")}, params={"model": model_dir},
-                     sections=("infer",), family="infer", env="train", each=("split", tuple(cfg.infer.splits))))
+                     sections=("infer",), family="infer", env="xla" if cfg.infer.device == "xla" else "train",
+                     each=("split", tuple(cfg.infer.splits))))
     calibrate = cfg.calibrate.enabled and not pretrained
     if calibrate:
         out.append(Stage("calibrate", ("calibrate", "--model", "{input.model}", "--data", "{input.data}",
@@ -189,18 +207,18 @@ def stages(cfg: PipelineConfig) -> list[Stage]:
         Stage("decode", ("decode", "--logits", "{input.logits}", "--lm", "{params.lm}", "--out", "{output.decoded}"),
               inputs={"logits": Input(f"{run}/logits/val.hdf5"), **graph, **kenlm},
               outputs={"decoded": Output(f"{run}/decode/val", directory=True)},
-              params={"lm": decode_lm}, sections=("decode", "rescore"), family="decode", env="lm",
+              params={"lm": decode_lm}, sections=("decode", "rescore"), family="decode", env=decode_env,
               threads_flag="--workers"),
         Stage("score_words", ("score", "--decoded", "{params.decoded}", "--out", "{params.out}", "--split", "val"),
               inputs={"decoded": Input(f"{run}/decode/val")},
               outputs={"metrics": Output(f"{scores}/wer.json", metric=True),
                        **{n: Output(f"{scores}/wer_{n}.csv") for n in ("per_session", "per_corpus", "trials")}},
-              params={"decoded": f"{run}/decode/val/decoded.csv", "out": scores}, env="lm", stdout_to_log=True),
+              params={"decoded": f"{run}/decode/val/decoded.csv", "out": scores}, stdout_to_log=True),
         Stage("evaluate", ("evaluate", "--logits", "{input.logits}", "--lm", "{params.lm}", "--out",
                            "{output.evaluation}", "--split", "{wildcards.split}"),
               inputs={"logits": Input(f"{run}/logits/{{split}}.hdf5"), **graph, **kenlm},
               outputs={"evaluation": Output(f"{run}/evaluate/{{split}}", directory=True)},
-              params={"lm": decode_lm}, sections=("decode", "rescore", "server"), family="decode", env="lm",
+              params={"lm": decode_lm}, sections=("decode", "rescore", "server"), family="decode", env=decode_env,
               each=("split", tuple(s for s in ("val", "test") if s in cfg.infer.splits)), threads_flag="--workers",
               starts=("lm-server", "lm-worker")),
     ]
@@ -309,21 +327,50 @@ def command_runs() -> dict[str, tuple[str, str]]:
     return runs
 
 
-def _run_function_imports(command: str) -> set[str]:
-    """What the command's ``run`` function imports, following the functions of its CLI module it calls."""
+def _run_functions(command: str) -> tuple[str, list[ast.FunctionDef]]:
+    """The command's CLI module and its ``run`` function with the functions of that module it calls."""
     runs = command_runs()
     if command not in runs:
         raise ConfigError(f"stage command {command!r} is not a b2txt command")
     module, run = runs[command]
     functions = {n.name: n for n in _tree(module).body if isinstance(n, ast.FunctionDef)}
-    todo, done, found = [run], set(), {module}
+    todo, done = [run], {}
     while todo:
         name = todo.pop()
         if name in done or name not in functions:
             continue
-        done.add(name)
-        found |= _imports_in(functions[name], module, False)
+        done[name] = functions[name]
         todo += [n.id for n in ast.walk(functions[name]) if isinstance(n, ast.Name)]
+    return module, list(done.values())
+
+
+def _run_function_imports(command: str) -> set[str]:
+    """What the command's ``run`` function imports, following the functions of its CLI module it calls."""
+    module, functions = _run_functions(command)
+    return {module}.union(*(_imports_in(f, module, False) for f in functions))
+
+
+def _third_party_in(nodes: Iterable[ast.AST]) -> set[str]:
+    names: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n not in ("b2txt", "__future__")}
+
+
+def third_party_imports(command: str, starts: Iterable[str] = ()) -> set[str]:
+    """The top-level names of the packages outside the standard library that a command's code
+    imports (its modules, at module level or in functions, and the commands it starts): what its
+    environment must hold (tests/test_envs.py checks them against the extras and envs/*.yaml)."""
+    found: set[str] = set()
+    for cmd in (command, *starts):
+        module, functions = _run_functions(cmd)
+        found |= _third_party_in(_tree(module).body) | _third_party_in(n for f in functions for n in ast.walk(f))
+        for m in _closure(_run_function_imports(cmd)):
+            if not (m == "b2txt.cli" or m.startswith("b2txt.cli.")):
+                found |= _third_party_in(ast.walk(_tree(m)))
     return found
 
 
@@ -356,6 +403,14 @@ def _fill(text: str, stage: Stage, values: Mapping[str, str]) -> str:
     for key, value in values.items():
         out = out.replace(f"{{{key}}}", value)
     return out
+
+
+def job_commands(stage: Stage, config_files: list[str]) -> list[list[str]]:
+    """The concrete command line of each of the stage's jobs (one per split or order), as DVC runs
+    them: for running stages outside both tools (tests/test_family_envs.py, each in its own env)."""
+    line = _fill(" ".join(stage.argv([x for f in config_files for x in ("--config", f)])), stage, {})
+    values = stage.each[1] if stage.each is not None else ("",)
+    return [[os.path.expanduser(a) for a in shlex.split(line.replace("${item}", v))] for v in values]
 
 
 def _dvc_stage(stage: Stage, config_files: list[str], raw: list[dict[str, Any]], values: Mapping[str, str],

@@ -31,8 +31,8 @@ FILES = ("Snakefile", "workflow", "src", "envs", "config", "scripts")
 
 def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 900,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, B2TXT_PROGRESS="0", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               **(env or {}))
+    env = {**os.environ, "B2TXT_PROGRESS": "0", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           **(env or {})}
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")

@@ -12,6 +12,7 @@ import sys
 
 from .. import __version__
 from ..ground.errors import B2txtError
+from ..ground.extras import missing_extra
 from . import config, data, figures, lm, score, server, train, workflow
 from .common import Command
 
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
             groups[group] = g.add_subparsers(dest=f"{group}_command", metavar="STEP", required=True)
         p = (groups[group] if group else sub).add_parser(step, help=cmd.help, description=cmd.description)
         cmd.arguments(p)
-        p.set_defaults(func=cmd.run, command=cmd.name)
+        p.set_defaults(func=cmd.run, command=cmd.name, extras=cmd.extras)
     return parser
 
 
@@ -59,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     except B2txtError as exc:
         print(f"b2txt {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:  # a package of an extra this installation lacks
+        missing = missing_extra(exc, args.extras)
+        if missing is None:
+            raise
+        print(f"b2txt {args.command}: error: {missing}", file=sys.stderr)
+        return missing.exit_code
     except KeyboardInterrupt:
         print(f"b2txt {args.command}: interrupted", file=sys.stderr)
         return 130

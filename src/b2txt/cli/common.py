@@ -28,6 +28,9 @@ class Command:
     description: str
     arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    #: Extras of pyproject.toml it may need beyond the core (its error names the first that has a
+    #: missing module; a test checks these against the modules its code imports).
+    extras: tuple[str, ...] = ()
 
 
 def add_config(p: argparse.ArgumentParser, reads: str = "") -> None:

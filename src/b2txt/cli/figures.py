@@ -53,9 +53,9 @@ COMMANDS = (
     Command("figures", "our run's figures: training curve, error rates per session, figure-2 panels",
             "PDF (TrueType fonts) + PNG. `b2txt figures paper --copy-task PKL --personal-use PKL --out DIR` draws the "
             "paper's figures 2 and 4 from the Dryad pickles instead (see `b2txt figures paper --help`).",
-            figures_arguments, run_figures),
+            figures_arguments, run_figures, ("figures",)),
     Command("figures-paper", "the paper's figures 2 and 4 from the Dryad pickles (also: `figures paper`)",
             "Figure 2 from t15_copyTask.pkl, figure 4 from t15_personalUse.pkl (REFERENCE §6), PDF + PNG, with the "
             "tables behind them as CSV. The pickles are read with a restricted unpickler: no code in them runs.",
-            figures_paper_arguments, run_figures_paper),
+            figures_paper_arguments, run_figures_paper, ("figures",)),
 )

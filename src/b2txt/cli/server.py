@@ -427,7 +427,10 @@ LM_WORKER_DESCRIPTION = (
 
 
 COMMANDS = (
-    Command("lm-server", LM_SERVER_HELP, LM_SERVER_DESCRIPTION, add_lm_server_arguments, run_lm_server),
-    Command("lm-worker", LM_WORKER_HELP, LM_WORKER_DESCRIPTION, add_lm_worker_arguments, run_lm_worker),
-    Command("evaluate", EVALUATE_HELP, EVALUATE_DESCRIPTION, add_evaluate_arguments, run_evaluate),
+    Command("lm-server", LM_SERVER_HELP, LM_SERVER_DESCRIPTION, add_lm_server_arguments, run_lm_server,
+            ("lm", "rescore")),
+    Command("lm-worker", LM_WORKER_HELP, LM_WORKER_DESCRIPTION, add_lm_worker_arguments, run_lm_worker,
+            ("lm", "rescore")),
+    Command("evaluate", EVALUATE_HELP, EVALUATE_DESCRIPTION, add_evaluate_arguments, run_evaluate,
+            ("lm", "rescore")),
 )

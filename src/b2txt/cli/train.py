@@ -108,15 +108,15 @@ COMMANDS = (
     Command("train", "train the GRU phoneme decoder with CTC (config: train)",
             "Writes MODEL_DIR/checkpoint/best_checkpoint, checkpoint/args.yaml (published layout), "
             "training_log and metrics.csv.",
-            train_arguments, run_train),
+            train_arguments, run_train, ("train",)),
     Command("infer", "phoneme logits of every trial of a split (config: infer)",
             "Runs a model directory (ours or the published layout) on a data split and writes an HDF5 file "
             "with one group per trial (logits [T', 41] in model column order, labels when known).",
-            infer_arguments, run_infer),
+            infer_arguments, run_infer, ("train",)),
     Command("calibrate", "fit a new session's day layer from its first N sentences (config: calibrate)",
             "Rapid calibration: for each N in calibrate.n_sentences, add a day layer for a session the model "
             "never saw, fit it on the session's first N labelled sentences and measure PER on its val trials. "
             "Writes OUT_DIR/calibration.csv and OUT_DIR/model (calibrated with the largest N); "
             "`b2txt figures --calibration OUT_DIR/calibration.csv` draws the curve.",
-            calibrate_arguments, run_calibrate),
+            calibrate_arguments, run_calibrate, ("train",)),
 )

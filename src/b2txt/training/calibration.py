@@ -68,6 +68,7 @@ def fit(model: torch.nn.Module, day: int, features: list[np.ndarray], labels: li
     opt = torch.optim.AdamW(params, lr=cfg.lr, eps=0.1, weight_decay=0.0)
     ctc = torch.nn.CTCLoss(blank=0, reduction="mean", zero_infinity=True)
     rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)  # dropout draws from torch's global generator: the same fit every run
     model.train()
     for step in range(cfg.steps):
         idx = rng.choice(len(features), size=min(cfg.batch_size, len(features)), replace=False)

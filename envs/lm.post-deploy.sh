@@ -1,0 +1,1 @@
+install-b2txt.sh

@@ -13,7 +13,7 @@ from pathlib import Path
 import grimp
 import pytest
 import yaml
-from helpers.project import ROOT
+from helpers.project import ROOT, init_dvc, make_project, run
 
 from b2txt.cli import COMMANDS
 from b2txt.ground.config import ResourcesConfig, load_config
@@ -24,7 +24,7 @@ BASE = [ROOT / "config/config.yaml", ROOT / "config/model/baseline.yaml"]
 
 def config_variants():
     """The default config, and the variants that change the table: pretrained model, Dryad data, a
-    given data directory and graph, the lexicon decoder."""
+    given data directory and graph, the lexicon decoder, SRILM."""
     cfg = load_config(BASE)
     yield "default", cfg
     yield "pretrained", cfg.model_copy(update={"model": cfg.model.model_copy(update={"source": "pretrained"})})
@@ -32,6 +32,11 @@ def config_variants():
     yield "given", cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "dir"}),
                                           "lm": cfg.lm.model_copy(update={"source": "dir", "dir": "/lm"})})
     yield "lexicon", cfg.model_copy(update={"decode": cfg.decode.model_copy(update={"decoder": "lexicon"})})
+    yield "srilm", with_lm(cfg, tool="srilm")
+
+
+def with_lm(cfg, **lm):
+    return cfg.model_copy(update={"lm": cfg.lm.model_copy(update=lm)})
 
 
 @pytest.mark.parametrize("pretrained", [False, True], ids=["dvc.yaml", "pretrained/dvc.yaml"])
@@ -154,3 +159,35 @@ def test_workflow_dvc_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
     assert main(["workflow", "dvc", "--root", str(tmp_path)]) == 0  # new file
     assert main(["workflow", "dvc", "--root", str(tmp_path)]) == 0  # its own file: replaced
     assert main(["workflow", "dvc", "--root", str(tmp_path), "--check"]) == 0
+
+
+# ----------------------------------------------------------------------------- the LM stages of each lm.source
+
+def _by_name(cfg) -> dict:
+    return {s.name: s for s in stages(cfg)}
+
+
+@pytest.mark.parametrize("tool", ["kenlm", "srilm"])
+def test_both_ngram_tools_build_the_kenlm_tools_first(tool):
+    """lm.bin is KenLM's build_binary with either estimator: the tools stage is there in both modes,
+    its in-repository manifest is an input of lm_ngram, and lm_ngram declares the ARPA and the binary."""
+    table = _by_name(with_lm(load_config(BASE), tool=tool))
+    manifest = "results/default/lm/kenlm_tools.json"
+    assert [o.path for o in table["kenlm_tools"].outputs.values()] == [manifest]
+    assert table["lm_ngram"].inputs["tools"].path == manifest
+    assert {o.path.rsplit("/", 1)[1] for o in table["lm_ngram"].outputs.values()} == {"lm.arpa", "lm.bin"}
+
+
+def test_committed_dvc_file_has_the_kenlm_tools_edge():
+    """DVC tracks nothing outside the repository: the tools stage outputs its manifest under
+    results/, and every lm_ngram depends on it."""
+    doc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    manifest = "results/default/lm/kenlm_tools.json"
+    assert doc["kenlm_tools"]["outs"] == [manifest] and manifest in doc["kenlm_tools"]["cmd"]
+    assert manifest in doc["lm_ngram"]["do"]["deps"]
+
+
+def test_dvc_sees_the_kenlm_tools_edge(tmp_path):
+    project = make_project(tmp_path / "p")
+    init_dvc(project)
+    assert '"kenlm_tools" -> "lm_ngram@2"' in run(["dvc", "dag", "--dot"], project).stdout

@@ -11,8 +11,8 @@ from .common import Command, add_config, config_of, positive
 
 #: The ``lm`` group: its steps are the commands named ``lm STEP`` below.
 GROUP = ("lm", "build language models: `lm text`, `lm ngram`, `lm graph` (config: lm)",
-         "The language-model stages, in order: text (normalised, leakage-free LM text), ngram (KenLM lmplz + "
-         "build_binary, or SRILM), graph (TLG.fst + words.txt in the published layout).")
+         "The language-model stages, in order: text (normalised, leakage-free LM text), ngram (KenLM lmplz or "
+         "SRILM, then KenLM build_binary), graph (TLG.fst + words.txt in the published layout).")
 
 
 def run_lm_text(args: argparse.Namespace) -> int:
@@ -116,9 +116,10 @@ COMMANDS = (
             "JSON beside it (text.txt -> text.json).",
             lm_text_arguments, run_lm_text),
     Command("lm ngram", "estimate an n-gram LM (ARPA + KenLM binary) from LM text (config: lm)",
-            "Runs KenLM lmplz (always with -S lm.memory and -T; --discount_fallback; --prune from lm.prune) and "
-            "build_binary, or SRILM ngram-count with lm.tool: srilm. Writes OUT_DIR/lm.arpa, lm.bin (and "
-            "lm.unpruned.arpa when pruned). The KenLM tools come from scripts/build_kenlm.sh.",
+            "Estimates the ARPA with KenLM lmplz (always with -S lm.memory and -T; --discount_fallback; --prune "
+            "from lm.prune), or with SRILM ngram-count (lm.tool: srilm; on PATH), then its binary with KenLM "
+            "build_binary in both cases. Writes OUT_DIR/lm.arpa, lm.bin (and lm.unpruned.arpa when pruned). The "
+            "KenLM tools come from scripts/build_kenlm.sh.",
             lm_ngram_arguments, run_lm_ngram),
     Command("lm graph", "build the decoding graph TLG.fst + words.txt from an ARPA LM",
             "CTC topology T over the 41 units in LM order, lexicon L (CMU dict, optional SIL after words), grammar "

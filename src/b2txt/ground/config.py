@@ -269,9 +269,12 @@ class LMConfig(Section):
     orders: list[Annotated[int, Field(ge=1, le=9)]] = Field(default_factory=lambda: [1, 3], min_length=1)
     prune: dict[int, list[Annotated[int, Field(ge=0)]]] = Field(
         default_factory=dict, description="lmplz --prune thresholds per order, e.g. {5: [0, 0, 1, 1, 2]}")
-    tool: Literal["kenlm", "srilm"] = Field("kenlm", description="srilm needs ngram-count on PATH")
+    tool: Literal["kenlm", "srilm"] = Field(
+        "kenlm", description="the ARPA estimator: kenlm (lmplz) | srilm (ngram-count on PATH); lm.bin comes from "
+                             "KenLM's build_binary in both")
     memory: str = Field("20%", description="lmplz -S (never the default 80 % of RAM)")
-    kenlm_dir: str = Field("~/.cache/b2txt/kenlm", description="where scripts/build_kenlm.sh puts lmplz/build_binary")
+    kenlm_dir: str = Field("~/.cache/b2txt/kenlm", description="where scripts/build_kenlm.sh puts lmplz/build_binary "
+                                                              "(lm.source build)")
     decode_order: int = Field(3, ge=1, le=9, description="the order the decode stage uses (must be in orders)")
     source_files: list[str] | None = Field(None, description="fortune files for the LM text (default: corpus.files)")
     sil_prob: float | None = Field(None, gt=0, lt=1, description="optional SIL after words: None free; p: costs -ln p / -ln(1-p)")

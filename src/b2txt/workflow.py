@@ -191,8 +191,11 @@ def stages(cfg: PipelineConfig) -> list[Stage]:
 
 
 def lm_dir(cfg: PipelineConfig) -> str:
-    """The LM directory decoding uses: lm.dir as given, or the built decode_order's."""
-    return cfg.lm.dir if cfg.lm.source == "dir" else f"{_run(cfg)}/lm/{cfg.lm.decode_order}gram"
+    """The LM directory decoding uses: lm.dir as given, the imported ARPA's, or the built decode_order's."""
+    if cfg.lm.source == "dir":
+        return cfg.lm.dir
+    lm = f"{_run(cfg)}/lm"
+    return f"{lm}/imported" if cfg.lm.source == "arpa" else f"{lm}/{cfg.lm.decode_order}gram"
 
 
 def _graph_stage(out: str, each: tuple[str, tuple[str, ...]] | None) -> Stage:
@@ -207,8 +210,8 @@ def _graph_stage(out: str, each: tuple[str, tuple[str, ...]] | None) -> Stage:
 def lm_stages(cfg: PipelineConfig) -> list[Stage]:
     """The stages that make the decoding LM: none for a given graph directory (``lm.source: dir``).
 
-    Building makes ``lm.bin`` with KenLM's ``build_binary`` (also from an SRILM ARPA), so it
-    starts with ``kenlm_tools``. It builds the tools once outside the
+    Both other sources make ``lm.bin`` with KenLM's ``build_binary`` (also from an SRILM or an
+    imported ARPA), so both start with ``kenlm_tools``. It builds the tools once outside the
     repository (``lm.kenlm_dir``) and writes their checksums into ``kenlm_tools.json`` under the
     run's results: that file is the stage's output and an input of the stages that run the tools,
     the edge DVC (which tracks nothing outside the repository) and Snakemake both see. The tools
@@ -221,6 +224,15 @@ def lm_stages(cfg: PipelineConfig) -> list[Stage]:
     out = [Stage("kenlm_tools", ("scripts/build_kenlm.sh", "{params.dest}", "--manifest", "{output.manifest}"),
                  outputs={"manifest": Output(tools.path)}, params={"dest": cfg.lm.kenlm_dir}, env="lm",
                  program="bash", local=True)]
+    if cfg.lm.source == "arpa":
+        imported = lm_dir(cfg)
+        return out + [
+            Stage("lm_import", ("lm", "import", "--out", "{params.out}"),  # reads lm.arpa: its errors name the field
+                  inputs={"arpa": Input(cfg.lm.arpa), "tools": tools},
+                  outputs={"arpa": Output(f"{imported}/lm.arpa"), "binary": Output(f"{imported}/lm.bin")},
+                  params={"out": imported}, sections=("lm",), family="lm", env="lm"),
+            _graph_stage(imported, None),
+        ]
     orders = ("order", tuple(str(o) for o in cfg.lm.orders))
     return out + [
         Stage("lm_text", ("lm", "text", "--data", "{input.data}", "--out", "{output.text}"),

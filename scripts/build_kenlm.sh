@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Build KenLM's `lmplz` and `build_binary` once, from the pinned kenlm==0.3.0 PyPI sdist.
 #
-#   scripts/build_kenlm.sh [DEST]      (default: ~/.cache/b2txt/kenlm; binaries go to DEST/bin)
+#   scripts/build_kenlm.sh [DEST] [--manifest FILE]
+#
+# DEST defaults to ~/.cache/b2txt/kenlm; the binaries go to DEST/bin. With --manifest, FILE (JSON)
+# then records where the tools are and their sha256 checksums: the pipeline's kenlm_tools stage
+# writes it under results/ so that DVC, which tracks nothing outside the repository, has an output
+# of this stage for the LM stages to depend on (a rebuilt tool changes the file). It is written
+# atomically, after both tools were found to run.
 #
 # Why: no Debian or PyPI package ships lmplz (the kenlm-ex sdist's lmplz crashes at start), but the
 # kenlm 0.3.0 sdist holds the full C++ source. Static binaries (-DFORCE_STATIC=ON) need nothing at
@@ -14,7 +20,15 @@
 set -euo pipefail
 
 KENLM_VERSION=0.3.0
-DEST=${1:-$HOME/.cache/b2txt/kenlm}
+DEST=$HOME/.cache/b2txt/kenlm
+MANIFEST=
+while (($#)); do
+  case $1 in
+    --manifest) MANIFEST=${2:?--manifest needs a file name}; shift 2 ;;
+    -*) echo "[build_kenlm] unknown option $1 (usage: scripts/build_kenlm.sh [DEST] [--manifest FILE])" >&2; exit 2 ;;
+    *) DEST=$1; shift ;;
+  esac
+done
 BIN="$DEST/bin"
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-}
@@ -31,7 +45,33 @@ runs() {
   [[ "${out,,}" == *usage* || "${out,,}" == *--order* ]]
 }
 
+json_string() {
+  local s=${1//\\/\\\\}
+  s=${s//\"/\\\"}
+  printf '"%s"' "$s"
+}
+
+# The manifest: the tools' directory and checksums, written to a temporary sibling and renamed.
+write_manifest() {
+  [[ -n "$MANIFEST" ]] || return 0
+  local dir tmp bin
+  dir=$(dirname "$MANIFEST")
+  mkdir -p "$dir"
+  bin=$(cd "$BIN" && pwd)
+  tmp=$(mktemp "$dir/.$(basename "$MANIFEST").tmp-XXXXXX")
+  {
+    printf '{\n  "bin": %s,\n' "$(json_string "$bin")"
+    printf '  "sha256": {\n'
+    printf '    "lmplz": "%s",\n' "$(sha256sum "$BIN/lmplz" | cut -d' ' -f1)"
+    printf '    "build_binary": "%s"\n' "$(sha256sum "$BIN/build_binary" | cut -d' ' -f1)"
+    printf '  }\n}\n'
+  } >"$tmp"
+  chmod 644 "$tmp"
+  mv -f "$tmp" "$MANIFEST"
+}
+
 if [[ -x "$BIN/lmplz" && -x "$BIN/build_binary" ]] && runs "$BIN/lmplz" && runs "$BIN/build_binary"; then
+  write_manifest
   exit 0
 fi
 
@@ -86,3 +126,4 @@ done
 if [[ -d "$BIN" ]]; then mv "$BIN" "$work/old-bin"; fi
 mv "$stage" "$BIN"
 say "installed $BIN/lmplz and $BIN/build_binary"
+write_manifest

@@ -109,6 +109,17 @@ def test_stages_chain_from_cli(tiny_sim, tmp_path, capsys):
     assert (tmp_path / "fig" / "training_curve.png").stat().st_size > 1000
 
 
+def test_lm_import_of_a_missing_arpa_names_the_field_and_writes_nothing(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"lm: {{source: arpa, arpa: {tmp_path / 'lab.arpa'}}}\n")
+    assert main(["lm", "import", "--config", str(cfg), "--out", str(tmp_path / "lm")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'lab.arpa'}: lm.arpa: ARPA file not found" in err and "Traceback" not in err
+    assert not (tmp_path / "lm").exists()
+    assert main(["lm", "import", "--out", str(tmp_path / "lm")]) == 2  # the defaults name no ARPA
+    assert "lm.arpa is not set" in capsys.readouterr().err
+
+
 def test_data_command_with_a_missing_dir_source_is_one_clear_error(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: {source: dir, dir: nowhere}\n")

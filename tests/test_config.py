@@ -95,6 +95,16 @@ def test_bad_range_and_value_are_errors():
         parse_config({"simulate": {"corpus_mix": {"Shakespeare": 1.0}}})
 
 
+def test_an_lm_source_needs_its_path():
+    with pytest.raises(ConfigError, match=r"lm: .*source arpa needs lm\.arpa"):
+        parse_config({"lm": {"source": "arpa"}})
+    with pytest.raises(ConfigError, match=r"lm: .*source dir needs lm\.dir"):
+        parse_config({"lm": {"source": "dir"}})
+    with pytest.raises(ConfigError, match=r"lm\.source"):
+        parse_config({"lm": {"source": "srilm"}})
+    assert parse_config({"lm": {"source": "arpa", "arpa": "lms/lab.arpa.gz"}}).lm.arpa == "lms/lab.arpa.gz"
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")

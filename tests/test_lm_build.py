@@ -1,4 +1,5 @@
-"""Building the language models: LM text, KenLM tools, ARPA/binary n-grams, the TLG graph.
+"""Building the language models: LM text, KenLM tools, ARPA/binary n-grams, the TLG graph, and
+bringing your own ARPA (``lm.source: arpa``) or SRILM's (``lm.tool: srilm``).
 
 Everything runs for real on small data made here (fortune sentences, sentences written in the
 test, a Dryad-layout directory written with the project's own writer). KenLM's tools are built
@@ -8,20 +9,34 @@ instant afterwards).
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import math
+import os
+import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import kaldifst
 import kenlm
+import numpy as np
+import pandas as pd
 import pytest
+import yaml
+from helpers.arpa import HAND_ARPA, HAND_SENTENCES
 from helpers.data import SENTENCES
+from helpers.synthetic import phoneme_logits
 
+from b2txt.cli import main
+from b2txt.data.logits import write_logits
+from b2txt.ground.config import load_config
 from b2txt.ground.errors import B2txtError
 from b2txt.ground.phonemes import N_CLASSES
 from b2txt.lm import graph as graph_mod
+from b2txt.lm.arpa import ArpaError, normalise_arpa
 from b2txt.lm.graph import GraphError, build_graph, build_graph_from_arpa, read_fst, read_words
 from b2txt.lm.ngram import (
     PLACEHOLDER,
@@ -34,6 +49,7 @@ from b2txt.lm.ngram import (
     read_arpa_counts,
 )
 from b2txt.lm.text import UNK, build_lm_text, evaluation_sentences, prepare_text, read_stats
+from b2txt.workflow import _fill, lm_dir, lm_stages
 
 REPO = Path(__file__).resolve().parents[1]
 FORTUNES = "/usr/share/games/fortunes"
@@ -296,3 +312,181 @@ def test_disambiguation_marks_homophones_and_prefixes():
     prons = [("to", ("T", "UW")), ("two", ("T", "UW")), ("tool", ("T", "UW", "L")), ("cat", ("K", "AE", "T"))]
     marks, top = graph_mod.disambiguate(prons)
     assert marks == [1, 2, 0, 0] and top == 2
+
+
+# ----------------------------------------------------------------------------- your own ARPA, SRILM
+
+def _line(text: str, marker: str) -> int:
+    """The line number of the first line of ``text`` holding ``marker``."""
+    return text[:text.index(marker)].count("\n") + 1
+
+
+def test_imported_arpa_is_lower_case_and_otherwise_as_written(tmp_path):
+    (tmp_path / "published.arpa").write_text(HAND_ARPA)
+    (tmp_path / "published.arpa.gz").write_bytes(gzip.compress(HAND_ARPA.encode()))
+    plain, packed = io.StringIO(), io.StringIO()
+    assert normalise_arpa(tmp_path / "published.arpa", plain) == ({1: 12, 2: 17}, 9)
+    assert normalise_arpa(tmp_path / "published.arpa.gz", packed) == ({1: 12, 2: 17}, 9)
+    text = plain.getvalue()
+    assert text == packed.getvalue() and text == text.lower()
+    assert "-1.0\ti\t-0.30103\n" in text and "-0.1\ttoday </s>\n" in text and "-99\t<s>\t-0.30103\n" in text
+    assert text.startswith("\\data\\\nngram 1=12\nngram 2=17\n\n\\1-grams:\n") and text.endswith("\n\\end\\\n")
+
+
+#: Broken ARPA files: (the file's bytes, the error's text after "<file>: line <n>: ", the marker of that line).
+BAD_ARPAS = {
+    "not-arpa": (b"this is not a language model\n", "not an ARPA language model: expected the \\data\\ header",
+                 "this is"),
+    "no-data-header": (HAND_ARPA.replace("\\data\\\n", "").encode(),
+                       "not an ARPA language model: expected the \\data\\ header, found 'ngram 1=12'", "ngram 1="),
+    "truncated": (HAND_ARPA[:HAND_ARPA.index("-0.5\tTHE DOG")].encode(), "the file ends inside the 2-grams section",
+                  "THE CAT"),
+    "short-section": (HAND_ARPA.replace("-0.6\tCAT TODAY\n", "").encode(),
+                      "the 2-grams section ends after 16 entries; the header declares 17", "\\end\\"),
+    "bad-number": (HAND_ARPA.replace("-1.2\tDOG", "-1.2e\tDOG").encode(), "not a number", "DOG\t"),
+    "missing-word": (HAND_ARPA.replace("-0.5\tTHE DOG", "-0.5\tDOG").encode(), "a 2-gram entry is a log10 probability",
+                     "-0.5\tDOG"),
+    "case-clash": (HAND_ARPA.replace("ngram 1=12", "ngram 1=13").replace("-1.4\tTODAY\t-0.30103\n",
+                                                                       "-1.4\tTODAY\t-0.30103\n-1.5\tToday\t0\n").encode(),
+                   "'TODAY' and 'Today' are one word in lower case", "Today"),
+    "not-utf8": (b"\\data\\\nngram 1=1\n\n\\1-grams:\n-1\tcaf\xe9\n", "not UTF-8 text", "-1\t"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_ARPAS))
+def test_a_bad_arpa_is_one_error_naming_file_and_line(tmp_path, name):
+    content, message, marker = BAD_ARPAS[name]
+    path = tmp_path / f"{name}.arpa"
+    path.write_bytes(content)
+    line = content[:content.index(marker.encode())].count(b"\n") + 1
+    with pytest.raises(ArpaError) as err:
+        normalise_arpa(path, io.StringIO())
+    assert str(err.value).startswith(f"{path}: line {line}: {message}"), str(err.value)
+
+
+def test_empty_and_damaged_compressed_arpas_are_clear_errors(tmp_path):
+    (tmp_path / "empty.arpa").write_text("")
+    with pytest.raises(ArpaError, match=r"empty.arpa: not an ARPA language model: the file is empty"):
+        normalise_arpa(tmp_path / "empty.arpa", io.StringIO())
+    packed = gzip.compress(HAND_ARPA.encode())
+    (tmp_path / "cut.arpa.gz").write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(ArpaError, match=r"cut.arpa.gz: line \d+: cannot read on .*damaged or truncated"):
+        normalise_arpa(tmp_path / "cut.arpa.gz", io.StringIO())
+
+
+def _run_stage(stage, config: Path, value: str | None = None) -> list[Path]:
+    """Run one stage of the table as Snakemake and DVC would (its command line, in the working
+    directory); returns its declared outputs."""
+    cmd = _fill(" ".join(stage.argv(["--config", str(config)])), stage, {}).replace("${item}", value or "")
+    if stage.program == "b2txt":
+        assert main(shlex.split(cmd)[1:]) == 0, cmd
+    else:  # bash scripts/build_kenlm.sh, through a shell as both tools run it (~ in lm.kenlm_dir)
+        subprocess.run(cmd.replace("scripts/", f"{REPO}/scripts/"), shell=True, check=True, timeout=1800)
+    return [Path(_fill(o.path, stage, {}).replace("${item}", value or "")) for o in stage.outputs.values()]
+
+
+def _trials(path: Path, lexicon, sentences) -> Path:
+    """A logits file (as `b2txt infer` writes it) of clean simulated trials of ``sentences``."""
+    rng = np.random.default_rng(0)
+    ids = [lexicon.sentence_ids(s) for s in sentences]
+    rows = pd.DataFrame({"session": "t15.2023.08.11", "split": "val", "trial": range(len(sentences)), "block_num": 1,
+                         "trial_num": range(len(sentences)), "corpus": "Fortunes", "post_implant_day": 25,
+                         "sentence": list(sentences)})
+    write_logits(path, rows, [phoneme_logits(i, rng, peak=14.0) for i in ids], ids)
+    return path
+
+
+def test_own_upper_case_arpa_becomes_binary_and_graph_and_decodes(tmp_path, monkeypatch, kenlm_dir, lexicon):
+    """lm.source arpa: the table's LM stages (kenlm_tools, lm_import, lm_graph) run through the CLI
+    on a published-style ARPA make every output they declare, and both decoders read the result."""
+    monkeypatch.chdir(tmp_path)
+    Path("published.arpa").write_text(HAND_ARPA)
+    config = tmp_path / "byo.yaml"
+    config.write_text(yaml.safe_dump({"run": "byo", "lm": {"source": "arpa", "arpa": "published.arpa", "memory": MEM,
+                                                           "kenlm_dir": str(kenlm_dir)}}))
+    cfg = load_config(config)
+    table = lm_stages(cfg)
+    assert [s.name for s in table] == ["kenlm_tools", "lm_import", "lm_graph"]
+    for stage in table:
+        assert all(p.is_file() for p in _run_stage(stage, config)), stage.name
+    lm = Path(lm_dir(cfg))
+    assert lm == Path("results/byo/lm/imported")
+    manifest = json.loads(Path("results/byo/lm/kenlm_tools.json").read_text())
+    assert set(manifest["sha256"]) == {"lmplz", "build_binary"} and Path(manifest["bin"]) == kenlm_dir / "bin"
+
+    words = read_words(lm / "words.txt")  # the published convention: upper case
+    assert {"I", "SEE", "THE", "CAT", "TODAY"} <= set(words) and "cat" not in words
+    arpa = (lm / "lm.arpa").read_text()
+    assert arpa == arpa.lower() and read_arpa_counts(lm / "lm.arpa") == {1: 12, 2: 17}
+    model = kenlm.Model(str(lm / "lm.bin"))  # what the lexicon decoder loads: lower-case words
+    assert "cat" in model and "CAT" not in model
+    assert model.score("i see the cat") == pytest.approx(-0.35 - 0.3 - 0.1 - 0.5 - 0.2, abs=1e-5)
+    assert json.loads((lm / "graph.json").read_text())["graph_words"] == 9
+
+    trials = _trials(tmp_path / "val.hdf5", lexicon, HAND_SENTENCES)
+    for decoder in ("wfst", "lexicon"):
+        assert main(["decode", "--config", str(config), "--logits", str(trials), "--lm", str(lm),
+                     "--out", f"dec-{decoder}", "--decoder", decoder, "--workers", "1"]) == 0
+        decoded = pd.read_csv(f"dec-{decoder}/decoded.csv", keep_default_na=False)
+        assert decoded["decoded"].tolist() == list(HAND_SENTENCES), decoder
+
+
+def test_bad_or_missing_arpa_through_the_cli_names_it_and_writes_nothing(tmp_path, kenlm_dir, capsys):
+    bad = tmp_path / "lab.arpa"
+    bad.write_text(HAND_ARPA[:HAND_ARPA.index("-0.5\tTHE DOG")])  # truncated
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"lm": {"source": "arpa", "arpa": str(bad), "kenlm_dir": str(kenlm_dir)}}))
+    out = tmp_path / "imported"
+    assert main(["lm", "import", "--config", str(config), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    line = _line(HAND_ARPA, "THE CAT")
+    assert f"{bad}: line {line}: the file ends inside the 2-grams section" in err and "Traceback" not in err
+    assert list(out.iterdir()) == []  # no lm.arpa, no lm.bin, no temporary directory
+    assert main(["lm", "import", "--config", str(config), "--arpa", str(tmp_path / "none.arpa"), "--out",
+                 str(out)]) == 2
+    assert f"{tmp_path / 'none.arpa'}: --arpa: ARPA file not found" in capsys.readouterr().err
+
+
+#: A stand-in for SRILM's `ngram-count` (SRILM is in no package index: neither PyPI nor Debian has
+#: it): it records its arguments and writes, at `-lm FILE`, the hand-made ARPA in lower case.
+FAKE_NGRAM_COUNT = """#!{python}
+import sys
+from pathlib import Path
+args = sys.argv[1:]
+Path({log!r}).write_text(" ".join(args))
+Path(args[args.index("-lm") + 1]).write_text({arpa!r})
+"""
+
+
+def test_srilm_mode_makes_the_outputs_it_declares(tmp_path, monkeypatch, kenlm_dir, capsys):
+    """lm.tool srilm: ngram-count writes the ARPA, KenLM's build_binary the binary the stage
+    declares; without build_binary the stage stops before estimating and writes nothing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "ngram-count.args"
+    fake = bin_dir / "ngram-count"
+    fake.write_text(FAKE_NGRAM_COUNT.format(python=sys.executable, log=str(log), arpa=HAND_ARPA.lower()))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "srilm.yaml"
+    lm = {"tool": "srilm", "orders": [2], "decode_order": 2, "memory": MEM, "kenlm_dir": str(kenlm_dir)}
+    config.write_text(yaml.safe_dump({"run": "srilm", "lm": lm}))
+    table = {s.name: s for s in lm_stages(load_config(config))}
+    assert list(table) == ["kenlm_tools", "lm_text", "lm_ngram", "lm_graph"]
+    Path("results/srilm/lm").mkdir(parents=True)
+    Path("results/srilm/lm/text.txt").write_text("\n".join(HAND_SENTENCES) + "\n")  # what lm_text writes
+    for name in ("kenlm_tools", "lm_ngram", "lm_graph"):
+        outputs = _run_stage(table[name], config, "2")
+        assert outputs and all(p.is_file() for p in outputs), name
+    args = log.read_text().split()
+    assert args[:4] == ["-order", "2", "-text", "results/srilm/lm/text.txt"] and args[-3:] == ["-unk", "-map-unk", "<unk>"]
+    assert kenlm.Model("results/srilm/lm/2gram/lm.bin").score("we like the book today") == pytest.approx(
+        -0.35 - 0.3 - 0.1 - 0.5 - 0.4 - 0.1, abs=1e-5)
+
+    log.unlink()
+    config.write_text(yaml.safe_dump({"run": "srilm", "lm": {**lm, "kenlm_dir": str(tmp_path / "no-kenlm")}}))
+    assert main(["lm", "ngram", "--config", str(config), "--text", "results/srilm/lm/text.txt", "--order", "2",
+                 "--out", "elsewhere"]) == 2
+    assert "`build_binary` not found" in capsys.readouterr().err
+    assert not log.exists() and not Path("elsewhere").exists()

@@ -159,7 +159,7 @@ def test_existing_data_directory_skips_corpus_and_simulation(tmp_path, tiny_sim)
     project = make_project(tmp_path)
     r = run(["snakemake", "-n", "--cores", "1", "--config", f"data={{source: dir, dir: {tiny_sim}}}"], project)
     assert planned_rules(r.stdout) == {"validate", "preprocess", "train", "infer", "score", "figures",
-                                       "calibrate"} | LM_BUILD | DECODING
+                                       "calibrate", "kenlm_tools"} | LM_BUILD | DECODING
 
 
 def test_given_graph_directory_skips_the_lm_build(tmp_path, tiny_sim):

@@ -11,8 +11,8 @@ for DVC (``b2txt workflow dvc``), so both tools run the same commands with the s
 - a stage that reads config gets ``--config``: in Snakemake a file holding just its sections
   (named by content, so a change of those sections reruns it), in DVC the config files the
   pipeline was generated for (its ``params`` list the sections they set);
-- what only one tool has: Snakemake's thread count per job (``--workers``, ``--threads``), its logs,
-  ``ancient()`` and ``localrules``; DVC's ``persist`` and the stage's code in ``deps``: the modules
+- what only one tool has: Snakemake's thread count per job (``--workers``, ``--threads``), its logs
+  and ``localrules``; DVC's ``persist`` and the stage's code in ``deps``: the modules
   its command imports (:func:`code_deps`, from the import graph).
 
 The published models (``model.source: pretrained``) have their own DVC file,
@@ -66,8 +66,6 @@ class Output:
 @dataclass(frozen=True)
 class Input:
     path: str
-    ancient: bool = False  # Snakemake: a tool built once; its time does not trigger reruns
-    dvc: bool = True  # False: outside the repository and not a DVC output (the KenLM tools)
 
 
 @dataclass(frozen=True)
@@ -116,8 +114,7 @@ def stages(cfg: PipelineConfig) -> list[Stage]:
     """The pipeline's stages for this config, in order."""
     run, data = _run(cfg), cfg.data.dir
     simulated, pretrained = cfg.data.source == "simulated", cfg.model.source == "pretrained"
-    lm = f"{run}/lm"
-    decode_lm = cfg.lm.dir if cfg.lm.source == "dir" else f"{lm}/{cfg.lm.decode_order}gram"
+    decode_lm = lm_dir(cfg)
     model_dir = cfg.model.model_dir if pretrained else f"{run}/model"
     model_input = Input(cfg.model.dir if pretrained else f"{run}/model")
     train_env = "xla" if cfg.train.device == "xla" else "train"
@@ -175,32 +172,7 @@ def stages(cfg: PipelineConfig) -> list[Stage]:
                               **{n: Output(f"{scores}/{n}.csv") for n in ("per_session", "per_corpus", "trials")}},
                      params={"out": scores}, stdout_to_log=True))
 
-    if cfg.lm.source == "build":
-        tools = os.path.join(os.path.expanduser(cfg.lm.kenlm_dir), "bin")
-        if cfg.lm.tool == "kenlm":
-            out.append(Stage("kenlm_tools", ("scripts/build_kenlm.sh", "{params.dest}"),
-                             outputs={"lmplz": Output(f"{tools}/lmplz"), "build_binary": Output(f"{tools}/build_binary")},
-                             params={"dest": cfg.lm.kenlm_dir}, env="lm", program="bash", local=True))
-        out += [
-            Stage("lm_text", ("lm", "text", "--data", "{input.data}", "--out", "{output.text}"),
-                  inputs={"data": Input(data), **({"corpus": Input(cfg.lm.text)} if cfg.lm.text else {})},
-                  outputs={"text": Output(f"{lm}/text.txt"), "stats": Output(f"{lm}/text.json")},
-                  sections=("corpus", "lm"), env="lm"),
-            Stage("lm_ngram", ("lm", "ngram", "--text", "{input.text}", "--order", "{wildcards.order}",
-                               "--out", "{params.out}"),
-                  inputs={"text": Input(f"{lm}/text.txt"),
-                          **({"tools": Input(f"{tools}/lmplz", ancient=True, dvc=False)} if cfg.lm.tool == "kenlm"
-                             else {})},
-                  outputs={"arpa": Output(f"{lm}/{{order}}gram/lm.arpa"), "binary": Output(f"{lm}/{{order}}gram/lm.bin")},
-                  params={"out": f"{lm}/{{order}}gram"}, sections=("lm",), family="lm", env="lm",
-                  each=("order", tuple(str(o) for o in cfg.lm.orders))),
-            Stage("lm_graph", ("lm", "graph", "--arpa", "{input.arpa}", "--out", "{params.out}"),
-                  inputs={"arpa": Input(f"{lm}/{{order}}gram/lm.arpa")},
-                  outputs={"tlg": Output(f"{lm}/{{order}}gram/TLG.fst"), "words": Output(f"{lm}/{{order}}gram/words.txt"),
-                           "grammar": Output(f"{lm}/{{order}}gram/G.fst")},
-                  params={"out": f"{lm}/{{order}}gram"}, sections=("lm",), family="lm", env="lm",
-                  each=("order", tuple(str(o) for o in cfg.lm.orders))),
-        ]
+    out += lm_stages(cfg)
     graph = {"tlg": Input(f"{decode_lm}/TLG.fst"), "words": Input(f"{decode_lm}/words.txt")}
     kenlm = {"kenlm": Input(f"{decode_lm}/lm.bin")} if cfg.decode.decoder == "lexicon" else {}
     out += [
@@ -234,6 +206,64 @@ def stages(cfg: PipelineConfig) -> list[Stage]:
             params={"scores": scores, **({"calibration": f"{run}/calibration/calibration.csv"} if calibrate else {})},
             family="figures", env="figures"))
     return out
+
+
+def lm_dir(cfg: PipelineConfig) -> str:
+    """The LM directory decoding uses: lm.dir as given, the imported ARPA's, or the built decode_order's."""
+    if cfg.lm.source == "dir":
+        return cfg.lm.dir
+    lm = f"{_run(cfg)}/lm"
+    return f"{lm}/imported" if cfg.lm.source == "arpa" else f"{lm}/{cfg.lm.decode_order}gram"
+
+
+def _graph_stage(out: str, each: tuple[str, tuple[str, ...]] | None) -> Stage:
+    """``lm graph`` into the LM directory ``out`` (which holds lm.arpa), once or per order."""
+    return Stage("lm_graph", ("lm", "graph", "--arpa", "{input.arpa}", "--out", "{params.out}"),
+                 inputs={"arpa": Input(f"{out}/lm.arpa")},
+                 outputs={"tlg": Output(f"{out}/TLG.fst"), "words": Output(f"{out}/words.txt"),
+                          "grammar": Output(f"{out}/G.fst")},
+                 params={"out": out}, sections=("lm",), family="lm", env="lm", each=each)
+
+
+def lm_stages(cfg: PipelineConfig) -> list[Stage]:
+    """The stages that make the decoding LM: none for a given graph directory (``lm.source: dir``).
+
+    Both other sources make ``lm.bin`` with KenLM's ``build_binary`` (also from an SRILM or an
+    imported ARPA), so both start with ``kenlm_tools``. It builds the tools once outside the
+    repository (``lm.kenlm_dir``) and writes their checksums into ``kenlm_tools.json`` under the
+    run's results: that file is the stage's output and an input of the stages that run the tools,
+    the edge DVC (which tracks nothing outside the repository) and Snakemake both see. The tools
+    themselves are no declared output: Snakemake would delete them before rerunning the stage.
+    """
+    if cfg.lm.source == "dir":
+        return []
+    lm = f"{_run(cfg)}/lm"
+    tools = Input(f"{lm}/kenlm_tools.json")
+    out = [Stage("kenlm_tools", ("scripts/build_kenlm.sh", "{params.dest}", "--manifest", "{output.manifest}"),
+                 outputs={"manifest": Output(tools.path)}, params={"dest": cfg.lm.kenlm_dir}, env="lm",
+                 program="bash", local=True)]
+    if cfg.lm.source == "arpa":
+        imported = lm_dir(cfg)
+        return out + [
+            Stage("lm_import", ("lm", "import", "--out", "{params.out}"),  # reads lm.arpa: its errors name the field
+                  inputs={"arpa": Input(cfg.lm.arpa), "tools": tools},
+                  outputs={"arpa": Output(f"{imported}/lm.arpa"), "binary": Output(f"{imported}/lm.bin")},
+                  params={"out": imported}, sections=("lm",), family="lm", env="lm"),
+            _graph_stage(imported, None),
+        ]
+    orders = ("order", tuple(str(o) for o in cfg.lm.orders))
+    return out + [
+        Stage("lm_text", ("lm", "text", "--data", "{input.data}", "--out", "{output.text}"),
+              inputs={"data": Input(cfg.data.dir), **({"corpus": Input(cfg.lm.text)} if cfg.lm.text else {})},
+              outputs={"text": Output(f"{lm}/text.txt"), "stats": Output(f"{lm}/text.json")},
+              sections=("corpus", "lm"), env="lm"),
+        Stage("lm_ngram", ("lm", "ngram", "--text", "{input.text}", "--order", "{wildcards.order}",
+                           "--out", "{params.out}"),
+              inputs={"text": Input(f"{lm}/text.txt"), "tools": tools},
+              outputs={"arpa": Output(f"{lm}/{{order}}gram/lm.arpa"), "binary": Output(f"{lm}/{{order}}gram/lm.bin")},
+              params={"out": f"{lm}/{{order}}gram"}, sections=("lm",), family="lm", env="lm", each=orders),
+        _graph_stage(f"{lm}/{{order}}gram", orders),
+    ]
 
 
 #: Published language models (REFERENCE §1): the DVC stage key and the Dryad archive.
@@ -418,7 +448,7 @@ def _dvc_stage(stage: Stage, config_files: list[str], raw: list[dict[str, Any]],
     """One DVC stage (a ``foreach`` one when the stage runs per value)."""
     body: dict[str, Any] = {"wdir": wdir} if wdir else {}
     body["cmd"] = _fill(" ".join(stage.argv([x for f in config_files for x in ("--config", f)])), stage, values)
-    deps = [_fill(i.path, stage, values) for i in stage.inputs.values() if i.dvc]
+    deps = [_fill(i.path, stage, values) for i in stage.inputs.values()]
     body["deps"] = deps + [d for d in code_deps(stage) if d not in deps]
     params = [{f: [s for s in stage.sections if s in sections]} for f, sections in zip(config_files, raw)
               if any(s in sections for s in stage.sections)]
@@ -428,7 +458,7 @@ def _dvc_stage(stage: Stage, config_files: list[str], raw: list[dict[str, Any]],
     metrics: list[Any] = []
     for o in stage.outputs.values():
         path = _fill(o.path, stage, values)
-        if os.path.isabs(path):  # outside the repository (the KenLM tools): not DVC's to track
+        if os.path.isabs(path):  # outside the repository (an absolute data.dir or model.dir): not DVC's to track
             continue
         (metrics if o.metric else outs).append({path: {"persist": True}} if o.persist else path)
     if outs:

@@ -109,3 +109,49 @@ def template_graph(root: Path, lexicon, sentences: Sequence[str]) -> Path:
     write_arpa(root / "lm.arpa", sentences, order=2)
     build_graph(root / "lm.arpa", root / "graph", Lexicon({w: lexicon.pronunciations[w] for w in words}))
     return root / "graph"
+
+
+#: A bigram LM written by hand in the published LMs' style (REFERENCE §1, §4: made with SRILM,
+#: words in upper case, SRILM's lower-case ``<s>``/``</s>``/``<unk>``, a blank first line, tabs).
+#: Its sentences: :data:`HAND_SENTENCES`, and the like ("we see the dog").
+HAND_ARPA = """
+\\data\\
+ngram 1=12
+ngram 2=17
+
+\\1-grams:
+-99\t<s>\t-0.30103
+-1.0\t</s>
+-2.5\t<unk>
+-1.0\tI\t-0.30103
+-1.1\tWE\t-0.30103
+-1.0\tSEE\t-0.30103
+-1.1\tLIKE\t-0.30103
+-0.8\tTHE\t-0.30103
+-1.2\tCAT\t-0.30103
+-1.2\tDOG\t-0.30103
+-1.3\tBOOK\t-0.30103
+-1.4\tTODAY\t-0.30103
+
+\\2-grams:
+-0.35\t<s> I
+-0.35\t<s> WE
+-0.3\tI SEE
+-0.3\tI LIKE
+-0.3\tWE SEE
+-0.3\tWE LIKE
+-0.1\tSEE THE
+-0.1\tLIKE THE
+-0.5\tTHE CAT
+-0.5\tTHE DOG
+-0.5\tTHE BOOK
+-0.2\tCAT </s>
+-0.2\tDOG </s>
+-0.4\tBOOK </s>
+-0.4\tBOOK TODAY
+-0.6\tCAT TODAY
+-0.1\tTODAY </s>
+
+\\end\\
+"""
+HAND_SENTENCES = ("i see the cat", "we like the book today")

@@ -2,7 +2,7 @@
 # writes the same stages into dvc.yaml, so Snakemake and DVC run the same command lines: change a
 # stage there, not here. This file only adds what is Snakemake's own: the per-rule config file
 # (config_for), threads and resources from config `resources:` (common.smk), logs, the conda env
-# of the rule's family, ancient() tools, localrule, and the report.
+# of the rule's family, localrule, and the report.
 from b2txt.workflow import stages
 
 STAGES = stages(CFG)
@@ -43,7 +43,7 @@ def stage_rule(stage):
         name:
             stage.name
         input:
-            **{k: ancient(i.path) if i.ancient else i.path for k, i in stage.inputs.items()},
+            **{k: i.path for k, i in stage.inputs.items()},
         output:
             **{k: _output(o) for k, o in stage.outputs.items()},
         params:

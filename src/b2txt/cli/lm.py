@@ -1,4 +1,4 @@
-"""Language-model commands: ``lm text``, ``lm ngram``, ``lm graph`` and ``decode`` (in process)."""
+"""Language-model commands: ``lm text``, ``lm ngram``, ``lm import``, ``lm graph`` and ``decode`` (in process)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import time
 from pathlib import Path
 
 from ..ground.console import log
+from ..ground.errors import B2txtError
 from .common import Command, add_config, config_of, positive
 
 #: The ``lm`` group: its steps are the commands named ``lm STEP`` below.
-GROUP = ("lm", "build language models: `lm text`, `lm ngram`, `lm graph` (config: lm)",
-         "The language-model stages, in order: text (normalised, leakage-free LM text), ngram (KenLM lmplz + "
-         "build_binary, or SRILM), graph (TLG.fst + words.txt in the published layout).")
+GROUP = ("lm", "build language models: `lm text`, `lm ngram`, `lm import`, `lm graph` (config: lm)",
+         "The language-model stages, in order: text (normalised, leakage-free LM text), ngram (KenLM lmplz or "
+         "SRILM, then KenLM build_binary), graph (TLG.fst + words.txt in the published layout). `lm import` "
+         "takes an ARPA made elsewhere (lm.source: arpa) in place of text and ngram.")
 
 
 def run_lm_text(args: argparse.Namespace) -> int:
@@ -50,6 +52,28 @@ def lm_ngram_arguments(p: argparse.ArgumentParser) -> None:
     add_config(p, "lm")
     p.add_argument("--text", type=Path, required=True, metavar="TEXT")
     p.add_argument("--order", type=int, required=True, metavar="N")
+    p.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
+
+
+def run_lm_import(args: argparse.Namespace) -> int:
+    from ..lm.arpa import import_arpa
+
+    lm = config_of(args).lm
+    source, field = (args.arpa, "--arpa") if args.arpa is not None else (lm.arpa, "lm.arpa")
+    if source is None:
+        raise B2txtError("lm.arpa is not set: give the ARPA file as lm.arpa in the config (with lm.source: arpa) "
+                         "or as --arpa")
+    if not Path(source).is_file():
+        raise B2txtError(f"{source}: {field}: ARPA file not found")
+    t0 = time.perf_counter()
+    imported = import_arpa(source, args.out, memory=lm.memory, kenlm_dir=lm.kenlm_dir)
+    log(f"{args.out}: {imported.summary()} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def lm_import_arguments(p: argparse.ArgumentParser) -> None:
+    add_config(p, "lm")
+    p.add_argument("--arpa", type=Path, metavar="ARPA", help="the ARPA file (default: lm.arpa)")
     p.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
 
 
@@ -116,10 +140,18 @@ COMMANDS = (
             "JSON beside it (text.txt -> text.json).",
             lm_text_arguments, run_lm_text),
     Command("lm ngram", "estimate an n-gram LM (ARPA + KenLM binary) from LM text (config: lm)",
-            "Runs KenLM lmplz (always with -S lm.memory and -T; --discount_fallback; --prune from lm.prune) and "
-            "build_binary, or SRILM ngram-count with lm.tool: srilm. Writes OUT_DIR/lm.arpa, lm.bin (and "
-            "lm.unpruned.arpa when pruned). The KenLM tools come from scripts/build_kenlm.sh.",
+            "Estimates the ARPA with KenLM lmplz (always with -S lm.memory and -T; --discount_fallback; --prune "
+            "from lm.prune), or with SRILM ngram-count (lm.tool: srilm; on PATH), then its binary with KenLM "
+            "build_binary in both cases. Writes OUT_DIR/lm.arpa, lm.bin (and lm.unpruned.arpa when pruned). The "
+            "KenLM tools come from scripts/build_kenlm.sh.",
             lm_ngram_arguments, run_lm_ngram),
+    Command("lm import", "bring your own ARPA LM: checked, lower-cased, + KenLM binary (config: lm)",
+            "Reads the ARPA file lm.arpa (or --arpa; made by any tool: SRILM, KenLM, a published one; .gz, .bz2 "
+            ".xz too), checks it as it goes (a bad file is one error naming the file and line), lower-cases its "
+            "words (the lexicon's case; the graph's words.txt stays upper case, as published) and writes "
+            "OUT_DIR/lm.arpa and OUT_DIR/lm.bin (KenLM build_binary). `b2txt lm graph --out OUT_DIR` then "
+            "builds the decoding graph beside them.",
+            lm_import_arguments, run_lm_import),
     Command("lm graph", "build the decoding graph TLG.fst + words.txt from an ARPA LM",
             "CTC topology T over the 41 units in LM order, lexicon L (CMU dict, optional SIL after words), grammar "
             "G from the ARPA (kaldilm): TLG.fst, words.txt, tokens.txt, G.fst (+ G_no_prune.fst from "

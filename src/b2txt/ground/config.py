@@ -257,10 +257,14 @@ class InferConfig(Section):
 class LMConfig(Section):
     """n-gram language models and decoding graphs (REFERENCE §4), built by ``b2txt lm …``."""
 
-    source: Literal["build", "dir"] = Field(
-        "build", description="build: text -> n-gram -> graph here | dir: decode with the graph directory lm.dir")
+    source: Literal["build", "dir", "arpa"] = Field(
+        "build", description="build: text -> n-gram -> graph here | dir: decode with the graph directory lm.dir | "
+                             "arpa: import the ARPA file lm.arpa (made by any tool), then its binary and graph")
     dir: str | None = Field(None, description="with source dir: a graph directory (TLG.fst + words.txt), "
                                               "e.g. a published one unpacked by `b2txt download --dataset lm`")
+    arpa: str | None = Field(
+        None, description="with source arpa: an ARPA n-gram LM made by any tool (SRILM, KenLM, a lab's or a published "
+                          "one; .gz/.bz2/.xz read as such), checked and lower-cased into results/<run>/lm/imported/")
     text: str | None = Field(None, description="LM training text, one sentence per line (default: the corpus section's sources)")
     exclude_splits: list[Literal["train", "val", "test"]] = Field(
         default_factory=lambda: ["val", "test"],
@@ -269,9 +273,12 @@ class LMConfig(Section):
     orders: list[Annotated[int, Field(ge=1, le=9)]] = Field(default_factory=lambda: [1, 3], min_length=1)
     prune: dict[int, list[Annotated[int, Field(ge=0)]]] = Field(
         default_factory=dict, description="lmplz --prune thresholds per order, e.g. {5: [0, 0, 1, 1, 2]}")
-    tool: Literal["kenlm", "srilm"] = Field("kenlm", description="srilm needs ngram-count on PATH")
+    tool: Literal["kenlm", "srilm"] = Field(
+        "kenlm", description="the ARPA estimator: kenlm (lmplz) | srilm (ngram-count on PATH); lm.bin comes from "
+                             "KenLM's build_binary in both")
     memory: str = Field("20%", description="lmplz -S (never the default 80 % of RAM)")
-    kenlm_dir: str = Field("~/.cache/b2txt/kenlm", description="where scripts/build_kenlm.sh puts lmplz/build_binary")
+    kenlm_dir: str = Field("~/.cache/b2txt/kenlm", description="where scripts/build_kenlm.sh puts lmplz/build_binary "
+                                                              "(source build and arpa)")
     decode_order: int = Field(3, ge=1, le=9, description="the order the decode stage uses (must be in orders)")
     source_files: list[str] | None = Field(None, description="fortune files for the LM text (default: corpus.files)")
     sil_prob: float | None = Field(None, gt=0, lt=1, description="optional SIL after words: None free; p: costs -ln p / -ln(1-p)")
@@ -280,6 +287,8 @@ class LMConfig(Section):
     def _check(self) -> "LMConfig":
         if self.source == "dir" and not self.dir:
             raise ValueError("source dir needs lm.dir (a directory holding TLG.fst and words.txt)")
+        if self.source == "arpa" and not self.arpa:
+            raise ValueError("source arpa needs lm.arpa (the path of an ARPA language model file)")
         if self.decode_order not in self.orders:
             raise ValueError(f"decode_order {self.decode_order} is not in orders {self.orders}")
         for order, thresholds in self.prune.items():
@@ -374,7 +383,8 @@ class ResourcesConfig(Section):
     calibrate: RuleResources = Field(RuleResources(cpus=4, mem_mb=8000, runtime=60), description="calibrate")
     infer: RuleResources = Field(RuleResources(cpus=4, mem_mb=8000, runtime=60), description="infer (per split)")
     lm: RuleResources = Field(RuleResources(cpus=2, mem_mb=8000, runtime=120),
-                              description="lm_ngram, lm_graph (per order): memory grows with the order and vocabulary")
+                              description="lm_ngram, lm_graph (per order), lm_import: memory grows with the order and "
+                                          "vocabulary")
     decode: RuleResources = Field(RuleResources(cpus=8, mem_mb=8000, runtime=120),
                                   description="decode, evaluate (per split; evaluate runs redis-server and the LM "
                                               "server inside its job)")

@@ -3,7 +3,8 @@
 Modules, in pipeline order:
 
 - :mod:`b2txt.lm.text` — LM training text: normalise, keep lexicon words, ``<unk>`` for the rest.
-- :mod:`b2txt.lm.ngram` — n-gram estimation (KenLM ``lmplz`` + ``build_binary``; SRILM optional).
+- :mod:`b2txt.lm.ngram` — n-gram estimation (KenLM ``lmplz`` or SRILM ``ngram-count``; KenLM ``build_binary``).
+- :mod:`b2txt.lm.arpa` — an ARPA made elsewhere (SRILM, a published or a lab's LM): checked, lower-cased, binary.
 - :mod:`b2txt.lm.graph` — ``TLG.fst`` + ``words.txt`` (and ``G.fst``) with kaldifst + kaldilm,
   in the published layout and unit order.
 - :mod:`b2txt.lm.nbest` — the decoder interface: input checks, frame scores, :class:`NBest`,

@@ -1,7 +1,9 @@
 """n-gram estimation: KenLM ``lmplz`` (default) or SRILM ``ngram-count`` -> ARPA, and KenLM binaries.
 
 KenLM's tools are not on PyPI or in Debian: ``scripts/build_kenlm.sh`` builds them once into
-``LMConfig.kenlm_dir/bin`` (default ``~/.cache/b2txt/kenlm/bin``); PATH is the fallback.
+``LMConfig.kenlm_dir/bin`` (default ``~/.cache/b2txt/kenlm/bin``); PATH is the fallback. The
+binary ``lm.bin`` is always KenLM's ``build_binary``, also of an SRILM ARPA (and of an imported
+one, :mod:`b2txt.lm.arpa`). SRILM itself is in no package index: ``ngram-count`` must be on PATH.
 
 Measured pitfalls handled here (FIELD-NOTES §KenLM):
 
@@ -50,7 +52,7 @@ class NgramFiles:
 
     order: int
     arpa: Path  # lm.arpa: the LM the decoding graph uses (pruned when pruning is configured)
-    binary: Path | None  # KenLM trie binary of ``arpa`` (None for SRILM without KenLM)
+    binary: Path | None  # KenLM trie binary of ``arpa`` (None only when not asked for)
     unpruned_arpa: Path | None  # only when pruned: the full LM, for G_no_prune.fst rescoring
 
 
@@ -284,21 +286,19 @@ def read_arpa_counts(arpa: str | Path) -> dict[int, int]:
 def build_ngram(text: str | Path, out_dir: str | Path, order: int, *, prune: Sequence[int] | None = None,
                 memory: str = "20%", kenlm_dir: str | Path | None = DEFAULT_KENLM_DIR,
                 tool: str = "kenlm", binary: bool = True) -> NgramFiles:
-    """One order of the ``lm ngram`` stage: ``lm.arpa`` + ``lm.bin`` (+ ``lm.unpruned.arpa`` if pruned)."""
+    """One order of the ``lm ngram`` stage: ``lm.arpa`` + ``lm.bin`` (+ ``lm.unpruned.arpa`` if pruned).
+
+    ``lm.bin`` is KenLM's ``build_binary`` whichever ``tool`` estimated the ARPA (the stage
+    declares it in both modes), so a missing ``build_binary`` stops the build before estimating.
+    """
     arpa, bin_path, unpruned = ngram_paths(out_dir)
     thresholds = check_prune(order, prune)
+    if binary:
+        find_tool("build_binary", kenlm_dir)
     estimate_arpa(text, arpa, order, prune=thresholds, memory=memory, kenlm_dir=kenlm_dir, tool=tool)
     if thresholds:
         estimate_arpa(text, unpruned, order, prune=None, memory=memory, kenlm_dir=kenlm_dir, tool=tool)
     elif unpruned.exists():
         unpruned.unlink()  # stale from an earlier pruned build
-    made_binary: Path | None = None
-    if binary:
-        try:
-            find_tool("build_binary", kenlm_dir)
-        except ToolError:
-            if tool == "kenlm":
-                raise
-        else:  # with SRILM the binary is a bonus when KenLM is there too
-            made_binary = build_binary(arpa, bin_path, memory=memory, kenlm_dir=kenlm_dir)
+    made_binary = build_binary(arpa, bin_path, memory=memory, kenlm_dir=kenlm_dir) if binary else None
     return NgramFiles(order, arpa, made_binary, unpruned if thresholds else None)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers.dryad_server import DATA_DOI, LM_DOI, Blob, FakeDryad, tar_gz_bytes, zip_bytes
+from helpers.http_store import http_store
 from helpers.project import ROOT, init_dvc, make_project, ran_stages, regenerate_dvc, run
 
 from b2txt.cli import main
@@ -186,3 +187,40 @@ def test_damaged_downloads_from_dryad_are_refused_and_leave_nothing(dryad, tmp_p
     dryad.datasets[DATA_DOI][MODEL_ZIP] = Blob(good)
     pin(dryad, repo, MODEL_ZIP)
     assert (repo / PINS / MODEL_ZIP).read_bytes() == good and status_clean(repo, f"{PINS}/{MODEL_ZIP}.dvc")
+
+
+@pytest.mark.slow
+def test_team_shares_through_an_http_remote_and_damaged_objects_are_refused(dryad, tmp_path):
+    files = published(dryad)
+    names = (MODEL_ZIP, LM_3GRAM)
+    with http_store(tmp_path / "www") as store:
+        alice = repository(tmp_path / "alice", f"{store.url}/dvc")
+        pin(dryad, alice, *names)
+        run(GIT + ["add", "-A"], alice)
+        run(GIT + ["commit", "-q", "-m", "pins and the team remote"], alice)
+        run(["dvc", "push"], alice)
+        assert {m for m, _ in store.uploads} == {"POST"}  # DVC's http remote uploads with POST by default
+        assert sorted(p.name for p in store.files()) == sorted(md5(files[n])[2:] for n in names)
+
+        bob = tmp_path / "bob"
+        run(GIT + ["clone", "-q", str(alice), str(bob)], tmp_path)
+        run(["dvc", "pull"] + [f"{PINS}/{n}.dvc" for n in names], bob)
+        assert all((bob / PINS / n).read_bytes() == files[n] for n in names)
+        assert status_clean(bob, *[f"{PINS}/{n}.dvc" for n in names])
+        (bob / "notes.txt").write_text("shared by bob\n")  # bob shares a file of his own, with PUT
+        run(["dvc", "add", "-q", "notes.txt"], bob)
+        run(["dvc", "remote", "modify", "--local", "team", "method", "PUT"], bob)
+        run(["dvc", "push", "notes.txt.dvc"], bob)
+        assert store.uploads[-1][0] == "PUT"
+
+        model = store.root / "dvc/files/md5" / md5(files[MODEL_ZIP])[:2] / md5(files[MODEL_ZIP])[2:]
+        lm = store.root / "dvc/files/md5" / md5(files[LM_3GRAM])[:2] / md5(files[LM_3GRAM])[2:]
+        data = model.read_bytes()
+        model.write_bytes(bytes([data[0] ^ 1]) + data[1:])  # a flipped bit on the server
+        lm.write_bytes(lm.read_bytes()[:-40])  # a truncated upload
+        carol = tmp_path / "carol"
+        run(GIT + ["clone", "-q", str(alice), str(carol)], tmp_path)
+        r = run(["dvc", "pull"] + [f"{PINS}/{n}.dvc" for n in names], carol, check=False)
+        assert r.returncode != 0
+        assert not any((carol / PINS / n).exists() for n in names)
+        assert not cache_objects(carol)

@@ -118,6 +118,13 @@ def test_a_file_without_an_md5_from_dryad_cannot_be_pinned_without_downloading(d
     assert not list(tmp_path.iterdir())
 
 
+def test_downloading_outside_a_dvc_repository_is_one_clear_error(dryad, tmp_path, capsys):
+    published(dryad)
+    assert main(["dvc-pin", "--api-root", dryad.url, "--out", str(tmp_path / "pins"), "--files", MODEL_ZIP]) == 2
+    assert "not inside of a DVC repository" in capsys.readouterr().err
+    assert not (tmp_path / "pins").exists() and not dryad.blob_requests(MODEL_ZIP)
+
+
 def test_unpack_makes_the_archives_directory(tmp_path, capsys):
     archive = tmp_path / LM_3GRAM
     archive.write_bytes(tar_gz_bytes({"languageModel/words.txt": b"<eps> 0\n"}))

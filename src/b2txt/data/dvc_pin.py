@@ -145,9 +145,12 @@ class DvcRepo:
 
     @classmethod
     def around(cls, path: Path) -> "DvcRepo":
-        """The DVC repository holding ``path`` (``dvc root``) and its cache directory (``dvc cache dir``)."""
-        root = (path / run_dvc(["root"], path)).resolve()
-        return cls(root, Path(run_dvc(["cache", "dir"], path)).resolve())
+        """The DVC repository holding ``path`` (which need not exist yet): ``dvc root`` and ``dvc cache dir``."""
+        here = Path(path).absolute()
+        while not here.is_dir():
+            here = here.parent
+        root = (here / run_dvc(["root"], here)).resolve()
+        return cls(root, Path(run_dvc(["cache", "dir"], here)).resolve())
 
     def object(self, md5: str) -> Path:
         """Where DVC 3 keeps a file with this md5 (``hash: md5``)."""
@@ -219,8 +222,8 @@ def pin_files(datasets: list[str], out_dir: str | Path, names: list[str] | None 
     if unknown and not download:
         raise DownloadError(f"{', '.join(unknown)}: Dryad lists no md5 digest, and DVC pins by md5: these must be "
                             "downloaded to be pinned (leave out --no-download)")
-    out_dir.mkdir(parents=True, exist_ok=True)
     repo = DvcRepo.around(out_dir) if download else None
+    out_dir.mkdir(parents=True, exist_ok=True)
     state = {f.path: "pin only" for f in files}
     if repo is not None:
         state = {f.path: "in the DVC cache" if md5s[f.path] and repo.has(md5s[f.path], f.size) else "to download"

@@ -72,7 +72,10 @@ def _handler(store: HttpStore) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             if not head:
                 with open(path, "rb") as f:
-                    shutil.copyfileobj(f, self.wfile)
+                    try:
+                        shutil.copyfileobj(f, self.wfile)
+                    except (BrokenPipeError, ConnectionResetError):  # DVC reads the start of a file, then hangs up
+                        self.close_connection = True
 
         def do_GET(self) -> None:  # noqa: N802
             self._serve(head=False)

@@ -3,7 +3,8 @@
 The server of tests/test_download.py serves the tiny simulated data as the published data zip and
 a checkpoint in the published layout (``t15_pretrained_rnn_baseline/checkpoint/best_checkpoint``
 + ``args.yaml``) built here; Snakemake and `dvc repro pretrained/dvc.yaml` then run the same
-stages the README documents for the real Dryad files, without training.
+stages the README documents for the real Dryad files, without training (DVC from the archives
+`b2txt dvc-pin` pinned, Snakemake through its fetch_model rule).
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ def fast_download(dryad) -> dict:
 def test_pretrained_plan_skips_training_calibration_and_figures(tmp_path):
     project = make_project(tmp_path)
     r = run(["snakemake", "-n", "--cores", "1", "--config", "model={source: pretrained}"], project)
-    assert planned_rules(r.stdout) == {"corpus", "data", "validate", "preprocess", "download_model", "infer",
-                                       "score", "decode", "score_words", "evaluate"} | LM_BUILD
+    assert planned_rules(r.stdout) == {"corpus", "data", "validate", "preprocess", "fetch_model", "unpack_model",
+                                       "infer", "score", "decode", "score_words", "evaluate"} | LM_BUILD
     r = run(["snakemake", "-n", "--cores", "1", "--config", "data={source: dryad, dir: data/pretrained}",
              "model={source: pretrained}"], project, check=False)
     assert r.returncode != 0 and "must not contain each other" in r.stdout + r.stderr
@@ -93,8 +94,8 @@ def test_snakemake_downloads_data_and_published_model_then_infers(tmp_path, tiny
     configure(project, data={"source": "dryad", "dir": "data/dryad"}, model={"source": "pretrained"},
               download=fast_download(dryad))
     r = run(["snakemake", "-n", "--cores", "1"], project)
-    assert planned_rules(r.stdout) == {"data", "download_model", "validate", "preprocess", "infer", "score",
-                                       "decode", "score_words", "evaluate"} | LM_BUILD
+    assert planned_rules(r.stdout) == {"data", "fetch_model", "unpack_model", "validate", "preprocess", "infer",
+                                       "score", "decode", "score_words", "evaluate"} | LM_BUILD
     target = f"{RUN}/scores/val/metrics.json"
     run(["snakemake", "--cores", "1", target, f"{RUN}/logits/test.hdf5"], project)
     assert sorted(p.name for p in (project / "data/dryad" / DATA_SUBDIR).iterdir()) == sessions
@@ -106,19 +107,22 @@ def test_snakemake_downloads_data_and_published_model_then_infers(tmp_path, tiny
     assert "Nothing to be done" in r.stdout + r.stderr
 
 
-def test_dvc_repro_of_the_pretrained_pipeline_fetches_instead_of_training(tmp_path, tiny_sim, dryad):
+def test_dvc_repro_of_the_pretrained_pipeline_unpacks_the_pinned_model_instead_of_training(tmp_path, tiny_sim, dryad):
     serve(dryad, tiny_sim)
     project = make_project(tmp_path)
     configure(project, download=fast_download(dryad))
     regenerate_dvc(project, pretrained=True)
     init_dvc(project)
+    run(["b2txt", "dvc-pin", "--api-root", dryad.url, "--files", MODEL_ZIP, "languageModel.tar.gz"], project)
+    requests = len(dryad.requests)
     r = run(["dvc", "repro", "pretrained/dvc.yaml:score"], project)
-    assert ran_stages(r.stdout) == {"corpus", "data", "validate", "preprocess", "pretrained/dvc.yaml:download_model",
+    assert ran_stages(r.stdout) == {"corpus", "data", "validate", "preprocess", "pretrained/dvc.yaml:unpack_model",
                       "pretrained/dvc.yaml:infer@val", "pretrained/dvc.yaml:score"}
     assert (project / RUN / "pretrained/scores/val/metrics.json").is_file()
     assert not (project / RUN / "model").exists()
-    run(["dvc", "repro", "pretrained/dvc.yaml:download_lm@3gram"], project)
+    run(["dvc", "repro", "pretrained/dvc.yaml:unpack_lm@3gram"], project)
     assert (project / "data/published-lm/3gram/languageModel/words.txt").read_bytes() == b"<eps> 0\n"
+    assert len(dryad.requests) == requests  # the stages read the pinned archives: nothing downloaded again
     assert "up to date" in run(["dvc", "status", "pretrained/dvc.yaml:score"], project).stdout.lower()
 
 

@@ -13,7 +13,9 @@ for DVC (``b2txt workflow dvc``), so both tools run the same commands with the s
   pipeline was generated for (its ``params`` list the sections they set);
 - what only one tool has: Snakemake's thread count per job (``--workers``, ``--threads``), its logs
   and ``localrules``; DVC's ``persist`` and the stage's code in ``deps``: the modules
-  its command imports (:func:`code_deps`, from the import graph).
+  its command imports (:func:`code_deps`, from the import graph);
+- a published archive (the checkpoint) is a Snakemake rule's download (``snakemake_only``), and in DVC
+  a file pinned by ``b2txt dvc-pin`` that ``dvc pull`` brings, checked; both unpack it in the same stage.
 
 The published models (``model.source: pretrained``) have their own DVC file,
 :func:`pretrained_dvc_yaml` (outputs under ``results/<run>/pretrained/``), beside the trained
@@ -87,6 +89,7 @@ class Stage:
     local: bool = False  # Snakemake localrules: the submitting host (network, compilers)
     stdout_to_log: bool = False  # the command prints its result on stdout
     starts: tuple[str, ...] = ()  # b2txt commands it runs as child processes (code it depends on too)
+    snakemake_only: bool = False  # DVC has no such stage: its output is a file `b2txt dvc-pin` pins (dvc pull)
 
     @property
     def _words(self) -> int:
@@ -138,11 +141,16 @@ def stages(cfg: PipelineConfig) -> list[Stage]:
               outputs={"manifest": Output(f"{run}/manifest.csv")}),
     ]
     manifest = Input(f"{run}/manifest.csv")
-    if pretrained:
-        out.append(Stage("download_model", ("download", "--dataset", "data", "--files", "{params.file}",
-                                            "--out", "{output.model}"),
-                         outputs={"model": Output(cfg.model.dir, directory=True, persist=True)},
-                         params={"file": cfg.model.file}, sections=("download",), local=True))
+    if pretrained:  # the published archive: pinned for DVC (`b2txt dvc-pin`), fetched by Snakemake; unpacked
+        archive = f"{cfg.download.archive_dir.rstrip('/')}/{cfg.model.file}"
+        out += [
+            Stage("fetch_model", ("download", "--dataset", "data", "--files", "{params.file}", "--no-unpack",
+                                  "--out", "{params.dir}"),
+                  outputs={"archive": Output(archive)}, params={"file": cfg.model.file, "dir": cfg.download.archive_dir},
+                  sections=("download",), local=True, snakemake_only=True),
+            Stage("unpack_model", ("unpack", "{input.archive}", "--out", "{output.model}"),
+                  inputs={"archive": Input(archive)}, outputs={"model": Output(cfg.model.dir, directory=True)}),
+        ]
     else:
         nproc = max(1, cfg.resources.train.gpus)  # one process per GPU
         out.append(Stage("train", ("train", "--data", "{input.data}", "--manifest", "{input.manifest}",
@@ -270,12 +278,12 @@ def lm_stages(cfg: PipelineConfig) -> list[Stage]:
 PUBLISHED_LMS = {"3gram": "languageModel.tar.gz", "5gram": "languageModel_5gram.tar.gz"}
 
 
-def published_lm_stage() -> Stage:
-    """The published language models, downloaded (DVC's pretrained file runs it per model: ``{lm}``
-    is the key of :data:`PUBLISHED_LMS`, ``{lm_file}`` its archive)."""
-    return Stage("download_lm", ("download", "--dataset", "lm", "--files", "{params.file}", "--out", "{output.lm}"),
-                 outputs={"lm": Output("data/published-lm/{lm}", directory=True, persist=True)},
-                 params={"file": "{lm_file}"}, sections=("download",), local=True)
+def published_lm_stage(cfg: PipelineConfig) -> Stage:
+    """A published language model, unpacked from its pinned archive (DVC's pretrained file runs it per
+    model: ``{lm}`` is the key of :data:`PUBLISHED_LMS`, ``{lm_file}`` its archive)."""
+    return Stage("unpack_lm", ("unpack", "{input.archive}", "--out", "{output.lm}"),
+                 inputs={"archive": Input(f"{cfg.download.archive_dir.rstrip('/')}/{{lm_file}}")},
+                 outputs={"lm": Output("data/published-lm/{lm}", directory=True)})
 
 
 # ----------------------------------------------------------------------------- code dependencies
@@ -482,7 +490,8 @@ def dvc_yaml(config_files: list[str], root: Path = Path(".")) -> str:
     cfg, raw = _load_stack(config_files, root)
     doc: dict[str, Any] = {"stages": {}}
     for stage in stages(cfg):
-        doc["stages"][stage.name] = _dvc_stage(stage, config_files, raw, {})
+        if not stage.snakemake_only:
+            doc["stages"][stage.name] = _dvc_stage(stage, config_files, raw, {})
     run = _run(cfg)
     doc["plots"] = [
         {f"{run}/scores/val/per_session.csv": {"x": "post_implant_day", "y": "PER",
@@ -495,10 +504,11 @@ def dvc_yaml(config_files: list[str], root: Path = Path(".")) -> str:
 
 
 def pretrained_dvc_yaml(config_files: list[str], root: Path = Path(".")) -> str:
-    """pretrained/dvc.yaml: the published checkpoint instead of training (``download_model`` -> ``infer`` ->
+    """pretrained/dvc.yaml: the published checkpoint instead of training (``unpack_model`` -> ``infer`` ->
     ``score``, outputs under ``results/<run>/pretrained/``, data and manifest from dvc.yaml), and the
-    published language models (``download_lm@3gram``, ``@5gram``). Paths relative to the repository
-    root (``wdir: ..``)."""
+    published language models (``unpack_lm@3gram``, ``@5gram``). The archives are files that
+    ``b2txt dvc-pin`` pinned (``dvc pull`` brings them), not outputs of a stage. Paths relative to
+    the repository root (``wdir: ..``)."""
     cfg, raw = _load_stack(config_files, root)
     run = _run(cfg)
     published = cfg.model_copy(update={"model": cfg.model.model_copy(update={"source": "pretrained"})})
@@ -512,12 +522,12 @@ def pretrained_dvc_yaml(config_files: list[str], root: Path = Path(".")) -> str:
 
     doc: dict[str, Any] = {"stages": {}}
     for stage in stages(published):
-        if stage.name in ("download_model", "infer", "score"):
+        if stage.name in ("unpack_model", "infer", "score"):
             stage = replace(stage, inputs={k: replace(v, path=move(v.path)) for k, v in stage.inputs.items()},
                             outputs={k: replace(v, path=move(v.path)) for k, v in stage.outputs.items()},
                             params={k: move(v) for k, v in stage.params.items()})
             doc["stages"][stage.name] = _dvc_stage(stage, config_files, raw, {}, wdir="..")
-    lm = published_lm_stage()
+    lm = published_lm_stage(published)
     doc["stages"][lm.name] = {"foreach": dict(PUBLISHED_LMS),
                               "do": _dvc_stage(lm, config_files, raw, {"lm": "${key}", "lm_file": "${item}"}, "..")}
     args = "".join(f" --config {f}" for f in config_files)

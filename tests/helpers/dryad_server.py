@@ -26,7 +26,8 @@ DATA_DOI, LM_DOI = DATASETS["data"], DATASETS["lm"]
 @dataclass
 class Blob:
     data: bytes
-    digest: str | None = None  # what the API claims; the right md5 when None
+    digest: str | None = None  # what the API claims; the right one (of digest_type) when None
+    digest_type: str = "md5"  # as the API names it ("md5", "sha-256")
     drop_after: int | None = None  # close the connection after this many body bytes, once
     ignore_range: bool = False
     status: int = 200
@@ -93,8 +94,8 @@ def _handler(state: FakeDryad) -> type[BaseHTTPRequestHandler]:
                     blob = state.datasets[d][name]
                     entries.append({
                         "path": name, "size": blob.size or len(blob.data), "mimeType": "application/octet-stream",
-                        "status": "created", "digestType": "md5",
-                        "digest": blob.digest or hashlib.md5(blob.data).hexdigest(),
+                        "status": "created", "digestType": blob.digest_type,
+                        "digest": blob.digest or hashlib.new(blob.digest_type.replace("-", ""), blob.data).hexdigest(),
                         "_links": {"stash:download": {"href": f"/api/v2/files/{fid}/download"}}})
                 page = int(query.get("page", ["1"])[0])
                 chunk = entries[(page - 1) * state.per_page: page * state.per_page]

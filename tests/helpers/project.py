@@ -8,6 +8,7 @@ without flags.
 
 from __future__ import annotations
 
+import configparser
 import os
 import re
 import shutil
@@ -73,9 +74,14 @@ def configure(project: Path, **sections) -> None:
 
 
 def init_dvc(project: Path, *git: str) -> None:
+    """git and DVC in the project, with the repository's own cache settings (.dvc/config: outputs
+    linked from the cache), so the stages run as they do for users; no remote (tests add their own)."""
     run([*(git or ("git",)), "init", "-q"], project)
     run(["dvc", "init", "-q"], project)
     run(["dvc", "config", "core.analytics", "false"], project)
+    committed = configparser.ConfigParser()
+    committed.read(ROOT / ".dvc" / "config")
+    run(["dvc", "config", "cache.type", committed["cache"]["type"]], project)
 
 
 def planned_rules(out: str) -> set[str]:

@@ -1,4 +1,5 @@
-"""Data commands: ``corpus``, ``simulate``, ``download``, ``data``, ``validate``, ``preprocess``."""
+"""Data commands: ``corpus``, ``simulate``, ``download``, ``dvc-pin``, ``unpack``, ``data``, ``validate``,
+``preprocess``."""
 
 from __future__ import annotations
 
@@ -58,12 +59,11 @@ def simulate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_download(args: argparse.Namespace) -> int:
-    from ..data.dryad_api import DATASETS, HttpOptions
+    from ..data.dryad_api import DATASETS
     from ..data.fetch import download, partial_dir_for
 
     d = config_of(args).download
-    options = HttpOptions(timeout_s=args.timeout if args.timeout is not None else d.timeout_s,
-                          retries=args.retries if args.retries is not None else d.retries)
+    options = _http_options(args, d)
     datasets = list(DATASETS) if args.dataset == "all" else [args.dataset]
     made = download(datasets, args.out, args.files or d.files, args.api_root or d.api_root, options,
                     unpack=not args.no_unpack, list_only=args.list, dois=d.datasets, log=log,
@@ -88,6 +88,68 @@ def download_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-unpack", action="store_true", help="keep archives packed")
     p.add_argument("--retries", type=int, metavar="N", help="retries of a broken transfer (default: download.retries)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-request timeout (default: download.timeout_s)")
+
+
+def _http_options(args: argparse.Namespace, d):
+    from ..data.dryad_api import HttpOptions
+
+    return HttpOptions(timeout_s=args.timeout if args.timeout is not None else d.timeout_s,
+                       retries=args.retries if args.retries is not None else d.retries)
+
+
+def run_dvc_pin(args: argparse.Namespace) -> int:
+    from ..data.dryad_api import DATASETS
+    from ..data.dvc_pin import pin_files
+
+    d = config_of(args).download
+    out = args.out or Path(d.archive_dir)
+    datasets = list(DATASETS) if args.dataset == "all" else [args.dataset]
+    pins = pin_files(datasets, out, args.files, args.api_root or d.api_root, _http_options(args, d),
+                     download=not args.no_download, force=args.force, dois=d.datasets, log=log,
+                     partial_dir=args.partial_dir or d.partial_dir)
+    names = " ".join(str(p) for p in pins)
+    log(f"{len(pins)} pins in {out}{'' if args.no_download else ', their files checked out from the DVC cache'}.\n"
+        f"Commit them: git add {out / '.gitignore'} {names} && git commit; then `dvc push` shares the files "
+        "through the DVC remote and collaborators `dvc pull` them.")
+    return 0
+
+
+def dvc_pin_arguments(p: argparse.ArgumentParser) -> None:
+    add_config(p, "download")
+    p.add_argument("--dataset", choices=["data", "lm", "all"], default="all",
+                   help="data: neural data, pickles and pretrained RNN; lm: language models; all: both (default)")
+    p.add_argument("--files", nargs="+", metavar="NAME",
+                   help="only these files (names as Dryad lists them; default: every file of the datasets)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="where the pins (NAME.dvc) and the files go, inside a DVC repository "
+                        "(default: download.archive_dir, data/published)")
+    p.add_argument("--no-download", action="store_true",
+                   help="only write the pins, from the API listing (no dvc needed); `dvc pull` then needs a "
+                        "remote that holds the files")
+    p.add_argument("--force", action="store_true", help="replace .dvc files that `b2txt dvc-pin` did not write")
+    p.add_argument("--api-root", metavar="URL", help="Dryad API root (default: download.api_root)")
+    p.add_argument("--partial-dir", type=Path, metavar="DIR",
+                   help="where partial downloads collect (default: download.partial_dir, else .dvc/tmp/b2txt-partial)")
+    p.add_argument("--retries", type=int, metavar="N", help="retries of a broken transfer (default: download.retries)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-request timeout (default: download.timeout_s)")
+
+
+def run_unpack(args: argparse.Namespace) -> int:
+    from ..ground.archive import is_archive, unpack_archive
+
+    for archive in args.archives:
+        if not archive.is_file():
+            raise B2txtError(f"{archive}: no such archive (`dvc pull {archive}.dvc` brings a pinned one)")
+        if not is_archive(archive.name):
+            raise B2txtError(f"{archive}: not a .zip, .tar.gz, .tgz or .tar archive")
+    for archive in args.archives:
+        unpack_archive(archive, args.out, log)
+    return 0
+
+
+def unpack_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("archives", type=Path, nargs="+", metavar="ARCHIVE", help="zip or tar(.gz) archives")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to unpack into")
 
 
 def run_data(args: argparse.Namespace) -> int:
@@ -176,6 +238,22 @@ COMMANDS = (
             "zip/tar archives atomically into OUT (hdf5_data_final/, t15_pretrained_rnn_baseline/, ...). "
             "Running it again skips what is already there and checked.",
             download_arguments, run_download),
+    Command("dvc-pin", "pin published Dryad files in DVC (md5 and size from Dryad) for `dvc pull`",
+            "List the files through the Dryad API (dataset -> last version -> files) and write one OUT/NAME.dvc "
+            "per file: the md5 and size Dryad lists (under meta: the DOI, download URL and digest), as `dvc add` "
+            "would record it, plus OUT/.gitignore entries. Unless --no-download, each file not yet in the DVC cache "
+            "is downloaded (resumable, checked against size and digest; a mismatch is deleted, nothing is left "
+            "at the target), moved into the DVC cache and checked out. Commit the .dvc files and `dvc push`: "
+            "collaborators then `dvc pull OUT/NAME.dvc`, checked against the md5 where the remote has verify = true "
+            "(the committed default remote has). "
+            "DVC never fetches these from Dryad itself: its import-url files would fetch without any check.",
+            dvc_pin_arguments, run_dvc_pin),
+    Command("unpack", "unpack zip/tar archives atomically (the pinned published model and LMs)",
+            "Unpack each ARCHIVE into DIR: X.zip or X.tar.gz becomes DIR/X/ (t15_copyTask_neuralData.zip: "
+            "DIR/hdf5_data_final/), whether or not the archive wraps its content in that directory. Extraction "
+            "happens in a hidden staging directory and only a complete tree is renamed into place; absolute "
+            "paths, '..', links and devices are refused. The pretrained stages unpack what `dvc pull` brings.",
+            unpack_arguments, run_unpack),
     Command("data", "the data set config data.source names: simulated, downloaded or used as it is",
             "data.source simulated: as `b2txt simulate`; dryad: as `b2txt download --dataset data` (download.files, "
             "partial files in OUT.partial unless download.partial_dir says otherwise); dir: OUT must already hold "

@@ -154,16 +154,12 @@ def _fetch_once(rf: RemoteFile, part: Path, options: HttpOptions, bar) -> None:
             os.fsync(dst.fileno())
 
 
-def fetch_file(rf: RemoteFile, out_dir: Path, options: HttpOptions = HttpOptions(), log: Log = print,
-               partial_dir: Path | None = None) -> Path:
-    """Download ``rf`` into ``out_dir`` (resuming any partial bytes) and check size and digest.
+def fetch_checked(rf: RemoteFile, part: Path, options: HttpOptions = HttpOptions(), log: Log = print) -> Path:
+    """Download ``rf`` into ``part`` (resuming the bytes already there) and check size and digest.
 
-    A digest mismatch deletes the downloaded bytes and raises; only a checked file is renamed
-    to ``<out>/<name>``.
+    Returns ``part``, now holding exactly the listed file; a size or digest mismatch deletes the
+    bytes and raises. The caller moves the checked file where it belongs.
     """
-    out_dir = Path(out_dir)
-    final = out_dir / rf.path
-    part = partial_path(out_dir, rf, partial_dir)
     part.parent.mkdir(parents=True, exist_ok=True)
     have = part.stat().st_size if part.exists() else 0
     if have:
@@ -188,12 +184,31 @@ def fetch_file(rf: RemoteFile, out_dir: Path, options: HttpOptions = HttpOptions
         part.unlink()
         raise DownloadError(f"{rf.path}: {rf.digest_type} digest {digest} does not match the API's {rf.digest} "
                             f"(from {rf.url}); the download was deleted and nothing was unpacked")
-    if part.stat().st_dev == out_dir.stat().st_dev:
-        os.replace(part, final)
-    else:  # a partial directory on another file system: copy, then rename within out_dir
-        with atomic_file(final) as tmp:
-            shutil.copyfile(part, tmp)
-        part.unlink()
+    return part
+
+
+def move_file(src: Path, dest: Path) -> None:
+    """Rename ``src`` onto ``dest``; across file systems, copy it in atomically, then delete ``src``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if src.stat().st_dev == dest.parent.stat().st_dev:
+        os.replace(src, dest)
+        return
+    with atomic_file(dest) as tmp:
+        shutil.copyfile(src, tmp)
+    src.unlink()
+
+
+def fetch_file(rf: RemoteFile, out_dir: Path, options: HttpOptions = HttpOptions(), log: Log = print,
+               partial_dir: Path | None = None) -> Path:
+    """Download ``rf`` into ``out_dir`` (resuming any partial bytes) and check size and digest.
+
+    A digest mismatch deletes the downloaded bytes and raises; only a checked file is renamed
+    to ``<out>/<name>``.
+    """
+    out_dir = Path(out_dir)
+    final = out_dir / rf.path
+    part = fetch_checked(rf, partial_path(out_dir, rf, partial_dir), options, log)
+    move_file(part, final)
     _write_ok_marker(out_dir, rf)
     return final
 

@@ -61,17 +61,21 @@ class DownloadConfig(Section):
                           "<out>.partial, since Snakemake empties <out> before a rerun)")
     timeout_s: float = Field(60.0, gt=0)
     retries: int = Field(5, ge=0)
+    archive_dir: str = Field(
+        "data/published", description="the published archives, kept packed: `b2txt dvc-pin` pins them here for "
+                                      "`dvc pull`, Snakemake's fetch_model rule downloads the checkpoint here; the "
+                                      "unpack stages read them")
 
 
 class ModelSourceConfig(Section):
     """Where the phoneme decoder comes from: trained here, or the published checkpoint (REFERENCE §3)."""
 
     source: Literal["train", "pretrained"] = Field(
-        "train", description="train: the train stage makes results/<run>/model | pretrained: `b2txt download` "
-                             "fetches the published checkpoint (no training)")
+        "train", description="train: the train stage makes results/<run>/model | pretrained: the published "
+                             "checkpoint (download.archive_dir/<file>, pinned for DVC or fetched), unpacked, no training")
     file: str = Field("t15_pretrained_rnn_baseline.zip",
                       description="the checkpoint archive's name in the data dataset (download.datasets.data)")
-    dir: str = Field("data/pretrained", description="download directory; the archive unpacks to <dir>/<file stem>/")
+    dir: str = Field("data/pretrained", description="where the archive is unpacked: the model is <dir>/<file stem>/")
 
     @property
     def model_dir(self) -> str:
@@ -409,11 +413,20 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _separate_downloads(self) -> "PipelineConfig":
-        if self.model.source == "pretrained" and self.data.source != "simulated":
-            a, b = Path(self.model.dir), Path(self.data.dir)
-            if a == b or a in b.parents or b in a.parents:
-                raise ValueError(f"model.dir ({a}) and data.dir ({b}) must not contain each other: "
-                                 "the model is downloaded into a directory of its own")
+        """Directories that different stages (or DVC's pins) write must not nest: DVC refuses overlapping
+        outputs, and a stage's output directory is emptied before it reruns."""
+        if self.model.source != "pretrained":
+            return self
+        dirs = {"model.dir": self.model.dir, "download.archive_dir": self.download.archive_dir}
+        if self.data.source != "simulated":
+            dirs["data.dir"] = self.data.dir
+        names = list(dirs)
+        for i, x in enumerate(names):
+            for y in names[i + 1:]:
+                a, b = Path(dirs[x]), Path(dirs[y])
+                if a == b or a in b.parents or b in a.parents:
+                    raise ValueError(f"{x} ({a}) and {y} ({b}) must not contain each other: "
+                                     "each is written by a stage of its own")
         return self
 
 def _format_error(exc: ValidationError, source: str) -> str:

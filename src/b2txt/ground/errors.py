@@ -17,6 +17,10 @@ class DownloadError(B2txtError):
     """A download problem: network, HTTP status, digest, disk, archive or an unknown file."""
 
 
+class DvcError(B2txtError):
+    """A ``dvc`` command failed, is not installed, or the directory is not in a DVC repository."""
+
+
 class DataError(B2txtError):
     """A data file does not follow the Dryad layout; ``problems`` lists every finding."""
 

@@ -1,0 +1,249 @@
+"""Published Dryad files pinned in DVC: ``.dvc`` files holding the md5 and size Dryad lists, so that a
+collaborator's ``dvc pull`` brings exactly those bytes (``b2txt dvc-pin``).
+
+What DVC 3.67 does with the alternatives, found by running it (README, "Sharing data and models"):
+
+- an import ``.dvc`` file (``dvc import-url``) that records the md5 never makes ``dvc pull`` contact the
+  source: only remotes are asked. Without the md5 (``--no-download``) ``dvc pull`` does fetch from the
+  source but checks nothing (a corrupted body is checked out, exit 0), and ``dvc status`` never
+  calls it up to date; ``dvc update`` downloads again and records whatever md5 arrived;
+- from an HTTP remote, ``dvc pull`` checks what it downloads against the md5 only when the remote has
+  ``verify = true`` (then a damaged object is dropped and nothing is checked out).
+
+So a pin here is a data-source ``.dvc`` file (the kind ``dvc add`` writes: ``outs`` with ``md5``,
+``size``, ``hash: md5``), with the Dryad DOI, download URL and digest under ``meta`` (which DVC
+ignores). Its md5 is Dryad's own when Dryad lists md5 digests; for another digest type the file is
+downloaded, checked against it and hashed. Downloads use :func:`b2txt.data.fetch.fetch_checked`
+(resumable, size and digest checked) and only a checked file is renamed into the DVC cache
+(``<cache>/files/md5/<2>/<30>``, read-only, the layout DVC documents); ``dvc checkout`` then links
+it into place. ``dvc push`` shares it; ``dvc pull`` (with ``verify = true``) checks it again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..ground.console import Log
+from ..ground.errors import DownloadError, DvcError
+from ..ground.fileio import human_size, write_text_atomic
+from .dryad_api import DATASETS, DEFAULT_API_ROOT, HttpOptions, RemoteFile, list_files, select_files
+from .fetch import check_free_space, fetch_checked, file_digest, move_file
+
+PIN_SUFFIX = ".dvc"
+HEADER = ("# Written by `b2txt dvc-pin` from the Dryad API: a published file, pinned by the md5 and size Dryad\n"
+          "# lists. `dvc pull` brings it from a DVC remote (checked there when the remote has verify = true);\n"
+          "# `b2txt dvc-pin` downloads it from Dryad, checked, into the DVC cache. Commit this file.\n")
+
+
+@dataclass(frozen=True)
+class Pin:
+    """One pinned file: what Dryad lists and the md5 DVC knows it by."""
+
+    file: RemoteFile
+    doi: str
+    md5: str
+
+    def text(self) -> str:
+        rf = self.file
+        doc: dict[str, Any] = {
+            "outs": [{"md5": self.md5, "size": rf.size, "hash": "md5", "path": rf.path}],
+            "meta": {"dryad": {"doi": self.doi, "dataset": rf.dataset, "file": rf.path, "url": rf.url,
+                               "digest": rf.digest, "digestType": rf.digest_type}},
+        }
+        return HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)
+
+
+def pin_path(out_dir: Path, name: str) -> Path:
+    return Path(out_dir) / f"{name}{PIN_SUFFIX}"
+
+
+def read_pin(path: Path) -> dict[str, Any] | None:
+    """The ``meta.dryad`` record and md5 of a pin this command wrote; None when ``path`` is not one."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    dryad = (doc.get("meta") or {}).get("dryad") if isinstance(doc.get("meta"), dict) else None
+    outs = doc.get("outs")
+    if not isinstance(dryad, dict) or not isinstance(outs, list) or len(outs) != 1 or not isinstance(outs[0], dict):
+        return None
+    return {**dryad, "md5": outs[0].get("md5")}
+
+
+def is_md5(rf: RemoteFile) -> bool:
+    return rf.digest_type.lower().replace("-", "") == "md5"
+
+
+def known_md5(rf: RemoteFile, previous: dict[str, Any] | None) -> str | None:
+    """The md5 of ``rf`` without downloading: Dryad's own, or that of an earlier pin of the same file."""
+    if is_md5(rf):
+        return rf.digest
+    if previous and previous.get("digest") == rf.digest and previous.get("digestType") == rf.digest_type:
+        return previous.get("md5")
+    return None
+
+
+# ----------------------------------------------------------------------------- writing pins
+
+def check_writable(out_dir: Path, files: list[RemoteFile], force: bool) -> dict[str, dict[str, Any] | None]:
+    """Each file's earlier pin (None if there is none); a ``.dvc`` file not written here is refused."""
+    previous: dict[str, dict[str, Any] | None] = {}
+    for rf in files:
+        path = pin_path(out_dir, rf.path)
+        previous[rf.path] = read_pin(path) if path.exists() else None
+        if path.exists() and previous[rf.path] is None and not force:
+            raise DvcError(f"{path}: a .dvc file not written by `b2txt dvc-pin` (no meta.dryad); left as it is "
+                           "(--force replaces it)")
+    return previous
+
+
+def write_pin(out_dir: Path, pin: Pin, previous: dict[str, Any] | None, log: Log) -> Path:
+    path = pin_path(out_dir, pin.file.path)
+    if previous and previous.get("md5") not in (None, pin.md5):
+        log(f"{path}: Dryad lists another version now (md5 {previous.get('md5')} -> {pin.md5}); pin updated")
+    write_text_atomic(path, pin.text())
+    return path
+
+
+def ignore_in_git(out_dir: Path, names: list[str]) -> None:
+    """``/<name>`` lines in ``<out>/.gitignore`` (as ``dvc add`` writes them): the files stay out of git."""
+    path = Path(out_dir) / ".gitignore"
+    lines = path.read_text().splitlines() if path.exists() else []
+    missing = [f"/{n}" for n in names if f"/{n}" not in lines]
+    if missing:
+        write_text_atomic(path, "\n".join(lines + missing) + "\n")
+
+
+# ----------------------------------------------------------------------------- the DVC cache
+
+def run_dvc(args: list[str], cwd: Path) -> str:
+    """``dvc ARGS`` in ``cwd``; its stdout, or a :class:`DvcError` with the tail of its stderr."""
+    exe = shutil.which("dvc")
+    if exe is None:
+        raise DvcError("dvc is not installed (pip install 'b2txt[workflow]'); --no-download writes the pins "
+                       "without it")
+    r = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True)
+    if r.returncode != 0:
+        tail = (r.stderr.strip() or r.stdout.strip()).splitlines()[-6:]
+        raise DvcError(f"`dvc {' '.join(args)}` in {cwd} failed (exit {r.returncode}): " + " / ".join(tail))
+    return r.stdout.strip()
+
+
+@dataclass(frozen=True)
+class DvcRepo:
+    root: Path
+    cache: Path
+
+    @classmethod
+    def around(cls, path: Path) -> "DvcRepo":
+        """The DVC repository holding ``path`` (which need not exist yet): ``dvc root`` and ``dvc cache dir``."""
+        here = Path(path).absolute()
+        while not here.is_dir():
+            here = here.parent
+        root = (here / run_dvc(["root"], here)).resolve()
+        return cls(root, Path(run_dvc(["cache", "dir"], here)).resolve())
+
+    def object(self, md5: str) -> Path:
+        """Where DVC 3 keeps a file with this md5 (``hash: md5``)."""
+        return self.cache / "files" / "md5" / md5[:2] / md5[2:]
+
+    def has(self, md5: str, size: int) -> bool:
+        obj = self.object(md5)
+        return obj.is_file() and obj.stat().st_size == size
+
+
+def into_cache(repo: DvcRepo, checked: Path, md5: str) -> Path:
+    """Move a checked file into the DVC cache under its md5, read-only as DVC keeps its objects."""
+    obj = repo.object(md5)
+    move_file(checked, obj)
+    os.chmod(obj, 0o444)
+    return obj
+
+
+def adoptable(target: Path, rf: RemoteFile) -> bool:
+    """A plain file already at the target (e.g. from ``b2txt download --no-unpack``) that is this exact file."""
+    return (target.is_file() and not target.is_symlink() and target.stat().st_size == rf.size
+            and file_digest(target, rf.digest_type) == rf.digest)
+
+
+def cache_file(repo: DvcRepo, out_dir: Path, rf: RemoteFile, md5: str | None, options: HttpOptions,
+               partial_dir: Path, log: Log) -> str:
+    """Get ``rf`` into the DVC cache (adopted from the target, or downloaded and checked); returns its md5."""
+    if md5 is not None and repo.has(md5, rf.size):
+        return md5
+    target = out_dir / rf.path
+    if adoptable(target, rf):
+        checked = target
+        log(f"{target}: already there and checked; moved into the DVC cache")
+    else:
+        checked = fetch_checked(rf, partial_dir / f"{rf.path}.{rf.digest[:16]}.part", options, log)
+    if md5 is None:
+        md5 = file_digest(checked, "md5")
+    into_cache(repo, checked, md5)
+    return md5
+
+
+# ----------------------------------------------------------------------------- the command
+
+def _table(files: list[RemoteFile], state: dict[str, str]) -> str:
+    width = max((len(f.path) for f in files), default=4)
+    lines = [f"  {f.path:<{width}}  {human_size(f.size):>9}  {f.dataset:<4}  {state[f.path]}" for f in files]
+    return "\n".join(lines)
+
+
+def pin_files(datasets: list[str], out_dir: str | Path, names: list[str] | None = None,
+              api_root: str = DEFAULT_API_ROOT, options: HttpOptions = HttpOptions(), download: bool = True,
+              force: bool = False, dois: dict[str, str] | None = None, log: Log = print,
+              partial_dir: str | Path | None = None) -> list[Path]:
+    """Pin the chosen files of ``datasets`` in ``out_dir`` (one ``<name>.dvc`` each, and ``.gitignore``
+    entries); with ``download``, also get each into the DVC cache, checked, and check it out.
+    Returns the pin files. Partial downloads collect in ``partial_dir`` (default ``.dvc/tmp/b2txt-partial``)."""
+    dois = {**DATASETS, **(dois or {})}
+    out_dir = Path(out_dir)
+    files: list[RemoteFile] = []
+    for name in datasets:
+        if name not in dois:
+            raise DownloadError(f"unknown dataset {name!r}; known: {', '.join(sorted(dois))}")
+        files += list_files(name, dois[name], api_root, options, log)
+    where = " and ".join(f"{d} ({dois[d]})" for d in datasets)
+    files = select_files(files, names, where)
+    previous = check_writable(out_dir, files, force)
+    md5s = {f.path: known_md5(f, previous[f.path]) for f in files}
+    unknown = [f"{f.path} ({f.digest_type})" for f in files if md5s[f.path] is None]
+    if unknown and not download:
+        raise DownloadError(f"{', '.join(unknown)}: Dryad lists no md5 digest, and DVC pins by md5: these must be "
+                            "downloaded to be pinned (leave out --no-download)")
+    repo = DvcRepo.around(out_dir) if download else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {f.path: "pin only" for f in files}
+    if repo is not None:
+        state = {f.path: "in the DVC cache" if md5s[f.path] and repo.has(md5s[f.path], f.size) else "to download"
+                 for f in files}
+    log(f"files of {where}, pinned in {out_dir}:\n{_table(files, state)}")
+
+    pins: dict[str, Path] = {}
+    for f in files:  # pins first: they come from the listing alone
+        if md5s[f.path] is not None:
+            pins[f.path] = write_pin(out_dir, Pin(f, dois[f.dataset], md5s[f.path]), previous[f.path], log)
+    ignore_in_git(out_dir, [f.path for f in files])
+    if repo is not None:
+        repo.cache.mkdir(parents=True, exist_ok=True)  # a new repository has none yet
+        check_free_space(repo.cache, sum(f.size for f in files if state[f.path] == "to download"))
+        partial = Path(partial_dir) if partial_dir is not None else repo.root / ".dvc" / "tmp" / "b2txt-partial"
+        for f in files:
+            md5 = cache_file(repo, out_dir, f, md5s[f.path], options, partial, log)
+            if md5s[f.path] is None:
+                pins[f.path] = write_pin(out_dir, Pin(f, dois[f.dataset], md5), previous[f.path], log)
+        run_dvc(["checkout", *[p.name for p in pins.values()]], out_dir)
+        if partial.is_dir() and not any(partial.iterdir()):
+            partial.rmdir()
+    return [pins[f.path] for f in files]

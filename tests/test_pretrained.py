@@ -82,7 +82,7 @@ def test_pretrained_plan_skips_training_calibration_and_figures(tmp_path):
     project = make_project(tmp_path)
     r = run(["snakemake", "-n", "--cores", "1", "--config", "model={source: pretrained}"], project)
     assert planned_rules(r.stdout) == {"corpus", "data", "validate", "preprocess", "fetch_model", "unpack_model",
-                                       "infer", "score", "decode", "score_words", "evaluate"} | LM_BUILD
+                                       "infer", "score", "decode", "score_words", "evaluate", "kenlm_tools"} | LM_BUILD
     r = run(["snakemake", "-n", "--cores", "1", "--config", "data={source: dryad, dir: data/pretrained}",
              "model={source: pretrained}"], project, check=False)
     assert r.returncode != 0 and "must not contain each other" in r.stdout + r.stderr
@@ -95,7 +95,7 @@ def test_snakemake_downloads_data_and_published_model_then_infers(tmp_path, tiny
               download=fast_download(dryad))
     r = run(["snakemake", "-n", "--cores", "1"], project)
     assert planned_rules(r.stdout) == {"data", "fetch_model", "unpack_model", "validate", "preprocess", "infer",
-                                       "score", "decode", "score_words", "evaluate"} | LM_BUILD
+                                       "score", "decode", "score_words", "evaluate", "kenlm_tools"} | LM_BUILD
     target = f"{RUN}/scores/val/metrics.json"
     run(["snakemake", "--cores", "1", target, f"{RUN}/logits/test.hdf5"], project)
     assert sorted(p.name for p in (project / "data/dryad" / DATA_SUBDIR).iterdir()) == sessions

@@ -56,6 +56,17 @@ ENVS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: The variable through which the envs' post-deploy script (envs/install-b2txt.sh) finds the checkout.
+CHECKOUT_VARIABLE = "B2TXT_SOURCE"
+
+
+def announce_checkout(path: str | os.PathLike) -> None:
+    """Tell the conda envs' post-deploy script where the checkout is: Snakemake runs a copy of the
+    script from .snakemake/conda/, in a child of its own process, so the script cannot find the
+    checkout from its own location (called by workflow/rules/common.smk)."""
+    os.environ[CHECKOUT_VARIABLE] = str(path)
+
+
 @dataclass(frozen=True)
 class Output:
     path: str

@@ -1,13 +1,11 @@
 # Shared names. The config is parsed by the package's typed config (defaults, coercion of
 # `--config` strings, clear errors); each rule then hands its command a small file with the
 # config sections that command reads (`config_for`), named by its content.
-import os
-
 from b2txt.ground.config import parse_config, section_config_file
+from b2txt.workflow import announce_checkout
 
-# Where the conda envs' post-deploy script (envs/install-b2txt.sh) finds this checkout: Snakemake
-# runs a copy of it from .snakemake/conda/, in a child of this process.
-os.environ["B2TXT_SOURCE"] = workflow.basedir
+# Where the conda envs' post-deploy script (envs/install-b2txt.sh) finds this checkout.
+announce_checkout(workflow.basedir)
 
 CFG = parse_config(config, "snakemake config")
 RUN = f"results/{CFG.run}"

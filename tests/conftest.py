@@ -28,6 +28,7 @@ os.environ.setdefault("B2TXT_PROGRESS", "0")  # no progress bars in test output
 from helpers.arpa import template_graph, template_sentences  # noqa: E402
 from helpers.data import SENTENCES, SESSION, TINY_SIM_CONFIG, make_trials  # noqa: E402
 from helpers.dryad_server import FakeDryad, dryad_server  # noqa: E402
+from helpers.github_server import FakeGithub, github_server  # noqa: E402
 
 from b2txt.data.dryad import data_file_path, write_trials  # noqa: E402
 from b2txt.ground.config import SimulateConfig  # noqa: E402
@@ -159,4 +160,13 @@ def dryad(monkeypatch) -> FakeDryad:
     for name in ("no_proxy", "NO_PROXY"):  # a proxy set for the machine must not see these requests
         monkeypatch.setenv(name, "127.0.0.1,localhost")
     with dryad_server() as state:
+        yield state
+
+
+@pytest.fixture
+def github(monkeypatch) -> FakeGithub:
+    """A GitHub-shaped contents API, raw and LFS media host on 127.0.0.1 (helpers/github_server.py)."""
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+    with github_server() as state:
         yield state

@@ -1,10 +1,13 @@
-"""`b2txt dvc-pin`: published Dryad files pinned in DVC and brought by `dvc pull`, checked.
+"""`b2txt dvc-pin`: published Dryad files (and the 1-gram graph from GitHub) pinned in DVC and brought by
+`dvc pull`, checked.
 
 Against the Dryad-shaped server of conftest (`dryad`) with the real `dvc` and `git`: the pins hold
 the md5 and size the API lists; a fresh clone's `dvc pull` brings the files from a DVC remote (a
 local directory, and a writable HTTP server for team sharing) without asking Dryad, checked
 against those md5s; the pretrained DVC stages unpack the pulled archives. Damaged bytes, from
-Dryad or from a remote, are refused and leave nothing at the target.
+Dryad or from a remote, are refused and leave nothing at the target. The 1-gram directory comes from
+the GitHub-shaped server of conftest (`github`: contents API, raw files, Git LFS media host) as one
+directory pin, every file checked before any enters the DVC cache.
 """
 
 from __future__ import annotations
@@ -18,11 +21,18 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers.dryad_server import DATA_DOI, LM_DOI, Blob, FakeDryad, tar_gz_bytes, zip_bytes
+from helpers.github_server import FakeGithub, git_blob_sha, lfs_pointer
 from helpers.http_store import http_store
-from helpers.project import ROOT, init_dvc, make_project, ran_stages, regenerate_dvc, run
+from helpers.project import ROOT, configure, init_dvc, make_project, ran_stages, regenerate_dvc, run
 
 from b2txt.cli import main
-from b2txt.data.dvc_pin import read_pin
+from b2txt.data.dryad_api import HttpOptions
+from b2txt.data.dvc_pin import read_dir_pin, read_pin
+from b2txt.data.fetch import GIT_BLOB_SHA1, file_digest
+from b2txt.data.github_api import GithubSource, LfsPointer, list_tree, parse_lfs_pointer
+from b2txt.ground.config import REFERENCE_1GRAM
+from b2txt.ground.errors import DownloadError
+from b2txt.lm.wfst import load_graph
 
 GIT = ["git", "-c", "user.name=b2txt test", "-c", "user.email=test@example.invalid", "-c", "commit.gpgsign=false"]
 MODEL_ZIP = "t15_pretrained_rnn_baseline.zip"
@@ -231,3 +241,120 @@ def test_team_shares_through_an_http_remote_and_damaged_objects_are_refused(drya
         assert r.returncode != 0
         assert not any((carol / PINS / n).exists() for n in names)
         assert not cache_objects(carol)
+
+
+# ----------------------------------------------------------------------------- a GitHub directory (the 1-gram)
+
+ONEGRAM = GithubSource.parse(REFERENCE_1GRAM)
+ONEGRAM_DIR = f"{PINS}/{ONEGRAM.name}"
+
+
+def reference_1gram(github: FakeGithub, files: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    """The 1-gram directory at the configured commit: TLG.fst in Git LFS, words.txt a plain git file."""
+    files = files or {"TLG.fst": os.urandom(4000), "words.txt": b"<eps> 0\nA 1\nABOUT 2\n"}
+    for name, data in files.items():
+        github.add(ONEGRAM.repo, ONEGRAM.commit, f"{ONEGRAM.path}/{name}", data, lfs=name == "TLG.fst")
+    return files
+
+
+def pin_github(github: FakeGithub, repo: Path, check: bool = True, extra: tuple[str, ...] = ()):
+    return run(["b2txt", "dvc-pin", "--github", "reference-1gram", "--api-root", github.api_root,
+                "--media-root", github.media_root, "--retries", "0", "--out", PINS, *extra], repo, check=check)
+
+
+def test_git_blob_digest_is_gits_own_and_lfs_pointers_are_read_strictly(tmp_path):
+    path = tmp_path / "words.txt"
+    path.write_bytes(b"<eps> 0\nA 1\n")
+    assert file_digest(path, GIT_BLOB_SHA1) == run(["git", "hash-object", str(path)], tmp_path).stdout.strip()
+    data = b"fst bytes"
+    assert parse_lfs_pointer(lfs_pointer(data), "x") == LfsPointer(hashlib.sha256(data).hexdigest(), len(data))
+    assert parse_lfs_pointer(b"<eps> 0\n", "x") is None
+    with pytest.raises(DownloadError, match="TLG.fst: a Git LFS pointer without a sha256 oid"):
+        parse_lfs_pointer(b"version https://git-lfs.github.com/spec/v1\noid md5:0123\nsize 9\n", "TLG.fst")
+
+
+def test_github_sources_are_named_or_given_at_a_full_commit(tmp_path, capsys):
+    args = ["dvc-pin", "--out", str(tmp_path / "pins")]
+    assert main([*args, "--github", "owner/repo@main:lm"]) == 2
+    assert "full 40-hex commit" in capsys.readouterr().err
+    assert main([*args, "--github", "1gram"]) == 2
+    assert "known: reference-1gram" in capsys.readouterr().err
+    assert main([*args, "--github", "reference-1gram", "--no-download"]) == 2
+    assert "--no-download apply to Dryad files only" in capsys.readouterr().err
+    assert not (tmp_path / "pins").exists()
+
+
+def test_github_directories_are_listed_through_the_contents_api(github):
+    files = reference_1gram(github)
+    github.add(ONEGRAM.repo, ONEGRAM.commit, f"{ONEGRAM.path}/sub/notes.txt", b"notes\n")
+    listed = list_tree(ONEGRAM, github.api_root, HttpOptions(retries=0))
+    assert [(f.relpath, f.size) for f in listed] == [("TLG.fst", len(lfs_pointer(files["TLG.fst"]))),
+                                                     ("sub/notes.txt", 6), ("words.txt", len(files["words.txt"]))]
+    assert listed[2].sha == git_blob_sha(files["words.txt"])
+    at = f"{ONEGRAM.repo}@{ONEGRAM.commit}"
+    with pytest.raises(DownloadError, match="not a directory"):
+        list_tree(GithubSource.parse(f"{at}:{ONEGRAM.path}/words.txt"), github.api_root, HttpOptions(retries=0))
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        list_tree(GithubSource.parse(f"{at}:no/such/dir"), github.api_root, HttpOptions(retries=0))
+
+
+@pytest.mark.slow
+def test_the_1gram_pinned_from_github_is_pulled_by_a_fresh_clone_and_decodes(github, tmp_path, template_lm):
+    files = reference_1gram(github, {n: (template_lm / n).read_bytes() for n in ("TLG.fst", "words.txt")})
+    with http_store(tmp_path / "www") as store:
+        alice = repository(tmp_path / "alice", f"{store.url}/dvc")
+        configure(alice, lm={"source": "dir", "dir": ONEGRAM_DIR})
+        pin_github(github, alice)
+        assert {n: (alice / ONEGRAM_DIR / n).read_bytes() for n in files} == files
+        assert status_clean(alice, f"{ONEGRAM_DIR}.dvc")  # DVC hashes the directory as the pin says
+        meta = read_dir_pin(alice / f"{ONEGRAM_DIR}.dvc")
+        assert (meta["repo"], meta["commit"], meta["path"]) == (ONEGRAM.repo, ONEGRAM.commit, ONEGRAM.path)
+        tlg, words = meta["files"]
+        assert (tlg["digestType"], tlg["digest"]) == ("sha256", hashlib.sha256(files["TLG.fst"]).hexdigest())
+        assert tlg["url"].startswith(github.media_root) and tlg["size"] == len(files["TLG.fst"])
+        assert (words["digestType"], words["digest"]) == (GIT_BLOB_SHA1, git_blob_sha(files["words.txt"]))
+        assert not any((alice / ".dvc/tmp").glob("b2txt-partial*"))
+        requests = len(github.downloads())
+        before = (alice / f"{ONEGRAM_DIR}.dvc").read_bytes()
+        pin_github(github, alice)  # again: the files are in the cache, nothing is downloaded
+        assert len(github.downloads()) == requests and (alice / f"{ONEGRAM_DIR}.dvc").read_bytes() == before
+
+        assert f"/{ONEGRAM.name}" in (alice / PINS / ".gitignore").read_text().splitlines()
+        run(GIT + ["add", "-A"], alice)
+        run(GIT + ["commit", "-q", "-m", "the 1-gram, pinned"], alice)
+        run(["dvc", "push", f"{ONEGRAM_DIR}.dvc"], alice)
+        bob = tmp_path / "bob"
+        run(GIT + ["clone", "-q", str(alice), str(bob)], tmp_path)
+        run(["dvc", "pull", ONEGRAM_DIR], bob)
+    assert {n: (bob / ONEGRAM_DIR / n).read_bytes() for n in files} == files
+    assert status_clean(bob, f"{ONEGRAM_DIR}.dvc")
+    assert f'"{ONEGRAM_DIR}.dvc" -> "decode"' in run(["dvc", "dag", "--dot"], bob).stdout  # lm.dir feeds decode
+    assert load_graph(bob / ONEGRAM_DIR).words == load_graph(template_lm).words
+    assert len(github.downloads()) == requests  # bob never asked GitHub
+
+
+@pytest.mark.slow
+def test_damaged_github_files_are_refused_and_leave_nothing(github, tmp_path):
+    files = reference_1gram(github)
+    repo = repository(tmp_path / "repo", str(tmp_path / "store"))
+    tlg = github.trees[ONEGRAM.repo, ONEGRAM.commit][f"{ONEGRAM.path}/TLG.fst"]
+    words = github.trees[ONEGRAM.repo, ONEGRAM.commit][f"{ONEGRAM.path}/words.txt"]
+    good = files["TLG.fst"]
+    damaged = {  # the first: later runs resume from the words.txt checked (and kept) by the earlier ones
+        "git file not its blob": (lambda: setattr(words, "raw", files["words.txt"].replace(b"A", b"B")),
+                                  "does not match"),
+        "corrupted LFS file": (lambda: setattr(tlg, "media", bytes([good[0] ^ 1]) + good[1:]), "does not match"),
+        "LFS file cut short": (lambda: setattr(tlg, "media", good[:-100]), "bytes"),
+        "pointer of another file": (lambda: setattr(tlg, "git", lfs_pointer(good + b"!", size=len(good))),
+                                    "does not match"),
+    }
+    for what, (damage, why) in damaged.items():
+        tlg.git, tlg.media, words.raw = lfs_pointer(good), good, None
+        damage()
+        r = pin_github(github, repo, check=False)
+        assert r.returncode == 2 and why in r.stderr, (what, r.stderr)
+        assert not (repo / ONEGRAM_DIR).exists() and not (repo / f"{ONEGRAM_DIR}.dvc").exists(), what
+        assert not cache_objects(repo), what
+    tlg.git, tlg.media, words.raw = lfs_pointer(good), good, None
+    pin_github(github, repo)
+    assert (repo / ONEGRAM_DIR / "TLG.fst").read_bytes() == good and status_clean(repo, f"{ONEGRAM_DIR}.dvc")

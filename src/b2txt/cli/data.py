@@ -97,13 +97,48 @@ def _http_options(args: argparse.Namespace, d):
                        retries=args.retries if args.retries is not None else d.retries)
 
 
+def _github_source(name: str, sources: dict[str, str]):
+    """A ``download.github`` name, or ``OWNER/REPO@COMMIT:PATH`` as it is."""
+    from ..data.github_api import GithubSource
+
+    if name in sources:
+        return GithubSource.parse(sources[name], f"download.github.{name}")
+    if "@" not in name:
+        known = ", ".join(sorted(sources)) or "none"
+        raise B2txtError(f"--github {name}: not a name in download.github (known: {known}) nor "
+                         "OWNER/REPO@COMMIT:PATH")
+    return GithubSource.parse(name)
+
+
+def run_dvc_pin_github(args: argparse.Namespace, d, out: Path) -> int:
+    from ..data.dvc_pin import pin_github
+
+    given = [flag for flag, value in (("--dataset", args.dataset), ("--files", args.files),
+                                      ("--no-download", args.no_download)) if value]
+    if given:
+        raise B2txtError(f"--github pins a GitHub directory: {', '.join(given)} apply to Dryad files only "
+                         "(GitHub lists no md5, so the files are always downloaded and checked)")
+    source = _github_source(args.github, d.github)
+    pin = pin_github(source, out, args.api_root or d.github_api_root, args.media_root or d.github_media_root,
+                     _http_options(args, d), force=args.force, log=log,
+                     partial_dir=args.partial_dir or d.partial_dir)
+    target = out / source.name
+    log(f"{pin}: {source} pinned, checked out at {target}.\n"
+        f"Commit it: git add {out / '.gitignore'} {pin} && git commit; then `dvc push` shares the files and "
+        f"collaborators `dvc pull {target}`. A graph directory (TLG.fst + words.txt) decodes with "
+        f"lm.source: dir, lm.dir: {target}.")
+    return 0
+
+
 def run_dvc_pin(args: argparse.Namespace) -> int:
     from ..data.dryad_api import DATASETS
     from ..data.dvc_pin import pin_files
 
     d = config_of(args).download
     out = args.out or Path(d.archive_dir)
-    datasets = list(DATASETS) if args.dataset == "all" else [args.dataset]
+    if args.github:
+        return run_dvc_pin_github(args, d, out)
+    datasets = list(DATASETS) if args.dataset in ("all", None) else [args.dataset]
     pins = pin_files(datasets, out, args.files, args.api_root or d.api_root, _http_options(args, d),
                      download=not args.no_download, force=args.force, dois=d.datasets, log=log,
                      partial_dir=args.partial_dir or d.partial_dir)
@@ -116,10 +151,14 @@ def run_dvc_pin(args: argparse.Namespace) -> int:
 
 def dvc_pin_arguments(p: argparse.ArgumentParser) -> None:
     add_config(p, "download")
-    p.add_argument("--dataset", choices=["data", "lm", "all"], default="all",
+    p.add_argument("--dataset", choices=["data", "lm", "all"],
                    help="data: neural data, pickles and pretrained RNN; lm: language models; all: both (default)")
     p.add_argument("--files", nargs="+", metavar="NAME",
                    help="only these files (names as Dryad lists them; default: every file of the datasets)")
+    p.add_argument("--github", metavar="SOURCE",
+                   help="instead of Dryad files, pin a directory of a GitHub repository at a fixed commit: a name in "
+                        "download.github (reference-1gram: the published 1-gram graph) or OWNER/REPO@COMMIT:PATH; "
+                        "one directory pin OUT/<dir name>.dvc")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="where the pins (NAME.dvc) and the files go, inside a DVC repository "
                         "(default: download.archive_dir, data/published)")
@@ -127,7 +166,11 @@ def dvc_pin_arguments(p: argparse.ArgumentParser) -> None:
                    help="only write the pins, from the API listing (no dvc needed); `dvc pull` then needs a "
                         "remote that holds the files")
     p.add_argument("--force", action="store_true", help="replace .dvc files that `b2txt dvc-pin` did not write")
-    p.add_argument("--api-root", metavar="URL", help="Dryad API root (default: download.api_root)")
+    p.add_argument("--api-root", metavar="URL",
+                   help="Dryad API root (default: download.api_root); with --github the GitHub API root "
+                        "(default: download.github_api_root)")
+    p.add_argument("--media-root", metavar="URL",
+                   help="with --github: where Git LFS files are served (default: download.github_media_root)")
     p.add_argument("--partial-dir", type=Path, metavar="DIR",
                    help="where partial downloads collect (default: download.partial_dir, else .dvc/tmp/b2txt-partial)")
     p.add_argument("--retries", type=int, metavar="N", help="retries of a broken transfer (default: download.retries)")
@@ -238,7 +281,7 @@ COMMANDS = (
             "zip/tar archives atomically into OUT (hdf5_data_final/, t15_pretrained_rnn_baseline/, ...). "
             "Running it again skips what is already there and checked.",
             download_arguments, run_download),
-    Command("dvc-pin", "pin published Dryad files in DVC (md5 and size from Dryad) for `dvc pull`",
+    Command("dvc-pin", "pin published Dryad files (or a GitHub directory) in DVC, checked, for `dvc pull`",
             "List the files through the Dryad API (dataset -> last version -> files) and write one OUT/NAME.dvc "
             "per file: the md5 and size Dryad lists (under meta: the DOI, download URL and digest), as `dvc add` "
             "would record it, plus OUT/.gitignore entries. Unless --no-download, each file not yet in the DVC cache "
@@ -246,7 +289,11 @@ COMMANDS = (
             "at the target), moved into the DVC cache and checked out. Commit the .dvc files and `dvc push`: "
             "collaborators then `dvc pull OUT/NAME.dvc`, checked against the md5 where the remote has verify = true "
             "(the committed default remote has). "
-            "DVC never fetches these from Dryad itself: its import-url files would fetch without any check.",
+            "DVC never fetches these from Dryad itself: its import-url files would fetch without any check. "
+            "--github SOURCE pins a directory of a GitHub repository at a fixed commit instead (reference-1gram, "
+            "the published 1-gram graph: OUT/openwebtext_1gram_lm_sil.dvc): each file is checked against its git "
+            "blob id, a Git LFS file against its pointer's sha256, and only when all are checked do they enter the "
+            "DVC cache as one directory; `dvc pull OUT/<dir name>` brings it.",
             dvc_pin_arguments, run_dvc_pin),
     Command("unpack", "unpack zip/tar archives atomically (the pinned published model and LMs)",
             "Unpack each ARCHIVE into DIR: X.zip or X.tar.gz becomes DIR/X/ (t15_copyTask_neuralData.zip: "

@@ -112,7 +112,15 @@ def retrying(what: str, options: HttpOptions, attempt: Callable[[], Any], log: L
 
 def get_json(url: str, options: HttpOptions, log: Log = print) -> dict[str, Any]:
     """One API document; a body that is not a JSON object is an error naming the URL."""
-    def attempt() -> dict[str, Any]:
+    doc = get_json_value(url, options, log)
+    if not isinstance(doc, dict):
+        raise DownloadError(f"{url}: expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def get_json_value(url: str, options: HttpOptions, log: Log = print) -> Any:
+    """One JSON document of any shape (GitHub lists a directory as an array); retried like a download."""
+    def attempt() -> Any:
         with open_url(url, options, {"Accept": "application/json"}) as resp:
             try:
                 body = resp.read()
@@ -122,8 +130,6 @@ def get_json(url: str, options: HttpOptions, log: Log = print) -> dict[str, Any]
             doc = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DownloadError(f"{url}: not a JSON document ({exc})") from None
-        if not isinstance(doc, dict):
-            raise DownloadError(f"{url}: expected a JSON object, got {type(doc).__name__}")
         return doc
 
     return retrying(url, options, attempt, log)

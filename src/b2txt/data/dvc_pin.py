@@ -17,10 +17,23 @@ downloaded, checked against it and hashed. Downloads use :func:`b2txt.data.fetch
 (resumable, size and digest checked) and only a checked file is renamed into the DVC cache
 (``<cache>/files/md5/<2>/<30>``, read-only, the layout DVC documents); ``dvc checkout`` then links
 it into place. ``dvc push`` shares it; ``dvc pull`` (with ``verify = true``) checks it again.
+
+A directory of a GitHub repository at a fixed commit (the published 1-gram graph, REFERENCE §1;
+:mod:`b2txt.data.github_api`) becomes one directory pin, ``<out>/<name>.dvc``, as ``dvc add <dir>``
+writes it (``md5: <hex>.dir``, ``size``, ``nfiles``), so ``dvc pull <out>/<name>`` brings the whole
+directory. Each file is downloaded and checked first (git's blob id and size; for a Git LFS pointer,
+the LFS file against the pointer's sha256 and size); only when every file is checked do they enter
+the DVC cache, with the ``.dir`` object listing their md5s (serialised as dvc-data does, so DVC
+computes the same md5 from the checked-out directory); then the pin, and ``dvc checkout``. A failure
+leaves the target and the cache as they were; checked partial files wait in the partial directory
+for the next run. ``meta.github`` names the repository, commit and path, and each file's size, md5
+and the digest it was checked against.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -32,9 +45,19 @@ import yaml
 
 from ..ground.console import Log
 from ..ground.errors import DownloadError, DvcError
-from ..ground.fileio import human_size, write_text_atomic
+from ..ground.fileio import atomic_file, human_size, write_text_atomic
 from .dryad_api import DATASETS, DEFAULT_API_ROOT, HttpOptions, RemoteFile, list_files, select_files
 from .fetch import check_free_space, fetch_checked, file_digest, move_file
+from .github_api import DEFAULT_API_ROOT as GITHUB_API_ROOT
+from .github_api import (
+    DEFAULT_MEDIA_ROOT,
+    LFS_POINTER_MAX,
+    GitFile,
+    GithubSource,
+    lfs_file,
+    list_tree,
+    parse_lfs_pointer,
+)
 
 PIN_SUFFIX = ".dvc"
 HEADER = ("# Written by `b2txt dvc-pin` from the Dryad API: a published file, pinned by the md5 and size Dryad\n"
@@ -247,3 +270,177 @@ def pin_files(datasets: list[str], out_dir: str | Path, names: list[str] | None 
         if partial.is_dir() and not any(partial.iterdir()):
             partial.rmdir()
     return [pins[f.path] for f in files]
+
+
+# ----------------------------------------------------------------------------- GitHub directories
+
+GITHUB_HEADER = ("# Written by `b2txt dvc-pin --github`: a directory of a GitHub repository at a fixed commit, pinned as\n"
+                 "# `dvc add` would (md5.dir); each file was checked against git's blob id or its Git LFS sha256. `dvc pull`\n"
+                 "# brings it from a DVC remote; `b2txt dvc-pin --github` from GitHub. Commit this file.\n")
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    """One file of a pinned directory: its md5 (what DVC knows it by) and what it was checked against."""
+
+    relpath: str
+    size: int
+    md5: str
+    blob: str  # the git blob id the API lists (an LFS pointer's, for an LFS file)
+    digest: str
+    digest_type: str  # git-blob-sha1, or sha256 for a Git LFS file
+    url: str
+
+    def record(self) -> dict[str, Any]:
+        return {"path": self.relpath, "size": self.size, "md5": self.md5, "digestType": self.digest_type,
+                "digest": self.digest, "blob": self.blob, "url": self.url}
+
+
+def tree_object(entries: list[DirEntry]) -> bytes:
+    """DVC's ``.dir`` object: ``[{"md5", "relpath"}]`` sorted by path, serialised as dvc-data does."""
+    listing = [{"md5": e.md5, "relpath": e.relpath} for e in sorted(entries, key=lambda e: e.relpath)]
+    return json.dumps(listing, sort_keys=True).encode("utf-8")
+
+
+def dir_pin_text(source: GithubSource, entries: list[DirEntry], tree_md5: str) -> str:
+    doc: dict[str, Any] = {
+        "outs": [{"md5": f"{tree_md5}.dir", "size": sum(e.size for e in entries), "nfiles": len(entries),
+                  "hash": "md5", "path": source.name}],
+        "meta": {"github": {"repo": source.repo, "commit": source.commit, "path": source.path,
+                            "files": [e.record() for e in sorted(entries, key=lambda e: e.relpath)]}},
+    }
+    return GITHUB_HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)
+
+
+def read_dir_pin(path: Path) -> dict[str, Any] | None:
+    """The ``meta.github`` record of a directory pin this command wrote; None when ``path`` is not one."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    meta = doc.get("meta") if isinstance(doc, dict) else None
+    github = meta.get("github") if isinstance(meta, dict) else None
+    if not isinstance(github, dict) or not isinstance(github.get("files"), list):
+        return None
+    return github
+
+
+def _cached_entries(previous: dict[str, Any] | None, source: GithubSource, files: list[GitFile],
+                    repo: DvcRepo) -> dict[str, DirEntry]:
+    """Files an earlier pin of the same source recorded with the same blob id, still in the DVC cache."""
+    if not previous or (previous.get("repo"), previous.get("commit"), previous.get("path")) != (
+            source.repo, source.commit, source.path):
+        return {}
+    blobs = {f.relpath: f.sha for f in files}
+    known = {}
+    for r in previous["files"]:
+        try:
+            e = DirEntry(str(r["path"]), int(r["size"]), str(r["md5"]), str(r["blob"]), str(r["digest"]),
+                         str(r["digestType"]), str(r["url"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+        if blobs.get(e.relpath) == e.blob and repo.has(e.md5, e.size):
+            known[e.relpath] = e
+    return known
+
+
+def _checked_git_files(source: GithubSource, files: list[GitFile], media_root: str, partial: Path,
+                       options: HttpOptions, log: Log) -> dict[str, tuple[Path, RemoteFile, GitFile]]:
+    """Download and check every file (an LFS pointer's file from the media host); nothing enters the cache."""
+    resolved: list[tuple[RemoteFile, GitFile]] = []
+    checked: dict[str, tuple[Path, RemoteFile, GitFile]] = {}
+    for f in files:
+        rf = f.remote()
+        part = fetch_checked(rf, partial / f"{f.relpath}.{rf.digest[:16]}.part", options, log)
+        pointer = parse_lfs_pointer(part.read_bytes(), f"{source}/{f.relpath}") if f.size < LFS_POINTER_MAX else None
+        if pointer is None:
+            checked[f.relpath] = (part, rf, f)
+            continue
+        part.unlink()
+        lfs = lfs_file(source, f, pointer, media_root)
+        log(f"{f.relpath}: a Git LFS file, {human_size(lfs.size)} from {lfs.url}")
+        resolved.append((lfs, f))
+    if resolved:
+        check_free_space(partial, sum(lfs.size for lfs, _ in resolved))  # there: the pointers came there
+    for lfs, f in resolved:
+        checked[f.relpath] = (fetch_checked(lfs, partial / f"{f.relpath}.{lfs.digest[:16]}.part", options, log), lfs, f)
+    return checked
+
+
+def _into_cache_once(repo: DvcRepo, part: Path, md5: str, size: int) -> None:
+    if repo.has(md5, size):
+        part.unlink()
+    else:
+        into_cache(repo, part, md5)
+
+
+def _write_tree(repo: DvcRepo, entries: list[DirEntry]) -> str:
+    """The directory's ``.dir`` object in the cache (read-only); returns its md5."""
+    data = tree_object(entries)
+    tree_md5 = hashlib.md5(data).hexdigest()
+    obj = repo.object(f"{tree_md5}.dir")
+    if not (obj.is_file() and obj.read_bytes() == data):
+        with atomic_file(obj) as tmp:
+            Path(tmp).write_bytes(data)
+        os.chmod(obj, 0o444)
+    return tree_md5
+
+
+def _prune_empty(top: Path) -> None:
+    """Remove ``top`` and the directories under it that hold no file (partial downloads all done)."""
+    if not top.is_dir():
+        return
+    for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(d.iterdir()):
+            d.rmdir()
+    if not any(top.iterdir()):
+        top.rmdir()
+
+
+def pin_github(source: GithubSource, out_dir: str | Path, api_root: str = GITHUB_API_ROOT,
+               media_root: str = DEFAULT_MEDIA_ROOT, options: HttpOptions = HttpOptions(), force: bool = False,
+               log: Log = print, partial_dir: str | Path | None = None) -> Path:
+    """Pin the directory ``source`` names as ``<out_dir>/<name>.dvc``: every file downloaded and checked,
+    then into the DVC cache with its ``.dir`` object, the pin written and the directory checked out.
+    Returns the pin. Partial downloads collect in ``partial_dir`` (default ``.dvc/tmp/b2txt-partial``)."""
+    out_dir = Path(out_dir)
+    pin = pin_path(out_dir, source.name)
+    previous = read_dir_pin(pin) if pin.exists() else None
+    if pin.exists() and previous is None and not force:
+        raise DvcError(f"{pin}: a .dvc file not written by `b2txt dvc-pin --github` (no meta.github); left as it "
+                       "is (--force replaces it)")
+    files = list_tree(source, api_root, options, log)
+    repo = DvcRepo.around(out_dir)
+    known = _cached_entries(previous, source, files, repo)
+    width = max(len(f.relpath) for f in files)
+    log(f"files of {source}, pinned as {out_dir / source.name} (sizes as git holds them; a Git LFS file's is "
+        "its pointer's):\n" + "\n".join(
+        f"  {f.relpath:<{width}}  {human_size(known[f.relpath].size if f.relpath in known else f.size):>9}  "
+        f"{'in the DVC cache' if f.relpath in known else 'to download'}" for f in files))
+    partial_root = Path(partial_dir) if partial_dir is not None else repo.root / ".dvc" / "tmp" / "b2txt-partial"
+    partial = partial_root / f"github-{source.name}"
+    todo = [f for f in files if f.relpath not in known]
+    checked = _checked_git_files(source, todo, media_root, partial, options, log)
+    repo.cache.mkdir(parents=True, exist_ok=True)  # every file is checked: now they enter the cache
+    entries = dict(known)
+    for relpath, (part, rf, f) in checked.items():
+        md5 = file_digest(part, "md5")
+        _into_cache_once(repo, part, md5, rf.size)
+        entries[relpath] = DirEntry(relpath, rf.size, md5, f.sha, rf.digest, rf.digest_type, rf.url)
+    ordered = [entries[f.relpath] for f in files]
+    tree_md5 = _write_tree(repo, ordered)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(pin, dir_pin_text(source, ordered, tree_md5))
+    if previous and [r.get("md5") for r in previous["files"] if isinstance(r, dict)] != [e.md5 for e in ordered]:
+        log(f"{pin}: another directory than the earlier pin ({previous.get('repo')}@{previous.get('commit')}:"
+            f"{previous.get('path')}); pin updated")
+    ignore_in_git(out_dir, [source.name])
+    try:
+        run_dvc(["checkout", pin.name], out_dir)
+    except DvcError as exc:
+        raise DvcError(f"{exc}. The pin and the DVC cache are complete: move what is at {out_dir / source.name} "
+                       f"aside, then `dvc checkout {pin}`") from None
+    _prune_empty(partial)
+    if partial_root.is_dir() and not any(partial_root.iterdir()):
+        partial_root.rmdir()
+    return pin

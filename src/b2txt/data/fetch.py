@@ -17,6 +17,7 @@ Why each rule:
 from __future__ import annotations
 
 import errno
+import hashlib
 import http.client
 import json
 import os
@@ -46,8 +47,16 @@ from .dryad_api import (
 STATE_DIR = ".download"
 
 
+#: git's name for a file's bytes (the blob id the GitHub API lists): sha1 of ``blob <size>\0`` + the bytes.
+GIT_BLOB_SHA1 = "git-blob-sha1"
+
+
 def file_digest(path: Path, digest_type: str) -> str:
-    h = hasher(digest_type, str(path))
+    """The hex digest of a file: a hashlib algorithm (as Dryad names it: md5, sha-256) or :data:`GIT_BLOB_SHA1`."""
+    if digest_type == GIT_BLOB_SHA1:
+        h = hashlib.sha1(b"blob %d\0" % Path(path).stat().st_size)
+    else:
+        h = hasher(digest_type, str(path))
     with open(path, "rb") as f:
         while block := f.read(CHUNK):
             h.update(block)
@@ -178,12 +187,12 @@ def fetch_checked(rf: RemoteFile, part: Path, options: HttpOptions = HttpOptions
     got = part.stat().st_size
     if got != rf.size:
         part.unlink()
-        raise DownloadError(f"{rf.url}: got {got} bytes, the API lists {rf.size}; deleted")
+        raise DownloadError(f"{rf.url}: got {got} bytes, {rf.size} listed; deleted")
     digest = file_digest(part, rf.digest_type)
     if digest != rf.digest:
         part.unlink()
-        raise DownloadError(f"{rf.path}: {rf.digest_type} digest {digest} does not match the API's {rf.digest} "
-                            f"(from {rf.url}); the download was deleted and nothing was unpacked")
+        raise DownloadError(f"{rf.path}: {rf.digest_type} digest {digest} does not match the listed {rf.digest} "
+                            f"(from {rf.url}); the download was deleted and nothing was used")
     return part
 
 

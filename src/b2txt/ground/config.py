@@ -49,6 +49,14 @@ class DataConfig(Section):
     dir: str = Field("data/simulated", description="Dryad-layout data directory (the simulator writes here)")
 
 
+#: A directory of a GitHub repository at one commit, ``OWNER/REPO@COMMIT:PATH`` (a full 40-hex commit, so
+#: that what it names never changes): ``download.github`` and ``b2txt dvc-pin --github``.
+GITHUB_SOURCE_PATTERN = r"^([A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+)@([0-9a-f]{40}):([^:@]+)$"
+#: The published 1-gram decoding graph (REFERENCE §1): in the reference repository, not on Dryad.
+REFERENCE_1GRAM = ("Neuroprosthetics-Lab/nejm-brain-to-text@980a5b7e96392210edf976d76bdb5d15d2e0e62b:"
+                   "language_model/pretrained_language_models/openwebtext_1gram_lm_sil")
+
+
 class DownloadConfig(Section):
     """Dryad downloads (REFERENCE §1): checked against the API's size and digest, resumable."""
 
@@ -65,6 +73,13 @@ class DownloadConfig(Section):
         "data/published", description="the published archives, kept packed: `b2txt dvc-pin` pins them here for "
                                       "`dvc pull`, Snakemake's fetch_model rule downloads the checkpoint here; the "
                                       "unpack stages read them")
+    github: dict[str, Annotated[str, Field(pattern=GITHUB_SOURCE_PATTERN)]] = Field(
+        default_factory=lambda: {"reference-1gram": REFERENCE_1GRAM},
+        description="directories of GitHub repositories that `b2txt dvc-pin --github NAME` pins (one directory "
+                    "pin each, under archive_dir): OWNER/REPO@COMMIT:PATH, the commit in full")
+    github_api_root: str = Field("https://api.github.com", description="GitHub REST API root (a test server)")
+    github_media_root: str = Field("https://media.githubusercontent.com/media",
+                                   description="where GitHub serves Git LFS files: <root>/OWNER/REPO/COMMIT/PATH")
 
 
 class ModelSourceConfig(Section):

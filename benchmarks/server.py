@@ -1,13 +1,14 @@
 """LM server throughput and the latency the Redis path adds over in-process decoding.
 
-    python benchmarks/server.py [--trials 200] [--lm GRAPH_DIR] [--workers 1,2] [--nbest 100]
+    python benchmarks/server.py [--trials 200] [--lm GRAPH_DIR | --demo] [--workers 1,2] [--nbest 100]
                                 [--group-workers 1,2,4] [--skip-session]
 
 Prints, for the same synthetic trials (known sentences, LM column order):
 
 - in-process decoding time per trial (decoder + n-best augmentation, what a server worker does);
 - the Redis path, one client, one trial at a time, 1 worker: per-trial latency and its overhead
-  over in-process decoding of the same trial (p50 / p99);
+  over in-process decoding of the same trial (p50 / p99), for a trial sent whole (pipelined
+  ``decode()``: the server's one-pass path) and step by step (each partial awaited: streaming);
 - throughput (trials/s) with 1 and N workers, 2 client sessions per worker;
 - the consumer-group mode (``b2txt lm-worker`` processes sharing whole trials through a Redis
   stream, as ``b2txt evaluate --group-workers``): trials/s with 1, 2 and 4 workers side by side,
@@ -16,7 +17,9 @@ Prints, for the same synthetic trials (known sentences, LM column order):
   real-time client does): re-decoding everything received so far on each chunk, against one
   search advanced chunk by chunk (``Decoder.stream``), plus the one n-best decode on finalize.
 
-Without ``--lm`` a small bigram graph is built from the test templates (tests/helpers/arpa.py).
+The graph is the one the pipeline decodes with (config/config.yaml: ``results/<run>/lm/<decode_order>gram``,
+the 3-gram over the whole lexicon), built with Snakemake when absent; ``--lm`` names another,
+``--demo`` takes a small bigram graph of the test templates instead (tests/helpers/arpa.py; quick).
 """
 
 from __future__ import annotations
@@ -54,6 +57,27 @@ def demo_graph(out: Path, lexicon: Lexicon) -> tuple[Path, list[str]]:
 
     sentences = template_sentences(300)
     return template_graph(out, lexicon, sentences), sentences
+
+
+def pipeline_graph() -> Path:
+    """The graph the default pipeline decodes with, built by its own stages when absent."""
+    cfg = load_config(CONFIG)
+    lm = ROOT / f"results/{cfg.run}/lm/{cfg.lm.decode_order}gram"
+    if not (lm / "TLG.fst").is_file():
+        target = str((lm / "TLG.fst").relative_to(ROOT))
+        print(f"building the pipeline's graph: snakemake --cores all {target} (a few minutes, once)", flush=True)
+        subprocess.run(["snakemake", "--cores", "all", target], cwd=ROOT, check=True)
+    return lm
+
+
+def describe(lm: Path) -> str:
+    import json
+
+    info = lm / "graph.json"
+    words = sum(1 for _ in open(lm / "words.txt"))
+    stats = json.loads(info.read_text()) if info.is_file() else {}
+    arcs = f", {stats['tlg_arcs']:,} TLG arcs" if "tlg_arcs" in stats else ""
+    return f"{lm} ({words:,} words{arcs})"
 
 
 def in_process(lm: Path, options: DecodeConfig, trials: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:
@@ -221,7 +245,9 @@ def ms(x: np.ndarray, q: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=200)
-    ap.add_argument("--lm", type=Path, help="graph directory (TLG.fst + words.txt); default: a small demo graph")
+    ap.add_argument("--lm", type=Path, help="graph directory (TLG.fst + words.txt); default: the pipeline's "
+                                             "(results/<run>/lm/<decode_order>gram, built when absent)")
+    ap.add_argument("--demo", action="store_true", help="a small bigram graph of test templates (quick)")
     ap.add_argument("--workers", default=f"1,{available_cores()}", help="comma-separated worker counts")
     ap.add_argument("--nbest", type=int, default=100)
     ap.add_argument("--group-workers", default="1,2,4", help="comma-separated lm-worker counts for the "
@@ -231,19 +257,20 @@ def main() -> None:
     lexicon = Lexicon.from_cmudict()
     tmp = Path(tempfile.mkdtemp(prefix="b2b-"))
     try:
-        if args.lm is None:
+        if args.demo:
             lm, sentences = demo_graph(tmp, lexicon)
         else:
             from helpers.arpa import template_sentences
 
-            lm, sentences = args.lm, template_sentences(300)
+            lm, sentences = args.lm or pipeline_graph(), template_sentences(300)
         rng = np.random.default_rng(0)
         trials = [synthetic_logits(sentences[i % len(sentences)], lexicon, rng) for i in range(args.trials)]
         frames = np.array([len(x) for x in trials])
         # the same options on both paths: config/config.yaml's decode section
         options = load_config(CONFIG).decode.model_copy(update={"nbest": args.nbest})
         local, local_best = in_process(lm, options, trials)
-        print(f"{args.trials} trials, {frames.mean():.0f} frames each on average, nbest {args.nbest}, graph {lm}")
+        print(f"graph: {describe(lm)}")
+        print(f"{args.trials} trials, {frames.mean():.0f} frames each on average, nbest {args.nbest}")
         print(f"in-process decode+augment: p50 {ms(local, 50)}, p99 {ms(local, 99)}, "
               f"{1 / local.mean():.1f} trials/s on one core")
         for chunk in (5, 20):  # 100 ms and 400 ms of 20-ms frames
@@ -268,7 +295,8 @@ def main() -> None:
                     if workers == 1:
                         piped, steps, remote_best = sequential(rs.address, trials)
                         same = sum(a == b for a, b in zip(local_best, remote_best))
-                        for name, remote in (("pipelined decode()", piped), ("reset/logits/finalize steps", steps)):
+                        for name, remote in (("trial sent whole, pipelined decode() (one pass)", piped),
+                                             ("reset/logits/finalize steps (streaming)", steps)):
                             overhead = remote - local
                             print(f"Redis path, {name} (1 worker, 1 client): p50 {ms(remote, 50)}, p99 {ms(remote, 99)}"
                                   f"; overhead over in-process p50 {ms(overhead, 50)}, p99 {ms(overhead, 99)}")

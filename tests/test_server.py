@@ -149,6 +149,36 @@ def test_round_trip_published_protocol(service, lexicon):
     assert len({row[0] for row in rows}) == len(rows)
 
 
+def test_a_trial_sent_whole_is_decoded_in_one_pass_and_streaming_ends_alike(service, lexicon):
+    """Reset, logits and finalize pipelined (as LMClient.decode sends a whole trial) take the one-pass
+    path: no streaming search, the partial reply carries the one-pass best and says so. The same
+    trial sent in 20-frame chunks, each partial awaited, streams, and ends with the same n-best."""
+    r = service.r
+    c = RawClient(r)
+    logits = synthetic_logits(SENTENCES[5], lexicon, np.random.default_rng(5)).astype(np.float32)
+    pipe = r.pipeline(transaction=False)
+    pipe.xadd("remote_lm_reset", {"done": 1})
+    pipe.xadd("remote_lm_input", {"logits": logits.tobytes()})
+    pipe.xadd("remote_lm_finalize", {"done": 1})
+    pipe.execute()
+    c.read("remote_lm_done_resetting")
+    partial = c.read("remote_lm_output_partial")
+    whole = c.read("remote_lm_output_final")
+    c.read("remote_lm_done_finalizing")
+    assert partial[b"b2txt_pass"] == b"one"
+    assert partial[b"lm_response_partial"] == whole[b"lm_response_final"] == SENTENCES[5].encode()
+
+    r.xadd("remote_lm_reset", {"done": 1})
+    c.read("remote_lm_done_resetting")
+    for start in range(0, len(logits), 20):
+        r.xadd("remote_lm_input", {"logits": logits[start:start + 20].tobytes()})
+        assert c.read("remote_lm_output_partial")[b"b2txt_pass"] == b"stream"
+    r.xadd("remote_lm_finalize", {"done": 1})
+    streamed = c.read("remote_lm_output_final")
+    c.read("remote_lm_done_finalizing")
+    assert streamed[b"scoring"] == whole[b"scoring"] and streamed[b"lm_response_final"] == whole[b"lm_response_final"]
+
+
 def test_update_params_is_acknowledged_and_published_on_args(service):
     r = service.r
     c = RawClient(r)

@@ -5,6 +5,12 @@ its decoding options) and serves the session's requests in order: ``reset``, ``l
 (advance the trial's search, reply with the partial sentence), ``finalize`` (the trial's n-best
 through :class:`~b2txt.lm.core.DecodingCore`, or handed to the LLM process with ``do_opt``)
 and ``update_params``. The LLM process is the same core with a rescorer and no graph.
+
+A trial that arrives whole (its logits already followed by its finalize among the requests
+waiting for the worker, as a pipelined ``decode()`` sends them) is decoded in one pass, as in
+process: its logits are only collected, and their partial replies, the one-pass best sentence,
+go out with the final result. Only a trial whose finalize is not there yet pays for the
+streaming search. The partial reply says which path it took (``b2txt_pass``: ``one``/``stream``).
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import logging
 import signal
 import traceback
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -27,6 +35,9 @@ from .redis_process import die_with_parent
 
 log = logging.getLogger("b2txt.server")
 
+#: Field of a partial reply: which path decoded the trial (``one``: one pass, ``stream``: streaming).
+PASS_FIELD = "b2txt_pass"
+
 
 @dataclass
 class SessionState:
@@ -36,9 +47,11 @@ class SessionState:
     frames: int = 0
     # the trial's search state for partial results: each chunk advances it (one pass in all)
     stream: PartialDecoder | None = None
+    # logits requests of a trial sent whole: answered with the final result's one-pass best
+    owed: list[Job] = field(default_factory=list)
 
     def clear(self) -> None:
-        self.chunks, self.frames, self.stream = [], 0, None
+        self.chunks, self.frames, self.stream, self.owed = [], 0, None, []
 
 
 class Worker:
@@ -52,25 +65,56 @@ class Worker:
         self.sessions: dict[str, SessionState] = {}
         self.out = ReplyWriter(settings, f"worker {index}")
         self.rescore_queue = rescore_queue
+        #: requests already received and not yet served (what comes next, for the one-pass path)
+        self.upcoming: Sequence[Job] = ()
+        #: requests answered out of turn (deferred partials), for the worker loop to acknowledge
+        self.finished: list[int] = []
 
     # ---- request handlers: each returns (reply entries, whether the job is finished here)
     def on_reset(self, state: SessionState, job: Job) -> Replies:
         state.clear()
         return [(state.streams.done_resetting, P.with_request_id({P.DONE_FIELD: 1}, job.request_id))]
 
-    def on_logits(self, state: SessionState, job: Job) -> Replies:
+    def whole_trial(self, job: Job) -> bool:
+        """Whether the session's finalize is already waiting behind this logits request (with
+        nothing but more logits between): nobody can read a partial before the final result."""
+        for nxt in self.upcoming:
+            if nxt.session != job.session or nxt.kind in (OPEN, REFRESH):
+                continue
+            if nxt.kind == P.Kind.LOGITS.value:
+                continue
+            return nxt.kind == P.Kind.FINALIZE.value
+        return False
+
+    def on_logits(self, state: SessionState, job: Job) -> Replies | None:
         logits = P.decode_logits(job.fields.get(P.LOGITS_FIELD), self.settings.max_logits_bytes)
         if state.frames + len(logits) > self.settings.max_trial_frames:
             raise P.ProtocolError(f"{P.LOGITS_FIELD}: the trial would hold {state.frames + len(logits)} frames, "
                                   f"over the limit of {self.settings.max_trial_frames}; reset first")
         state.chunks.append(logits)
         state.frames += len(logits)
+        if state.stream is None and self.whole_trial(job):
+            state.owed.append(job)  # answered by on_finalize, after the one-pass decode
+            return None
         if state.stream is None:  # a new trial, or new decoding options: catch up on earlier chunks
             state.stream = self.core.stream(state.params.decode)
             for chunk in state.chunks[:-1]:
                 state.stream.advance(chunk)
         best = state.stream.advance(logits)
-        return [(state.streams.partial, P.with_request_id({P.PARTIAL_FIELD: best}, job.request_id))]
+        return [(state.streams.partial, P.with_request_id({P.PARTIAL_FIELD: best, PASS_FIELD: "stream"},
+                                                          job.request_id))]
+
+    def pay_owed(self, state: SessionState, best: str | None, error: str = "") -> None:
+        """Answer the deferred logits requests of a trial sent whole: its best sentence, or an error."""
+        for job in state.owed:
+            if best is None:
+                entries = P.error_reply(state.streams, P.Kind.LOGITS, error, job.request_id)
+            else:
+                entries = [(state.streams.partial, P.with_request_id({P.PARTIAL_FIELD: best, PASS_FIELD: "one"},
+                                                                     job.request_id))]
+            self.out.reply(entries, (job.stream, job.entry_id))
+            self.finished.append(job.seq)
+        state.owed = []
 
     def finalize_nbest(self, state: SessionState) -> NBest:
         """The trial's n-best from every chunk so far, in one pass (decoded and augmented by the core)."""
@@ -82,6 +126,7 @@ class Worker:
     def on_finalize(self, state: SessionState, job: Job) -> Replies | None:
         context = P.text(self.out.call(lambda r: r.get(state.streams.context_key))).strip()
         nbest = self.finalize_nbest(state)
+        self.pay_owed(state, nbest.best)
         params = state.params
         state.clear()
         if params.do_opt and nbest.candidates:
@@ -118,7 +163,7 @@ class Worker:
         self.out.call(lambda r: r.xlen(state.streams.args) == 0 and r.xadd(state.streams.args, entry))
 
     def handle(self, job: Job) -> bool:
-        """Serve one job; False when its reply is left to the LLM rescorer."""
+        """Serve one job; False when its reply comes later (the LLM rescorer's, or a deferred partial's)."""
         if job.kind == OPEN:
             self.open(job)
             return True
@@ -142,11 +187,13 @@ class Worker:
             log.warning("session %r: %s request refused: %s", job.session or "(default)", kind.value, exc)
             entries = P.error_reply(state.streams, kind, str(exc), job.request_id)
             if kind is P.Kind.FINALIZE:
+                self.pay_owed(state, None, f"the trial's finalize was refused: {exc}")
                 state.clear()
         except Exception as exc:  # noqa: BLE001 - a decoder bug must not take the server down
             log.error("session %r: %s failed:\n%s", job.session, kind.value, traceback.format_exc())
             entries = P.error_reply(state.streams, kind, f"internal error: {type(exc).__name__}: {exc}",
                                     job.request_id)
+            self.pay_owed(state, None, f"internal error: {type(exc).__name__}: {exc}")
             state.clear()
         if entries is None:
             return False
@@ -161,19 +208,36 @@ def _child_setup() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _take(pending: deque[Job | None], message: Job | list[Job] | None) -> None:
+    """A message from the router: one job, the jobs of one read (a list), or None (stop)."""
+    if isinstance(message, list):
+        pending.extend(message)
+    else:
+        pending.append(message)
+
+
 def worker_main(index: int, settings: ServerSettings, core: DecodingCore, jobs: Connection, done: Connection,
                 rescore_queue: Any | None) -> None:
     _child_setup()
     worker = Worker(index, settings, core, rescore_queue)
+    pending: deque[Job | None] = deque()
     while True:
         try:
-            job = jobs.recv()  # blocks
+            if not pending:
+                _take(pending, jobs.recv())  # blocks
+            while jobs.poll():  # what else has arrived: the worker looks ahead for a trial's finalize
+                _take(pending, jobs.recv())
         except EOFError:
             return
+        job = pending.popleft()
         if job is None:
             return
+        worker.upcoming = [j for j in pending if j is not None]
         if worker.handle(job):
             done.send(job.seq)
+        for seq in worker.finished:
+            done.send(seq)
+        worker.finished = []
 
 
 def rescorer_main(settings: ServerSettings, queue: Any, done: Connection, ready: Connection) -> None:

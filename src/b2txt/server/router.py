@@ -239,12 +239,13 @@ class Router:
             log.error("could not send an error reply (Redis unreachable): %s", message)
 
     def dispatch(self, entries: list[Entry]) -> None:
-        for e in entries:
-            self.sessions.last_ids[e.stream] = e.entry_id
-            if e.stream == P.SESSIONS_STREAM:
-                self.on_registration(e, None)
-            elif e.stream in self.sessions.session_of:
-                self.on_request(e)
+        with self.workers.batch():  # what one read returned reaches each worker as one message
+            for e in entries:
+                self.sessions.last_ids[e.stream] = e.entry_id
+                if e.stream == P.SESSIONS_STREAM:
+                    self.on_registration(e, None)
+                elif e.stream in self.sessions.session_of:
+                    self.on_request(e)
 
     # ---- connection
     def connect(self) -> bool:

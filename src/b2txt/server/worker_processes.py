@@ -9,9 +9,10 @@ to ``on_lost`` (the router answers them with an error: the trial's state is gone
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -60,6 +61,7 @@ class ServerWorkers:
         self.rescore_queue: Any | None = None
         self.rescorer: Any | None = None
         self.rescorer_done: Connection | None = None
+        self.outbox: dict[int, list[Job]] | None = None  # inside batch(): jobs per worker, sent at its end
 
     # ---- starting
     def start(self) -> None:
@@ -110,14 +112,33 @@ class ServerWorkers:
         return min(self.workers, key=lambda w: (len(w.sessions), w.index))
 
     def send(self, index: int, job: Job) -> None:
-        worker = self.workers[index]
+        """Hand a job to worker ``index`` (inside :meth:`batch`: when the batch ends)."""
+        if self.outbox is not None:
+            self.outbox.setdefault(index, []).append(job)
+        else:
+            self._deliver(index, [job])
+
+    def _deliver(self, index: int, jobs: list[Job]) -> None:
+        message = jobs[0] if len(jobs) == 1 else jobs
         try:
-            worker.jobs.send(job)
-        except (BrokenPipeError, OSError):  # the worker is gone and never got this job: give it to its successor
+            self.workers[index].jobs.send(message)
+        except (BrokenPipeError, OSError):  # the worker is gone and never got them: give them to its successor
             self.replace(index)
-            worker = self.workers[index]
-            worker.jobs.send(job)
-        self.inflight[job.seq] = (index, job)
+            self.workers[index].jobs.send(message)
+        for job in jobs:  # in flight once delivered (replace() answers only what the dead worker had)
+            self.inflight[job.seq] = (index, job)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Jobs sent inside reach each worker as one message: a trial's logits and finalize read
+        together arrive together, so the worker sees the finalize behind the logits (one pass)."""
+        self.outbox = {}
+        try:
+            yield
+        finally:
+            outbox, self.outbox = self.outbox, None
+            for index, jobs in outbox.items():
+                self._deliver(index, jobs)
 
     def collect_done(self, timeout: float | None = 0.0) -> None:
         conns = [w.done for w in self.workers] + ([self.rescorer_done] if self.rescorer_done else [])

@@ -1,14 +1,18 @@
 """Language-model decoding speed and memory: WFST (TLG) and lexicon (KenLM) decoders, 1/3/5-gram.
 
-Builds the LMs the pipeline builds from the default corpus (every Debian fortune file, the
-whole ~126k-word CMU lexicon as vocabulary; `b2txt lm text|ngram|graph` code paths) into a
-cache directory, then decodes the same trials with each decoder and order, each in its own
-process so the peak resident memory is its own. Trials: simulated phoneme logits of held-out
-corpus sentences (`tests/helpers/synthetic.py`, confusions included), or `--logits FILE`
-(a logits file of a trained model). Prints, per decoder and order: graph/trie load time,
-ms/trial (median, p90; one process, n-best and augmentation included), WER and peak RSS.
+By default it decodes with the LMs the pipeline builds (config/config.yaml: `results/<run>/lm/<n>gram`
+for each order of `lm.orders`, the whole ~126k-word CMU lexicon as vocabulary), built with Snakemake
+when absent, and the trials are simulated phoneme logits (`tests/helpers/synthetic.py`, confusions
+included) of the pipeline data's val and test sentences, which `lm text` keeps out of the LM text.
+`--own-lms` builds its own LMs instead (orders `--orders`, e.g. a 5-gram the default run does not
+make) from the corpus less held-out corpus sentences, into a cache directory. `--logits FILE`
+decodes a trained model's logits file instead. Each decoder and order runs in its own process
+so the peak resident memory is its own. Prints the LM directories, then per decoder and order:
+graph/trie load time, ms/trial (median, p90; one process, n-best and augmentation included),
+WER and peak RSS.
 
-    python benchmarks/decode.py [--orders 1 3 5] [--wfst-orders 1 3] [--trials 100] [--logits FILE]
+    python benchmarks/decode.py [--trials 100] [--logits FILE]
+    python benchmarks/decode.py --own-lms [--orders 1 3 5] [--wfst-orders 1 3] [--trials 100]
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +61,27 @@ def build_lms(orders: list[int], wfst_orders: list[int], held_out: set[str]) -> 
             build_graph_from_arpa(d / "lm.arpa", d, lex)
             print(f"{n}-gram TLG: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return CACHE
+
+
+def pipeline_lms(trial_count: int) -> tuple[Path, list[int], list[str]]:
+    """The pipeline's LM directory (results/<run>/lm), its orders and up to ``trial_count`` of the
+    data's val/test sentences (excluded from the LM text), built with Snakemake when absent."""
+    import pandas as pd
+
+    from b2txt.ground.config import load_config
+
+    cfg = load_config(ROOT / "config" / "config.yaml")
+    lm, manifest = ROOT / f"results/{cfg.run}/lm", ROOT / f"results/{cfg.run}/manifest.csv"
+    targets = [str(p.relative_to(ROOT)) for n in cfg.lm.orders for p in (lm / f"{n}gram" / "TLG.fst", lm / f"{n}gram" / "lm.bin")]
+    targets.append(str(manifest.relative_to(ROOT)))
+    if not all((ROOT / t).is_file() for t in targets):
+        print(f"building the pipeline's LMs: snakemake --cores all {' '.join(targets)} (minutes, once)", flush=True)
+        subprocess.run(["snakemake", "--cores", "all", *targets], cwd=ROOT, check=True)
+    rows = pd.read_csv(manifest)
+    held = rows[rows["split"].isin(cfg.lm.exclude_splits)]["sentence"].dropna().astype(str).tolist()
+    rng = np.random.default_rng(0)
+    picked = [held[i] for i in rng.choice(len(held), size=min(trial_count, len(held)), replace=False)]
+    return lm, list(cfg.lm.orders), picked
 
 
 def held_out_sentences(n: int) -> list[str]:
@@ -128,7 +155,9 @@ def one(decoder: str, order: int, trials_file: Path, options: dict) -> dict:
 def main() -> None:
     global CACHE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--orders", type=int, nargs="+", default=[1, 3, 5])
+    ap.add_argument("--own-lms", action="store_true", help="build LMs of its own (held-out corpus sentences) "
+                                                                "instead of using the pipeline's")
+    ap.add_argument("--orders", type=int, nargs="+", default=[1, 3, 5], help="with --own-lms: n-gram orders")
     ap.add_argument("--wfst-orders", type=int, nargs="+", default=[1, 3],
                     help="orders that also get a TLG graph (a 5-gram TLG of the whole lexicon needs several GB)")
     ap.add_argument("--trials", type=int, default=100)
@@ -150,21 +179,28 @@ def main() -> None:
         decoder, order, trials_file = args.one
         print(json.dumps(one(decoder, int(order), Path(trials_file), options)))
         return
-    sentences = held_out_sentences(args.trials)
-    logits, refs = trials(sentences, args.logits)
-    if args.logits:  # the file's sentences must not be in the LM text either: an LM of its own
-        import hashlib
+    if args.own_lms:
+        sentences = held_out_sentences(args.trials)
+        logits, refs = trials(sentences, args.logits)
+        if args.logits:  # the file's sentences must not be in the LM text either: an LM of its own
+            import hashlib
 
-        CACHE = CACHE / ("held-out-" + hashlib.sha256("\n".join(sorted(refs)).encode()).hexdigest()[:12])
-    build_lms(args.orders, args.wfst_orders, set(sentences) | set(refs))
+            CACHE = CACHE / ("held-out-" + hashlib.sha256("\n".join(sorted(refs)).encode()).hexdigest()[:12])
+        build_lms(args.orders, args.wfst_orders, set(sentences) | set(refs))
+        orders, wfst_orders = args.orders, args.wfst_orders
+    else:
+        CACHE, orders, sentences = pipeline_lms(args.trials)
+        wfst_orders = orders
+        logits, refs = trials(sentences, args.logits)
+    print("LMs: " + ", ".join(str(CACHE / f"{n}gram") for n in orders))
     CACHE.mkdir(parents=True, exist_ok=True)
-    trials_file = CACHE / "trials.npz"
+    trials_file = Path(tempfile.mkdtemp(prefix="b2txt-decode-bench-")) / "trials.npz"
     np.savez(trials_file, n=len(logits), refs=np.array(refs), **{f"x{i}": x for i, x in enumerate(logits)})
     print(f"{len(logits)} trials ({'file ' + str(args.logits) if args.logits else 'simulated, 10 % uncertain confusions'}), "
           f"mean {np.mean([len(x) for x in logits]):.0f} frames; options {options}; 1 process")
     print(f"{'decoder':8s} {'order':>5s} {'load s':>7s} {'ms/trial':>9s} {'p90 ms':>7s} {'WER':>6s} "
           f"{'peak RSS':>9s} {'decoder':>9s} {'lm.bin':>8s}   (decoder: resident memory the graph/trie + LM add)")
-    runs = [("wfst", n) for n in args.orders if n in args.wfst_orders] + [("lexicon", n) for n in args.orders]
+    runs = [("wfst", n) for n in orders if n in wfst_orders] + [("lexicon", n) for n in orders]
     for decoder, order in runs:
         r = subprocess.run([sys.executable, __file__, "--one", decoder, str(order), str(trials_file), "--cache", str(CACHE),
                             "--acoustic-scale", str(args.acoustic_scale), "--max-active", str(args.max_active),
@@ -175,6 +211,7 @@ def main() -> None:
         m = json.loads(r.stdout.strip().splitlines()[-1])
         print(f"{m['decoder']:8s} {m['order']:5d} {m['load_s']:7.1f} {m['median_ms']:9.1f} {m['p90_ms']:7.1f} "
               f"{100 * m['wer']:5.1f}% {m['peak_rss_mb']:7.0f} MB {m['decoder_rss_mb']:6.0f} MB {m['lm_bin_mb']:6.0f} MB")
+    shutil.rmtree(trials_file.parent, ignore_errors=True)
 
 
 if __name__ == "__main__":

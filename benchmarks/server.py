@@ -271,19 +271,22 @@ def main() -> None:
         local, local_best = in_process(lm, options, trials)
         print(f"graph: {describe(lm)}")
         print(f"{args.trials} trials, {frames.mean():.0f} frames each on average, nbest {args.nbest}")
+        in_rate = 1 / local.mean()
         print(f"in-process decode+augment: p50 {ms(local, 50)}, p99 {ms(local, 99)}, "
-              f"{1 / local.mean():.1f} trials/s on one core")
+              f"{in_rate:.1f} trials/s on one core")
         for chunk in (5, 20):  # 100 ms and 400 ms of 20-ms frames
             r = streaming_partials(lm, options, trials[:50], chunk)
             print(f"streaming partials every {chunk} frames + final n-best: re-decode the prefix {r['redo_ms']:.1f} "
                   f"ms/trial, advance one search {r['stream_ms']:.1f} ms/trial (x{r['redo_ms'] / r['stream_ms']:.1f} "
-                  f"faster); same last partial {r['same']}/{r['n']}")
+                  f"faster; {r['stream_ms'] / (1000 * local.mean()):.2f}x the one-pass decode); same last partial "
+                  f"{r['same']}/{r['n']}")
         counts = sorted({int(w) for w in args.group_workers.split(",") if w.strip()})
         if counts:
             rates = group_throughput(lm, tmp, trials, options, counts)
             base = rates[counts[0]]
             print(f"consumer-group mode (lm-worker processes, whole trials; {available_cores()} cores): " +
-                  " | ".join(f"{k} worker(s) {rate:.1f} trials/s (x{rate / base:.2f})" for k, rate in rates.items()))
+                  " | ".join(f"{k} worker(s) {rate:.1f} trials/s (x{rate / base:.2f}; {rate / (k * in_rate):.2f} of "
+                             f"{k} x in-process)" for k, rate in rates.items()))
         if args.skip_session:
             return
         rs = RedisServer(tmp / "run")
@@ -304,7 +307,8 @@ def main() -> None:
                     before = cpu_seconds(server.proc.pid, rs.pid)
                     rate = throughput(rs.address, trials, 2 * workers)
                     used = {k: (v - before[k]) / len(trials) * 1000 for k, v in cpu_seconds(server.proc.pid, rs.pid).items()}
-                    print(f"throughput with {workers} worker(s), {2 * workers} sessions: {rate:.1f} trials/s; CPU ms per "
+                    print(f"throughput with {workers} worker(s), {2 * workers} sessions: {rate:.1f} trials/s "
+                          f"({rate / (workers * in_rate):.2f} of {workers} x in-process); CPU ms per "
                           f"trial: workers {used['workers']:.1f}, router {used['router']:.2f}, redis {used['redis']:.2f}, "
                           f"clients {used['client']:.2f}")
                 finally:

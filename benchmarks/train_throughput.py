@@ -7,7 +7,9 @@ in a worker thread during the previous step on an accelerator; "assembly" is the
 takes on its own), the padding
 waste of the batches (1 - real bins / padded bins) with and without length bucketing, and the
 peak resident memory of the process. Each preset runs in its own process so the peaks are its
-own. On a GPU machine pass `--device cuda` (bf16 autocast follows the preset's `amp: auto`).
+own. On a GPU machine pass `--device cuda` (bf16 autocast follows the preset's `amp: auto`; the GPU then
+augments and smooths its batches itself). Then the assembly of one batch alone on the CPU, idle
+and beside one busy process per core (`--assembly-load`).
 
 Then, side by side, data-parallel training of one preset with 1 and N processes (`b2txt train
 --nproc N`, the global batch split over them; on the CPU the cores are shared out, on CUDA one
@@ -74,6 +76,29 @@ def batch_assembly_s(trainer, n: int = 5) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def assembly_only(preset: str, data: Path, manifest: Path, n: int = 10) -> dict:
+    """Median and worst time of one batch's assembly (sampling, padding, augmentation, smoothing)."""
+    from b2txt.ground.config import load_config
+    from b2txt.training.trainer import Trainer
+
+    cfg = load_config([ROOT / "config" / "config.yaml", ROOT / "config" / "model" / f"{preset}.yaml"]).train
+    cfg = cfg.model_copy(update={"device": "cpu", "holdout_sessions": []})
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, data, manifest, Path(tmp) / "model", log=lambda m: None)
+        trainer.batch(0)
+        times = []
+        for step in range(n):
+            t0 = time.perf_counter()
+            trainer.batch(step)
+            times.append(time.perf_counter() - t0)
+    return {"median_ms": 1000 * float(np.median(times)), "max_ms": 1000 * max(times)}
+
+
+def busy(n: int) -> list[subprocess.Popen]:
+    """``n`` processes that keep a core busy each (another job on the machine)."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
 def one(preset: str, data: Path, manifest: Path, steps: int, device: str) -> dict:
     from b2txt.ground.config import load_config
     from b2txt.training.trainer import Trainer, new_stats
@@ -138,11 +163,17 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, nargs="*", default=[1, 2], help="process counts for data parallelism")
     ap.add_argument("--ddp-preset", default="baseline")
     ap.add_argument("--ddp-steps", type=int, default=12)
+    ap.add_argument("--assembly-load", type=int, default=os.cpu_count(),
+                    help="busy processes beside the batch-assembly timing (default: one per core; 0 skips it)")
+    ap.add_argument("--assembly", help=argparse.SUPPRESS)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--manifest", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(args.one, args.data, args.manifest, args.steps, args.device)))
+        return
+    if args.assembly:
+        print(json.dumps(assembly_only(args.assembly, args.data, args.manifest)))
         return
     from b2txt.data.store import build_manifest, write_manifest
 
@@ -160,6 +191,22 @@ def main() -> None:
             print(f"{m['preset']:9s} {m['model']:15s} {m['device']:7s} {m['batch']:5d} {m['ms_per_batch']:9.0f} "
                   f"{m['batches_per_s']:8.2f} {100 * m['outside_fwd_bwd']:8.1f}% {m['assembly_ms']:6.0f}ms {100 * m['padding_bucketed']:9.1f}% "
                   f"{100 * m['padding_random']:9.1f}% {m['peak_rss_mb']:7.0f} MB")
+        if args.assembly_load:
+            print(f"\nbatch assembly alone (CPU; median / worst of 10 batches), idle and beside {args.assembly_load} "
+                  f"busy processes")
+            for preset in args.presets:
+                row = []
+                for load in (0, args.assembly_load):
+                    burners = busy(load)
+                    try:
+                        r = subprocess.run([sys.executable, __file__, "--assembly", preset, "--data", str(data),
+                                            "--manifest", str(manifest)], capture_output=True, text=True, check=True)
+                    finally:
+                        for b in burners:
+                            b.kill()
+                    m = json.loads(r.stdout.strip().splitlines()[-1])
+                    row.append(f"{m['median_ms']:6.0f} / {m['max_ms']:6.0f} ms")
+                print(f"{preset:9s} idle {row[0]}   loaded {row[1]}")
         if args.nproc:
             print(f"\ndata parallel, preset {args.ddp_preset}, device {args.device}, {args.ddp_steps} steps "
                   f"({os.cpu_count()} CPU cores)")

@@ -143,3 +143,27 @@ def test_missing_or_mismatched_model_dir_is_a_clear_error(tmp_path):
     (tmp_path / "checkpoint" / "args.yaml").write_text(yaml.safe_dump(args))
     with pytest.raises(B2txtError, match="do not match"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("std", [1, 2, 3.5])
+def test_smoothing_equals_the_depthwise_convolution_it_replaces(std):
+    """The CPU's shifted-sum smoothing is the published depthwise conv1d ('same' zero padding), to the bit."""
+    import torch.nn.functional as F
+
+    from b2txt.models.transforms import gaussian_kernel, smooth
+
+    k = gaussian_kernel(std)
+    x = torch.randn(3, 57, 512, generator=torch.Generator().manual_seed(0))
+    ref = F.conv1d(x.transpose(1, 2), k.view(1, 1, -1).expand(512, 1, -1), padding=k.numel() // 2, groups=512)
+    assert torch.equal(smooth(x, k), ref.transpose(1, 2))
+
+
+def test_pad_batch_keeps_each_trial_and_zeros_the_rest():
+    from b2txt.models.transforms import pad_batch
+
+    rng = np.random.default_rng(0)
+    trials = [rng.normal(size=(n, 7)).astype(np.float32) for n in (5, 9, 1)]
+    x, lengths = pad_batch(trials)
+    assert x.dtype == torch.float32 and x.shape == (3, 9, 7) and lengths.tolist() == [5, 9, 1]
+    for i, t in enumerate(trials):
+        assert np.array_equal(x[i, : len(t)].numpy(), t) and not x[i, len(t):].any()

@@ -515,3 +515,20 @@ def test_numpy_metric_in_checkpoint_loads_and_pickled_objects_are_refused(sim, t
     ckpt.write_bytes(b"not a checkpoint")
     with pytest.raises(B2txtError, match="cannot load checkpoint safely"):
         load_model(out)
+
+
+def test_batch_transforms_deferred_to_the_device_equal_the_ones_done_in_line(sim, tmp_path):
+    """On a GPU the trainer pads on the CPU and augments, cuts and smooths on the device
+    (Trainer.device_transforms); run on the CPU, that deferred path gives the in-line batch exactly."""
+    from b2txt.training.trainer import DeviceBatch
+
+    cfg = tcfg(augment={"white_noise_std": 1.0, "constant_offset_std": 0.2, "random_walk_std": 0.1,
+                        "static_gain_std": 0.05, "random_cut": 3})
+    inline = Trainer(cfg, sim[0], sim[1], tmp_path / "a", log=lambda m: None)
+    deferred = Trainer(cfg, sim[0], sim[1], tmp_path / "b", log=lambda m: None)
+    deferred.transforms_on_device = True
+    for step in range(4):
+        a, b = inline.batch(step), deferred.batch(step)
+        assert isinstance(b[0], DeviceBatch)
+        assert torch.equal(a[0], deferred.device_transforms(b[0]))
+        assert all(torch.equal(u, v) for u, v in zip(a[1:], b[1:]))

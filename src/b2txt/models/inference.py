@@ -37,6 +37,8 @@ def run_model(model: GRUDecoder, features: Sequence[np.ndarray], day_idx: Sequen
     it = progress(batches, desc="infer", unit="batch") if show_progress else batches
     for b in it:
         x, _ = pad_batch([features[i] for i in b])
+        if device.type == "cuda":  # smoothing costs nothing on a GPU
+            x = x.to(device)
         if kernel is not None:
             x = smooth(x, kernel)
         if device.type == "xla":

@@ -27,21 +27,34 @@ def gaussian_kernel(std: float, size: int = 100) -> torch.Tensor:
 
 
 def smooth(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Smooth ``x [B, T, C]`` along time with ``kernel``, 'same' zero padding."""
+    """Smooth ``x [B, T, C]`` along time with ``kernel``, 'same' zero padding.
+
+    On the CPU as a sum of shifted, weighted copies (what the depthwise ``conv1d`` computes, to
+    the bit, at half its time and without its threads); elsewhere the ``conv1d`` itself."""
+    width, pad = kernel.numel(), kernel.numel() // 2
+    if x.device.type == "cpu":
+        out_len = x.shape[1] + 2 * pad - width + 1
+        xp = F.pad(x, (0, 0, pad, pad))
+        weights = kernel.tolist()
+        y = xp[:, :out_len] * weights[0]
+        for i in range(1, width):
+            y.add_(xp[:, i:i + out_len], alpha=weights[i])
+        return y
     c = x.shape[-1]
     k = kernel.to(device=x.device, dtype=x.dtype).view(1, 1, -1).expand(c, 1, -1)
-    y = F.conv1d(x.transpose(1, 2), k, padding=kernel.numel() // 2, groups=c)
+    y = F.conv1d(x.transpose(1, 2), k, padding=pad, groups=c)
     return y.transpose(1, 2)
 
 
-def trial_generator(seed: int, step: int, trial: int = -1) -> torch.Generator:
-    """The random stream of one trial in one training step (``trial=-1``: the batch's own).
+def trial_generator(seed: int, step: int, trial: int = -1, device: torch.device | str = "cpu") -> torch.Generator:
+    """The random stream of one trial in one training step (``trial=-1``: the batch's own), on
+    ``device`` (a GPU draws its own noise: a different stream from the CPU's, equally seeded).
 
     Training noise depends on (seed, step, trial) only, not on which process or which place in
     a batch the trial lands in: N data-parallel processes augment exactly as one process does.
     """
     state = np.random.SeedSequence([seed, step, trial + 1]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
 def augment(x: torch.Tensor, lengths: torch.Tensor, cfg: AugmentConfig,
@@ -55,7 +68,7 @@ def augment(x: torch.Tensor, lengths: torch.Tensor, cfg: AugmentConfig,
         n = int(lengths[i])
 
         def randn(*shape):
-            return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=dev, dtype=dt)
+            return torch.randn(*shape, generator=gen, dtype=torch.float32, device=gen.device).to(device=dev, dtype=dt)
 
         xi = x[i, :n]
         if cfg.static_gain_std > 0:
@@ -85,10 +98,12 @@ def cut_start(x: torch.Tensor, lengths: torch.Tensor, cut: int) -> tuple[torch.T
     return x[:, cut:], lengths - cut
 
 
-def pad_batch(features: list, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([f.shape[0] for f in features], dtype=torch.long)
-    out = torch.zeros(len(features), int(lengths.max()), features[0].shape[1], dtype=dtype)
+def pad_batch(features: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trials ``[T_i, C]`` zero-padded into one float32 ``[B, max T_i, C]`` batch and their lengths.
+    Built in numpy: one thread, no torch dispatch per trial (a busy machine does not slow it down)."""
+    lengths = np.array([f.shape[0] for f in features], dtype=np.int64)
+    out = np.zeros((len(features), int(lengths.max()), features[0].shape[1]), dtype=np.float32)
     for i, f in enumerate(features):
-        out[i, : f.shape[0]] = torch.as_tensor(f, dtype=dtype)
-    return out, lengths
+        out[i, : f.shape[0]] = f
+    return torch.from_numpy(out), torch.from_numpy(lengths)
 

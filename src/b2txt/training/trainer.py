@@ -22,12 +22,14 @@ in the noise). Validation and checkpoint selection use the clean logits' greedy 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +55,29 @@ from .distributed import DistContext, close_group, context_from_env, init_group,
 
 class TrainingInterrupted(Exception):
     """Raised by ``Trainer.run(stop_after=...)``: stops as a kill would, after a checkpoint."""
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Per-trial work on one thread: torch's intra-op threads wait on each other for every small
+    op, and on a busy machine a batch then takes seconds instead of tens of milliseconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class DeviceBatch:
+    """A padded batch whose augmentation, cut and smoothing the accelerator does (:meth:`Trainer.device_transforms`)."""
+
+    x: torch.Tensor
+    lengths: torch.Tensor
+    trials: list[int]
+    step: int
+    cut: int
 
 
 def cpu_copy(tree):
@@ -197,6 +222,9 @@ class Trainer:
         self.ctc = torch.nn.CTCLoss(blank=0, reduction="none", zero_infinity=True)
         a = cfg.augment
         self.kernel = gaussian_kernel(a.smooth_kernel_std, a.smooth_kernel_size) if a.smooth_data else None
+        # A GPU augments and smooths its batches itself (noise from its own generators, seeded per
+        # trial as on the CPU): the CPU thread that feeds it only samples and pads.
+        self.transforms_on_device = self.device.type == "cuda"
         lengths = np.array([f.shape[0] for f in self.train_store.features])
         self.sampler = DayBatchSampler(self.train_store, cfg.batch_size, cfg.days_per_batch, cfg.seed,
                                        cfg.must_include_days, lengths if cfg.length_bucketing else None)
@@ -243,6 +271,10 @@ class Trainer:
 
         Every rank draws the same global batch; the cut is decided on the global batch and the
         noise per trial, so the shares add up to what one process would train on."""
+        with one_torch_thread():
+            return self._batch(step)
+
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         store, cfg = self.train_store, self.cfg
         everything = self.sampler.next_batch()
         shortest = min(store.features[i].shape[0] for i in everything)
@@ -251,10 +283,14 @@ class Trainer:
         x, lengths = pad_batch([store.features[i] for i in idx])
         self.stats["padding"] += 1 - float(lengths.sum()) / (len(idx) * x.shape[1])
         self.stats["built"] += 1
-        x = augment(x, lengths, cfg.augment, [trial_generator(cfg.seed, step, int(i)) for i in idx])
-        x, lengths = cut_start(x, lengths, cut)
-        if self.kernel is not None:
-            x = smooth(x, self.kernel)
+        if self.transforms_on_device:  # done by loss(), on the device
+            x = DeviceBatch(x, lengths, [int(i) for i in idx], step, cut)
+            lengths = lengths - cut
+        else:
+            x = augment(x, lengths, cfg.augment, [trial_generator(cfg.seed, step, int(i)) for i in idx])
+            x, lengths = cut_start(x, lengths, cut)
+            if self.kernel is not None:
+                x = smooth(x, self.kernel)
         if self.device.type == "xla":  # a few static lengths keep XLA from recompiling
             m = cfg.xla_pad_multiple
             x = torch.nn.functional.pad(x, (0, 0, 0, -x.shape[1] % m))
@@ -265,8 +301,18 @@ class Trainer:
         out_len = self.model.output_lengths(lengths).clamp(min=1)
         return x, day_idx, targets, tgt_len, out_len
 
+    def device_transforms(self, b: DeviceBatch) -> torch.Tensor:
+        """Augment, cut and smooth a padded batch on the device, as :meth:`batch` does on the CPU."""
+        x = b.x.to(self.device, non_blocking=True)
+        gens = [trial_generator(self.cfg.seed, b.step, i, self.device) for i in b.trials]
+        x = augment(x, b.lengths, self.cfg.augment, gens)
+        x, _ = cut_start(x, b.lengths, b.cut)
+        return smooth(x, self.kernel) if self.kernel is not None else x
+
     def loss(self, x, day_idx, targets, tgt_len, out_len) -> tuple[torch.Tensor, dict[str, float]]:
         dev = self.device
+        if isinstance(x, DeviceBatch):
+            x = self.device_transforms(x)
         x, day_idx = x.to(dev, non_blocking=True), day_idx.to(dev, non_blocking=True)
         targets, tgt_len, out_len = targets.to(dev), tgt_len.to(dev), out_len.to(dev)
 

@@ -219,6 +219,20 @@ def select_files(files: list[RemoteFile], names: list[str] | None, where: str) -
     return [f for f in files if f.path in wanted]
 
 
+def listed_files(datasets: list[str], names: list[str] | None, api_root: str, options: HttpOptions,
+                 dois: dict[str, str] | None = None, log: Log = print) -> tuple[list[RemoteFile], str]:
+    """The chosen files of ``datasets`` (``names``; None: all) as the API lists them, and a phrase
+    naming the datasets for messages. An unknown dataset or an unlisted name is an error."""
+    dois = {**DATASETS, **(dois or {})}
+    files: list[RemoteFile] = []
+    for name in datasets:
+        if name not in dois:
+            raise DownloadError(f"unknown dataset {name!r}; known: {', '.join(sorted(dois))}")
+        files += list_files(name, dois[name], api_root, options, log)
+    where = " and ".join(f"{d} ({dois[d]})" for d in datasets)
+    return select_files(files, names, where), where
+
+
 
 def hasher(digest_type: str, where: str = "") -> "hashlib._Hash":
     name = digest_type.lower().replace("-", "").replace("_", "")

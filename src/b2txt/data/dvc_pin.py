@@ -46,7 +46,7 @@ import yaml
 from ..ground.console import Log
 from ..ground.errors import DownloadError, DvcError
 from ..ground.fileio import atomic_file, human_size, write_text_atomic
-from .dryad_api import DATASETS, DEFAULT_API_ROOT, HttpOptions, RemoteFile, list_files, select_files
+from .dryad_api import DEFAULT_API_ROOT, HttpOptions, RemoteFile, listed_files
 from .fetch import check_free_space, fetch_checked, file_digest, move_file
 from .github_api import DEFAULT_API_ROOT as GITHUB_API_ROOT
 from .github_api import (
@@ -230,15 +230,8 @@ def pin_files(datasets: list[str], out_dir: str | Path, names: list[str] | None 
     """Pin the chosen files of ``datasets`` in ``out_dir`` (one ``<name>.dvc`` each, and ``.gitignore``
     entries); with ``download``, also get each into the DVC cache, checked, and check it out.
     Returns the pin files. Partial downloads collect in ``partial_dir`` (default ``.dvc/tmp/b2txt-partial``)."""
-    dois = {**DATASETS, **(dois or {})}
     out_dir = Path(out_dir)
-    files: list[RemoteFile] = []
-    for name in datasets:
-        if name not in dois:
-            raise DownloadError(f"unknown dataset {name!r}; known: {', '.join(sorted(dois))}")
-        files += list_files(name, dois[name], api_root, options, log)
-    where = " and ".join(f"{d} ({dois[d]})" for d in datasets)
-    files = select_files(files, names, where)
+    files, where = listed_files(datasets, names, api_root, options, dois, log)
     previous = check_writable(out_dir, files, force)
     md5s = {f.path: known_md5(f, previous[f.path]) for f in files}
     unknown = [f"{f.path} ({f.digest_type})" for f in files if md5s[f.path] is None]

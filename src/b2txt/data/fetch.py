@@ -31,18 +31,7 @@ from ..ground.archive import CHUNK, unpack_archive
 from ..ground.console import Log, progress
 from ..ground.errors import DownloadError
 from ..ground.fileio import atomic_file, disk_full_error, human_size, write_text_atomic
-from .dryad_api import (
-    DATASETS,
-    DEFAULT_API_ROOT,
-    HttpOptions,
-    RemoteFile,
-    Transient,
-    hasher,
-    list_files,
-    open_url,
-    retrying,
-    select_files,
-)
+from .dryad_api import DEFAULT_API_ROOT, HttpOptions, RemoteFile, Transient, hasher, listed_files, open_url, retrying
 
 STATE_DIR = ".download"
 
@@ -290,16 +279,10 @@ def download(datasets: list[str], out_dir: str | Path, names: list[str] | None =
     """List, download, check and (for archives) unpack the chosen files; returns the paths made.
     Partial files collect in ``partial_dir`` (default ``<out>/.download``)."""
     partial_dir = Path(partial_dir) if partial_dir is not None else None
-    dois = {**DATASETS, **(dois or {})}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files: list[RemoteFile] = []
-    for name in datasets:
-        if name not in dois:
-            raise DownloadError(f"unknown dataset {name!r}; known: {', '.join(sorted(dois))}")
-        files += list_files(name, dois[name], api_root, options, log)
-    where = " and ".join(f"{d} ({dois[d]})" for d in datasets)
-    planned = plan(select_files(files, names, where), out_dir, partial_dir)
+    files, where = listed_files(datasets, names, api_root, options, dois, log)
+    planned = plan(files, out_dir, partial_dir)
     log(f"files of {where}:\n{describe(planned)}")
     if list_only:
         return []

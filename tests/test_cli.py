@@ -1,5 +1,6 @@
 """The `b2txt` CLI: help everywhere, clear errors with exit status 2, no half-written output."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import h5py
 import pytest
 
 from b2txt.cli import build_parser, main
+from b2txt.ground.errors import B2txtError
 
 COMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)  # noqa: SLF001
 
@@ -130,3 +132,48 @@ def test_data_command_with_a_missing_dir_source_is_one_clear_error(tmp_path, cap
     assert main(["data", "--config", str(cfg), "--out", str(tmp_path / "empty")]) == 2
     assert "no Dryad-layout data files" in capsys.readouterr().err
     assert list((tmp_path / "empty").iterdir()) == []
+
+
+def _tree_digest(root):
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["train", "--data", "{d}", "--manifest", "{m}", "--out", "{d}"], "--out {d} is the input --data"),
+    (["train", "--data", "{d}/sub", "--manifest", "{m}", "--out", "{d}"], "--out {d} contains the input --data"),
+    (["infer", "--model", "{m}", "--data", "{d}/sub", "--manifest", "{m}", "--split", "val",
+      "--out", "{d}/sub/x.hdf5"], "lies inside the input --data"),
+    (["validate", "{d}", "--report", "{d}/report.txt"], "lies inside the input DATA_DIR"),
+    (["preprocess", "--data", "{d}", "--out", "{m}"], "lies inside the input --data"),
+    (["score", "--logits", "{d}/sub/x.hdf5", "--out", "{d}"], "contains the input --logits"),
+    (["workflow", "dvc", "--config", "{d}/c.yaml", "--out", "{d}/c.yaml"], "is the input --config"),
+    (["unpack", "{d}/a.zip", "--out", "{d}"], "contains the input ARCHIVES"),
+])
+def test_an_output_onto_an_input_is_refused_and_the_input_kept(tmp_path, capsys, argv, culprit):
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    for name in ("m.csv", "c.yaml", "a.zip", "sub/x.hdf5"):
+        (d / name).write_text("data\n")
+    before = _tree_digest(d)
+    args = [a.format(d=d, m=d / "m.csv") for a in argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert culprit.format(d=d) in err and "never writes over what it reads" in err
+    assert _tree_digest(d) == before
+
+
+def test_lm_graph_may_write_beside_the_arpa_it_reads(tmp_path):
+    """The pipeline's lm_graph adds TLG.fst to the n-gram directory that holds its lm.arpa."""
+    from b2txt.cli.common import guard_outputs
+
+    ns = argparse.Namespace(arpa=tmp_path / "3gram" / "lm.arpa", out=tmp_path / "3gram", config=None)
+    guard_outputs(ns, out_holds_inputs=True)
+    with pytest.raises(B2txtError, match="contains the input --arpa"):
+        guard_outputs(ns)

@@ -31,6 +31,46 @@ class Command:
     #: Extras of pyproject.toml it may need beyond the core (its error names the first that has a
     #: missing module; a test checks these against the modules its code imports).
     extras: tuple[str, ...] = ()
+    #: Its output directory may hold its inputs (``lm graph`` adds the graph beside the ARPA it reads).
+    out_holds_inputs: bool = False
+
+
+#: Arguments naming what a command writes; every other path argument names something it reads,
+#: except these places it works in.
+OUTPUT_ARGS = ("out", "report")
+WORKING_ARGS = frozenset({"partial_dir", "opt_cache_dir", "redis_socket", "run_dir", "root"})
+POSITIONAL_ARGS = frozenset({"data_dir", "archives"})
+
+
+def _paths(value: object) -> list[Path]:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [v for v in values if isinstance(v, Path)]
+
+
+def _arg(name: str) -> str:
+    return name.upper() if name in POSITIONAL_ARGS else "--" + name.replace("_", "-")
+
+
+def guard_outputs(args: argparse.Namespace, out_holds_inputs: bool = False) -> None:
+    """Refuse an output that is, lies inside or contains one of the command's inputs (symlinks
+    followed), before anything runs: b2txt never writes over what it reads."""
+    names = vars(args)
+    outputs = [(n, p) for n in OUTPUT_ARGS for p in _paths(names.get(n))]
+    inputs = [(n, p) for n, v in names.items() if n not in OUTPUT_ARGS and n not in WORKING_ARGS for p in _paths(v)]
+    for out_name, out in outputs:
+        o = out.resolve()
+        for in_name, given in inputs:
+            i = given.resolve()
+            if o == i:
+                why = "is"
+            elif i in o.parents:
+                why = "lies inside"
+            elif o in i.parents and not out_holds_inputs:
+                why = "contains"
+            else:
+                continue
+            raise B2txtError(f"{_arg(out_name)} {out} {why} the input {_arg(in_name)} {given}: b2txt never "
+                             "writes over what it reads; choose another output path")
 
 
 def add_config(p: argparse.ArgumentParser, reads: str = "") -> None:

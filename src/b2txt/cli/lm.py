@@ -156,7 +156,7 @@ COMMANDS = (
             "CTC topology T over the 41 units in LM order, lexicon L (CMU dict, optional SIL after words), grammar "
             "G from the ARPA (kaldilm): TLG.fst, words.txt, tokens.txt, G.fst (+ G_no_prune.fst from "
             "lm.unpruned.arpa) and graph.json in OUT_DIR, the published layout.",
-            lm_graph_arguments, run_lm_graph, ("lm",)),
+            lm_graph_arguments, run_lm_graph, ("lm",), out_holds_inputs=True),
     Command("decode", "decode a logits file to sentences with an n-gram LM (config: decode, rescore)",
             "Re-orders each trial's logits to the LM column order, decodes it to an n-best list with the WFST "
             "(TLG.fst + words.txt) or lexicon (KenLM) decoder, augments the list and optionally rescores it "

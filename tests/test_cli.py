@@ -76,7 +76,7 @@ def test_config_errors_are_one_clear_message(tmp_path, capsys):
 
 
 def test_missing_inputs_are_clear_errors(tmp_path, capsys):
-    assert main(["infer", "--model", str(tmp_path / "m"), "--data", str(tmp_path), "--split", "val",
+    assert main(["infer", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "data"), "--split", "val",
                  "--manifest", str(tmp_path / "x.csv"), "--out", str(tmp_path / "o.hdf5")]) == 2
     assert "best_checkpoint" in capsys.readouterr().err
     assert main(["simulate", "--sentences", str(tmp_path / "none.txt"), "--out", str(tmp_path / "d")]) == 2

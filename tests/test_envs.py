@@ -158,7 +158,7 @@ def test_a_command_without_its_extra_names_the_extra(tmp_path):
     """With matplotlib unimportable, `b2txt figures` exits 2 with one line naming the 'figures' extra."""
     code = ("import sys; sys.modules['matplotlib'] = None\n"
             "from b2txt.cli import main\n"
-            f"sys.exit(main(['figures', '--model', {str(tmp_path)!r}, '--scores', {str(tmp_path)!r}, "
+            f"sys.exit(main(['figures', '--model', {str(tmp_path / 'm')!r}, '--scores', {str(tmp_path / 's')!r}, "
             f"'--out', {str(tmp_path / 'f')!r}]))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr

@@ -56,10 +56,11 @@ def test_family_venvs_hold_only_their_packages(venvs):
 
 
 def test_a_command_in_a_venv_without_its_extra_names_it(venvs, tmp_path):
-    cases = [("data", ["train", "--data", str(tmp_path), "--manifest", str(tmp_path / "m.csv"), "--out",
+    data, scores = tmp_path / "data", tmp_path / "scores"
+    cases = [("data", ["train", "--data", str(data), "--manifest", str(tmp_path / "m.csv"), "--out",
                        str(tmp_path / "m")], "train"),
              ("data", ["lm", "graph", "--arpa", str(tmp_path / "x.arpa"), "--out", str(tmp_path / "g")], "lm"),
-             ("lm", ["figures", "--model", str(tmp_path), "--scores", str(tmp_path), "--out", str(tmp_path / "f")],
+             ("lm", ["figures", "--model", str(data), "--scores", str(scores), "--out", str(tmp_path / "f")],
               "figures")]
     for env, argv, extra in cases:
         r = subprocess.run([str(venvs[env] / "bin" / "b2txt"), *argv], capture_output=True, text=True, timeout=120)

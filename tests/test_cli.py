@@ -177,3 +177,20 @@ def test_lm_graph_may_write_beside_the_arpa_it_reads(tmp_path):
     guard_outputs(ns, out_holds_inputs=True)
     with pytest.raises(B2txtError, match="contains the input --arpa"):
         guard_outputs(ns)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "--data", "d", "--manifest", "m", "--out", "o", "--threads", "0"], "--threads"),
+    (["train", "--data", "d", "--manifest", "m", "--out", "o", "--nproc", "-1"], "--nproc"),
+    (["infer", "--model", "m", "--data", "d", "--split", "val", "--out", "o", "--batch-size", "0"], "--batch-size"),
+    (["lm", "ngram", "--text", "t", "--out", "o", "--order", "0"], "--order"),
+    (["decode", "--logits", "l", "--lm", "g", "--out", "o", "--workers", "0"], "--workers"),
+    (["download", "--out", "o", "--timeout", "nan"], "--timeout"),
+    (["lm-server", "--lm_path", "g", "--redis_port", "70000"], "--redis_port"),
+    (["evaluate", "--logits", "l", "--out", "o", "--window", "two"], "--window"),
+])
+def test_numeric_arguments_are_range_checked_by_the_parser(capsys, argv, flag):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err

@@ -206,7 +206,7 @@ def test_uneven_split_and_bad_nproc_are_clear_errors(sim, tmp_path):
     assert "Traceback" not in r.stderr and not out.exists() and not partial_dir(out).exists()
     cmd, env = cli(cfg_of(), sim, out, "--nproc", "0")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode != 0 and "--nproc must be at least 1" in r.stderr
+    assert r.returncode == 2 and "argument --nproc: 0: must be at least 1" in r.stderr
     cmd, env = cli(cfg_of(), sim, out, "--nproc", "2")
     env.update(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)

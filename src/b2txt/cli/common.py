@@ -13,6 +13,7 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..ground.config import PipelineConfig, load_config
 from ..ground.console import log
@@ -88,6 +89,28 @@ def config_of(args: argparse.Namespace) -> PipelineConfig:
     cfg = load_config(paths)
     log(f"config: {' + '.join(map(str, paths)) if paths else 'built-in defaults'}")
     return cfg
+
+
+def at_least(minimum: float, kind: type = int, *, exclusive: bool = False,
+             most: float | None = None) -> Callable[[str], Any]:
+    """An argparse ``type``: a number of ``kind`` not below ``minimum`` (above it with ``exclusive``),
+    not above ``most``; anything else is the parser's usage error naming the flag (exit 2)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        low = value <= minimum if exclusive else value < minimum
+        if value != value or low or (most is not None and value > most):  # value != value: NaN
+            bound = f"{'above' if exclusive else 'at least'} {minimum}" + (f" and at most {most}" if most else "")
+            raise argparse.ArgumentTypeError(f"{text}: must be {bound}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+PORT = at_least(1, most=65535)
 
 
 def positive(name: str, value: int | float | None) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..ground.console import log
 from ..ground.errors import B2txtError
-from .common import Command, add_config, config_of
+from .common import Command, add_config, at_least, config_of
 
 
 def run_corpus(args: argparse.Namespace) -> int:
@@ -86,8 +86,8 @@ def download_arguments(p: argparse.ArgumentParser) -> None:
                         "OUT, where they survive a workflow manager emptying OUT before a rerun)")
     p.add_argument("--list", action="store_true", help="show the files and their sizes, download nothing")
     p.add_argument("--no-unpack", action="store_true", help="keep archives packed")
-    p.add_argument("--retries", type=int, metavar="N", help="retries of a broken transfer (default: download.retries)")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-request timeout (default: download.timeout_s)")
+    p.add_argument("--retries", type=at_least(0), metavar="N", help="retries of a broken transfer (default: download.retries)")
+    p.add_argument("--timeout", type=at_least(0, float, exclusive=True), metavar="SECONDS", help="per-request timeout (default: download.timeout_s)")
 
 
 def _http_options(args: argparse.Namespace, d):
@@ -173,8 +173,8 @@ def dvc_pin_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --github: where Git LFS files are served (default: download.github_media_root)")
     p.add_argument("--partial-dir", type=Path, metavar="DIR",
                    help="where partial downloads collect (default: download.partial_dir, else .dvc/tmp/b2txt-partial)")
-    p.add_argument("--retries", type=int, metavar="N", help="retries of a broken transfer (default: download.retries)")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-request timeout (default: download.timeout_s)")
+    p.add_argument("--retries", type=at_least(0), metavar="N", help="retries of a broken transfer (default: download.retries)")
+    p.add_argument("--timeout", type=at_least(0, float, exclusive=True), metavar="SECONDS", help="per-request timeout (default: download.timeout_s)")
 
 
 def run_unpack(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from ..ground.console import log
-from .common import Command
+from .common import Command, at_least
 
 
 def run_figures(args: argparse.Namespace) -> int:
@@ -29,7 +29,7 @@ def figures_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap confidence intervals")
     p.add_argument("--logits", type=Path, metavar="LOGITS_HDF5", help="draw an example trial's logits from here")
     p.add_argument("--calibration", type=Path, metavar="CALIBRATION_CSV", help="draw the calibration curve")
-    p.add_argument("--example-trial", type=int, default=0, metavar="N", help="the example trial (default 0)")
+    p.add_argument("--example-trial", type=at_least(0), default=0, metavar="N", help="the example trial (default 0)")
 
 
 def run_figures_paper(args: argparse.Namespace) -> int:
@@ -45,7 +45,7 @@ def figures_paper_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--personal-use", type=Path, metavar="PKL", help="t15_personalUse.pkl (figure 4)")
     p.add_argument("--out", type=Path, required=True, metavar="FIG_DIR")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap confidence intervals")
-    p.add_argument("--example-trial", type=int, default=0, metavar="N",
+    p.add_argument("--example-trial", type=at_least(0), default=0, metavar="N",
                    help="copy-task trial whose logits figure 2 shows (default 0)")
 
 

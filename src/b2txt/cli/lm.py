@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..ground.console import log
 from ..ground.errors import B2txtError
-from .common import Command, add_config, config_of, positive
+from .common import Command, add_config, at_least, config_of, positive
 
 #: The ``lm`` group: its steps are the commands named ``lm STEP`` below.
 GROUP = ("lm", "build language models: `lm text`, `lm ngram`, `lm import`, `lm graph` (config: lm)",
@@ -51,7 +51,7 @@ def run_lm_ngram(args: argparse.Namespace) -> int:
 def lm_ngram_arguments(p: argparse.ArgumentParser) -> None:
     add_config(p, "lm")
     p.add_argument("--text", type=Path, required=True, metavar="TEXT")
-    p.add_argument("--order", type=int, required=True, metavar="N")
+    p.add_argument("--order", type=at_least(1), required=True, metavar="N")
     p.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
 
 
@@ -126,8 +126,8 @@ def decode_arguments(p: argparse.ArgumentParser) -> None:
                    help="language-model directory (b2txt lm graph, or a published one with TLG.fst + words.txt)")
     p.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
     p.add_argument("--decoder", choices=["wfst", "lexicon"], help="overrides decode.decoder")
-    p.add_argument("--workers", type=int, help="decoding processes (default: decode.workers, else all cores)")
-    p.add_argument("--nbest", type=int, help="overrides decode.nbest")
+    p.add_argument("--workers", type=at_least(1), help="decoding processes (default: decode.workers, else all cores)")
+    p.add_argument("--nbest", type=at_least(1), help="overrides decode.nbest")
     p.add_argument("--llm", metavar="MODEL", help="rescore with this causal LM (Hub name or directory)")
     p.add_argument("--no-rescore", action="store_true", help="skip LLM rescoring even when the config enables it")
 

@@ -18,7 +18,7 @@ from typing import Any
 from ..ground.config import DecodeConfig, RescoreConfig
 from ..ground.console import log
 from ..ground.errors import B2txtError
-from .common import Command, add_config, config_of, positive
+from .common import PORT, Command, add_config, at_least, config_of, positive
 
 #: Published flag -> our DecodeConfig field.
 DECODE_FLAGS = {
@@ -37,25 +37,25 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 def _add_decode_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoder options (published names; default: the config's decode section)")
     g.add_argument("--decoder", choices=["wfst", "lexicon"], help="wfst: TLG.fst + words.txt; lexicon: KenLM lm.bin/lm.arpa")
-    g.add_argument("--max_active", type=int)
-    g.add_argument("--min_active", type=int)
-    g.add_argument("--beam", type=float)
-    g.add_argument("--lattice_beam", type=float)
+    g.add_argument("--max_active", type=at_least(1))
+    g.add_argument("--min_active", type=at_least(0))
+    g.add_argument("--beam", type=at_least(0, float, exclusive=True))
+    g.add_argument("--lattice_beam", type=at_least(0, float, exclusive=True))
     g.add_argument("--acoustic_scale", type=float)
     g.add_argument("--ctc_blank_skip_threshold", type=float)
     g.add_argument("--length_penalty", type=float)
-    g.add_argument("--nbest", type=int, help="candidates per trial (1: fastest, no scoring rows beyond the best)")
+    g.add_argument("--nbest", type=at_least(1), help="candidates per trial (1: fastest, no scoring rows beyond the best)")
     g.add_argument("--blank_penalty", type=float, help="the blank's log-probability is lowered by log(blank_penalty)")
-    g.add_argument("--top_candidates_to_augment", type=int)
+    g.add_argument("--top_candidates_to_augment", type=at_least(0))
     g.add_argument("--score_penalty_percent", type=float)
-    g.add_argument("--beam_size_token", type=int, help="lexicon decoder: tokens tried per frame")
+    g.add_argument("--beam_size_token", type=at_least(1), help="lexicon decoder: tokens tried per frame")
     g.add_argument("--rescore", action="store_true", default=None,
                    help="rescore the n-best with G_no_prune.fst (when the LM directory has it)")
     g.add_argument("--do_opt", action="store_true", default=None, help="rescore the n-best with the LLM")
     g.add_argument("--alpha", type=float, help="LLM weight in [0, 1] (default: rescore.alpha)")
     g.add_argument("--llm", metavar="NAME", help="LLM for --do_opt: Hub name or local directory (default: rescore.model)")
     g.add_argument("--opt_cache_dir", type=Path, help="Hugging Face cache directory for the LLM")
-    g.add_argument("--gpu_number", type=int, help="LLM on cuda:N (default: rescore.device)")
+    g.add_argument("--gpu_number", type=at_least(0), help="LLM on cuda:N (default: rescore.device)")
 
 
 def _add_redis_flags(p: argparse.ArgumentParser) -> None:
@@ -63,7 +63,7 @@ def _add_redis_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--redis-socket", "--redis_socket", dest="redis_socket", type=Path, metavar="PATH",
                    help="Unix socket of the Redis server (preferred over TCP)")
     g.add_argument("--redis_ip", default="127.0.0.1", help="Redis host (loopback unless --allow-remote)")
-    g.add_argument("--redis_port", type=int, default=6379)
+    g.add_argument("--redis_port", type=PORT, default=6379)
     g.add_argument("--allow-remote", action="store_true", help="allow a non-loopback Redis host")
     g.add_argument("--password-env", default="B2TXT_REDIS_PASSWORD", metavar="NAME",
                    help="environment variable holding the Redis password (used when set)")
@@ -158,14 +158,14 @@ def add_lm_server_arguments(p: argparse.ArgumentParser) -> None:
     _add_decode_flags(p)
     _add_redis_flags(p)
     g = p.add_argument_group("server")
-    g.add_argument("--workers", type=int, help="decoding processes (default: decode.workers, else all cores)")
+    g.add_argument("--workers", type=at_least(1), help="decoding processes (default: decode.workers, else all cores)")
     g.add_argument("--input_stream", default="remote_lm_input", help="default session's logits stream")
     g.add_argument("--partial_output_stream", default="remote_lm_output_partial")
     g.add_argument("--final_output_stream", default="remote_lm_output_final")
-    g.add_argument("--max-logits-bytes", type=int, default=16 * 1024 * 1024, help="largest logits entry accepted")
-    g.add_argument("--max-trial-frames", type=int, default=100_000, help="most frames one trial may accumulate")
-    g.add_argument("--max-sessions", type=int, default=256, help="sessions (extension) held at once")
-    g.add_argument("--drain-timeout", type=float, default=30.0,
+    g.add_argument("--max-logits-bytes", type=at_least(1), default=16 * 1024 * 1024, help="largest logits entry accepted")
+    g.add_argument("--max-trial-frames", type=at_least(1), default=100_000, help="most frames one trial may accumulate")
+    g.add_argument("--max-sessions", type=at_least(1), default=256, help="sessions (extension) held at once")
+    g.add_argument("--drain-timeout", type=at_least(0, float), default=30.0,
                    help="after SIGTERM, seconds to let trials under way finish before exiting")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -236,23 +236,23 @@ def add_lm_worker_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--redis-socket", "--redis_socket", dest="redis_socket", type=Path, metavar="PATH",
                    help="Unix socket of the Redis server (same host)")
     g.add_argument("--redis-host", "--redis_ip", dest="redis_host", default="127.0.0.1", help="Redis host")
-    g.add_argument("--redis-port", "--redis_port", dest="redis_port", type=int, default=6379)
+    g.add_argument("--redis-port", "--redis_port", dest="redis_port", type=PORT, default=6379)
     g.add_argument("--password-env", default="B2TXT_REDIS_PASSWORD", metavar="NAME",
                    help="environment variable holding the Redis password (never a command-line argument)")
     g.add_argument("--tls", action="store_true", help="connect with TLS (implied by the --tls-* files)")
     _add_tls_flags(g, "CA that signed the server's certificate (default: the system's CAs)|"
                       "client certificate, when the server asks for one")
-    g.add_argument("--connect-timeout", type=float, default=60.0,
+    g.add_argument("--connect-timeout", type=at_least(0, float, exclusive=True), default=60.0,
                    help="seconds to keep trying while Redis is unreachable (at start and after a loss)")
     g = p.add_argument_group("worker")
     g.add_argument("--queue", default="b2txt:batch", help="stream prefix: trials on QUEUE:trials (the evaluator's --queue)")
     g.add_argument("--consumer", metavar="NAME", help="this worker's name in the consumer group (default: host:pid)")
-    g.add_argument("--claim-idle-ms", type=int,
+    g.add_argument("--claim-idle-ms", type=at_least(1),
                    help="claim trials pending this long on another worker (XAUTOCLAIM; default: server.claim_idle_ms)")
-    g.add_argument("--max-deliveries", type=int,
+    g.add_argument("--max-deliveries", type=at_least(1),
                    help="answer a trial handed out more often than this with an error (default: server.max_deliveries)")
-    g.add_argument("--max-logits-bytes", type=int, default=64 * 1024 * 1024, help="largest logits entry accepted")
-    g.add_argument("--idle-exit", type=float, metavar="SECONDS", help="exit 0 after this long without a trial "
+    g.add_argument("--max-logits-bytes", type=at_least(1), default=64 * 1024 * 1024, help="largest logits entry accepted")
+    g.add_argument("--idle-exit", type=at_least(0, float, exclusive=True), metavar="SECONDS", help="exit 0 after this long without a trial "
                                                                       "(default: run until SIGTERM)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -354,17 +354,17 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", help="split name in the metrics (default: from the logits file)")
     _add_decode_flags(p)
     p.add_argument("--no-rescore", action="store_true", help="no LLM rescoring whatever the config says")
-    p.add_argument("--workers", type=int, help="LM server processes (default: decode.workers, else all cores)")
-    p.add_argument("--sessions", type=int, help="trials in flight at once (default: 2 x workers); 0: the published "
+    p.add_argument("--workers", type=at_least(1), help="LM server processes (default: decode.workers, else all cores)")
+    p.add_argument("--sessions", type=at_least(0), help="trials in flight at once (default: 2 x workers); 0: the published "
                                                 "single-client protocol (one trial at a time)")
-    p.add_argument("--timeout", type=float, help="seconds to wait for one reply before re-sending the trial "
+    p.add_argument("--timeout", type=at_least(0, float, exclusive=True), help="seconds to wait for one reply before re-sending the trial "
                                                  "(default: server.timeout, 60)")
-    p.add_argument("--startup-timeout", type=float,
+    p.add_argument("--startup-timeout", type=at_least(0, float, exclusive=True),
                    help="seconds to wait for the LM server to load its graph and answer")
-    p.add_argument("--max-attempts", type=int, help="sends of one trial before giving up (default: server.max_attempts)")
-    p.add_argument("--max-restarts", type=int,
+    p.add_argument("--max-attempts", type=at_least(1), help="sends of one trial before giving up (default: server.max_attempts)")
+    p.add_argument("--max-restarts", type=at_least(0),
                    help="restarts of redis-server / the LM server before giving up (default: server.max_restarts)")
-    p.add_argument("--chunk-frames", type=int, help="send each trial in chunks of N frames (streaming; default: whole)")
+    p.add_argument("--chunk-frames", type=at_least(1), help="send each trial in chunks of N frames (streaming; default: whole)")
     p.add_argument("--run-dir", type=Path, help="where the private redis-server's socket and the logs go "
                                                 "(default: a new temporary directory, removed afterwards)")
     p.add_argument("--server", metavar="ADDRESS", help="use the LM server behind this Redis (unix:PATH, PATH, "
@@ -375,7 +375,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-log-level", default="warning", choices=["debug", "info", "warning", "error"])
     g = p.add_argument_group(
         "consumer-group mode (whole trials on a Redis stream, decoded by `b2txt lm-worker` processes on any host)")
-    g.add_argument("--group-workers", type=int, metavar="N",
+    g.add_argument("--group-workers", type=at_least(0), metavar="N",
                    help="start N local lm-worker processes and share the trials through a consumer group "
                         "(default: server.group_workers; 0: the session mode above)")
     g.add_argument("--external-workers", action="store_true",
@@ -384,15 +384,15 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--queue", default="b2txt:batch", help="stream prefix (the workers' --queue)")
     g.add_argument("--bind", metavar="ADDRESS", help="the private redis-server also listens on this address "
                    "(a non-loopback one only with a password: see --password-env)")
-    g.add_argument("--port", type=int, help="... and this TCP port (default address: 127.0.0.1)")
+    g.add_argument("--port", type=PORT, help="... and this TCP port (default address: 127.0.0.1)")
     _add_tls_flags(g, "private Redis: CA whose client certificates it requires; with --server: the CA that signed "
                       "the server's certificate|private Redis: its certificate (TLS only on --port); "
                       "with --server: this client's certificate")
-    g.add_argument("--claim-idle-ms", type=int, help="a trial pending this long on a worker is claimed by another "
+    g.add_argument("--claim-idle-ms", type=at_least(1), help="a trial pending this long on a worker is claimed by another "
                                                      "(default: server.claim_idle_ms)")
-    g.add_argument("--max-deliveries", type=int, help="fail a trial handed to workers more often than this "
+    g.add_argument("--max-deliveries", type=at_least(1), help="fail a trial handed to workers more often than this "
                                                       "(default: server.max_deliveries)")
-    g.add_argument("--window", type=int, default=1024, help="trials on the queue at once")
+    g.add_argument("--window", type=at_least(1), default=1024, help="trials on the queue at once")
 
 
 LM_SERVER_HELP = "serve LM decoding over Redis streams (the published LM server protocol)"

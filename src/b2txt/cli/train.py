@@ -7,8 +7,7 @@ import tempfile
 from pathlib import Path
 
 from ..ground.console import log
-from ..ground.errors import B2txtError
-from .common import Command, add_config, config_of, positive
+from .common import Command, add_config, at_least, config_of, positive
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -19,8 +18,6 @@ def run_train(args: argparse.Namespace) -> int:
         tcfg = tcfg.model_copy(update={"threads": args.threads})
     if args.device:
         tcfg = tcfg.model_copy(update={"device": args.device})
-    if args.nproc < 1:
-        raise B2txtError(f"--nproc must be at least 1, not {args.nproc}")
     best = train(tcfg, args.data, args.manifest, args.out, log=log, nproc=args.nproc)
     log(f"{args.out}: best val PER {best.per:.4f}")
     return 0
@@ -31,9 +28,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, metavar="DATA_DIR")
     p.add_argument("--manifest", type=Path, required=True, metavar="MANIFEST_CSV")
     p.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (overrides train.threads)")
+    p.add_argument("--threads", type=at_least(1), help="CPU threads for torch (overrides train.threads)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or xla (overrides train.device)")
-    p.add_argument("--nproc", type=int, default=1, metavar="N",
+    p.add_argument("--nproc", type=at_least(1), default=1, metavar="N",
                    help="data-parallel processes on this machine (DistributedDataParallel: gloo on CPU, nccl "
                         "with one GPU each); train.batch_size is split evenly over them. Under torchrun or "
                         "srun --ntasks N leave this at 1: the launcher's processes form the group.")
@@ -71,7 +68,7 @@ def infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, metavar="LOGITS_HDF5")
     p.add_argument("--manifest", type=Path, help="manifest CSV (default: built from DATA_DIR)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or xla (default: infer.device)")
-    p.add_argument("--batch-size", type=int, help="trials per forward pass (default: infer.batch_size)")
+    p.add_argument("--batch-size", type=at_least(1), help="trials per forward pass (default: infer.batch_size)")
     p.add_argument("--chunk-bins", type=int, metavar="N",
                    help="decode online, N bins (20 ms each) at a time with the GRU state carried (GRU models); "
                         "gives the same logits as one pass")
@@ -100,7 +97,7 @@ def calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", type=Path, required=True, metavar="MANIFEST_CSV")
     p.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
     p.add_argument("--session", help="session name or index (overrides calibrate.session)")
-    p.add_argument("--n-sentences", type=int, nargs="+", help="overrides calibrate.n_sentences")
+    p.add_argument("--n-sentences", type=at_least(0), nargs="+", help="overrides calibrate.n_sentences")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
 
 

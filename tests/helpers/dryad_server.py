@@ -11,14 +11,15 @@ import json
 import re
 import socket
 import tarfile
-import threading
 import urllib.parse
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from b2txt.data.dryad_api import DATASETS
+
+from .local_http import serving
 
 DATA_DOI, LM_DOI = DATASETS["data"], DATASETS["lm"]
 
@@ -147,15 +148,9 @@ def _handler(state: FakeDryad) -> type[BaseHTTPRequestHandler]:
 def dryad_server() -> Iterator[FakeDryad]:
     """Start a fake Dryad on 127.0.0.1; tests fill ``state.datasets`` and use ``state.url``."""
     state = FakeDryad({DATA_DOI: {}, LM_DOI: {}})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/api/v2"
-    try:
+    with serving(_handler(state)) as url:
+        state.url = f"{url}/api/v2"
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def zip_bytes(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:

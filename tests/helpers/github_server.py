@@ -14,11 +14,12 @@ import contextlib
 import hashlib
 import json
 import re
-import threading
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from .local_http import serving
 
 LFS_SPEC = "version https://git-lfs.github.com/spec/v1"
 
@@ -129,12 +130,6 @@ def _handler(state: FakeGithub) -> type[BaseHTTPRequestHandler]:
 def github_server() -> Iterator[FakeGithub]:
     """Start a fake GitHub on 127.0.0.1; tests add files and use ``api_root`` and ``media_root``."""
     state = FakeGithub()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serving(_handler(state)) as url:
+        state.url = url
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -13,13 +13,14 @@ import contextlib
 import os
 import shutil
 import tempfile
-import threading
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import BinaryIO
+
+from .local_http import serving
 
 
 @dataclass
@@ -112,13 +113,6 @@ def http_store(root: Path) -> Iterator[HttpStore]:
     """Serve ``root`` (created) read-write on 127.0.0.1 until the block ends."""
     root.mkdir(parents=True, exist_ok=True)
     store = HttpStore(root)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(store))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    store.url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serving(_handler(store)) as url:
+        store.url = url
         yield store
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -19,7 +19,7 @@ import logging
 import signal
 import traceback
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -66,7 +66,7 @@ class Worker:
         self.out = ReplyWriter(settings, f"worker {index}")
         self.rescore_queue = rescore_queue
         #: requests already received and not yet served (what comes next, for the one-pass path)
-        self.upcoming: Sequence[Job] = ()
+        self.upcoming: Iterable[Job | None] = ()
         #: requests answered out of turn (deferred partials), for the worker loop to acknowledge
         self.finished: list[int] = []
 
@@ -79,6 +79,8 @@ class Worker:
         """Whether the session's finalize is already waiting behind this logits request (with
         nothing but more logits between): nobody can read a partial before the final result."""
         for nxt in self.upcoming:
+            if nxt is None:  # the worker stops before anything behind this
+                return False
             if nxt.session != job.session or nxt.kind in (OPEN, REFRESH):
                 continue
             if nxt.kind == P.Kind.LOGITS.value:
@@ -232,7 +234,7 @@ def worker_main(index: int, settings: ServerSettings, core: DecodingCore, jobs: 
         job = pending.popleft()
         if job is None:
             return
-        worker.upcoming = [j for j in pending if j is not None]
+        worker.upcoming = pending  # read, not changed, while the job is served
         if worker.handle(job):
             done.send(job.seq)
         for seq in worker.finished:

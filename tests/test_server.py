@@ -156,7 +156,7 @@ def test_a_trial_sent_whole_is_decoded_in_one_pass_and_streaming_ends_alike(serv
     r = service.r
     c = RawClient(r)
     logits = synthetic_logits(SENTENCES[5], lexicon, np.random.default_rng(5)).astype(np.float32)
-    pipe = r.pipeline(transaction=False)
+    pipe = r.pipeline(transaction=True)  # one MULTI/EXEC: the server reads the three together
     pipe.xadd("remote_lm_reset", {"done": 1})
     pipe.xadd("remote_lm_input", {"logits": logits.tobytes()})
     pipe.xadd("remote_lm_finalize", {"done": 1})

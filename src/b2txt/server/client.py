@@ -181,7 +181,9 @@ class LMClient:
     def _decode_pipelined(self, logits: np.ndarray) -> FinalResult:
         s = self.streams
         rid = self._new_id()
-        pipe = self.r.pipeline(transaction=False)
+        # MULTI/EXEC: the server's blocked read sees the three requests together, never the logits
+        # without their finalize, so the trial takes the one-pass path
+        pipe = self.r.pipeline(transaction=True)
         pipe.xadd(s.reset, {P.DONE_FIELD: 1, P.REQUEST_ID_FIELD: rid})
         pipe.xadd(s.input, {P.LOGITS_FIELD: P.encode_logits(logits), P.REQUEST_ID_FIELD: rid})
         pipe.xadd(s.finalize, {P.DONE_FIELD: 1, P.REQUEST_ID_FIELD: rid})

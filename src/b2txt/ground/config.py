@@ -336,6 +336,10 @@ class DecodeConfig(Section):
     nbest_beam: float | None = Field(
         12.0, gt=0, description="wfst: search beam of the n-best lattice pass (it has no max_active); None: beam")
     nbest: int = Field(100, ge=1)
+    partial_beam: float = Field(
+        12.0, gt=0, description="wfst streaming partials: search beam (min_active 0); the final n-best "
+        "of a streamed trial is searched with the options above, so partials are previews")
+    partial_max_active: int = Field(2000, ge=1, description="wfst streaming partials: max active states")
     length_penalty: float = Field(0.0, description="added to a candidate's score per word")
     rescore_unpruned: bool = Field(False, description="wfst: rescore n-best with G_no_prune.fst / G.fst when present")
     beam_size_token: int = Field(10, ge=1, description="lexicon: tokens considered per frame")

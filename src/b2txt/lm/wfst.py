@@ -151,6 +151,13 @@ class WfstDecoder:
         return kaldi_decoder.FasterDecoder(self.graph.tlg, kaldi_decoder.FasterDecoderOptions(
             beam=o.beam, max_active=o.max_active, min_active=o.min_active))
 
+    def _partial_search(self) -> kaldi_decoder.FasterDecoder:
+        # No min_active: forcing 200 tokens alive costs 10x the search itself on the 3-gram graph
+        # (benchmarks/server.py), and a partial is only a preview of the final n-best
+        o = self.options
+        return kaldi_decoder.FasterDecoder(self.graph.tlg, kaldi_decoder.FasterDecoderOptions(
+            beam=o.partial_beam, max_active=o.partial_max_active, min_active=0))
+
     def stream(self) -> "WfstStream":
         return WfstStream(self)
 
@@ -322,11 +329,12 @@ __all__ = ["Graph", "WfstDecoder", "clear_cache", "graph_files", "load_graph"]
 
 class WfstStream:
     """A streaming trial on the WFST: a FasterDecoder of its own over the shared TLG graph,
-    advanced chunk by chunk (kaldi's ``AdvanceDecoding``); its best path is the partial result."""
+    advanced chunk by chunk (kaldi's ``AdvanceDecoding``) with the cheaper partial options
+    (``partial_beam``, ``partial_max_active``); its best path is the partial result."""
 
     def __init__(self, decoder: WfstDecoder):
         self.decoder = decoder
-        self.search = decoder._one_best_search()
+        self.search = decoder._partial_search()
         self.search.init_decoding()
         self.frames = np.zeros((0, N_CLASSES), dtype=np.float32)
 

@@ -54,7 +54,7 @@ def run_infer(args: argparse.Namespace) -> int:
     else:  # a model and a data directory are enough
         with tempfile.TemporaryDirectory(prefix="b2txt-manifest-") as tmpdir:
             manifest = Path(tmpdir) / "manifest.csv"
-            write_manifest(build_manifest(args.data, [args.split]), manifest)
+            write_manifest(build_manifest(args.data, [args.split], warn=log), manifest)
             n = run(manifest)
     log(f"{args.out}: logits of {n} {args.split} trials")
     return 0

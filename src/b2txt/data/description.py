@@ -75,3 +75,15 @@ def find_description(data_dir: str | Path) -> Path | None:
 
 def block_index(blocks: list[Block]) -> dict[tuple[dt.date, int], Block]:
     return {(b.date, b.block_num): b for b in blocks}
+
+
+def undescribed_blocks(path: str | Path, blocks: list[Block],
+                       used: dict[tuple[dt.date, int], tuple[str, int, str]]) -> list[str]:
+    """Problems for the blocks the data use that the description CSV lacks.
+
+    ``used`` maps (date, block) to (session, number of trials, where the first one is). Without its
+    row a block's trials would get corpus "unknown" and no post-implant day, silently.
+    """
+    index = block_index(blocks)
+    return [f"{path}: no row for session {session} block {block} ({n} trial(s), first {where})"
+            for (date, block), (session, n, where) in sorted(used.items()) if (date, block) not in index]

@@ -76,10 +76,12 @@ def duplicate_trials(manifest: pd.DataFrame, where: Path | str) -> list[str]:
     """Problems for trials listed twice: the same session, block and trial number, or the same
     group of the same file (training would weigh them double; the split would hold them twice)."""
     problems = []
-    for keys, what in ((["session", "block_num", "trial_num"], "block {1} trial {2} of session {0}"),
-                       (["file", "trial"], "{0}: {1}")):
+    numbers = ["session", "block_num", "trial_num"]
+    for keys, what in ((numbers, "block {1} trial {2} of session {0}"), (["file", "trial"], "{0}: {1}")):
         dup = manifest[manifest.duplicated(keys, keep=False)]
         for key, group in dup.groupby(keys, sort=True):
+            if keys != numbers and group.duplicated(numbers).any():
+                continue  # the same trial listed twice: reported once, above
             places = ", ".join(f"{f}: {t}" for f, t in zip(group["file"], group["trial"]))
             problems.append(f"{where}: duplicate trial: {what.format(*key)} appears {len(group)} times ({places})")
     return problems

@@ -115,7 +115,9 @@ class _Args:
         return node
 
     def fail(self, path: str, value: Any, expected: str) -> B2txtError:
-        return B2txtError(f"{self.where}: {path}: {value!r}, expected {expected}")
+        shown = repr(value)
+        return B2txtError(f"{self.where}: {path}: {shown if len(shown) <= 80 else shown[:76] + ' ...'}, "
+                          f"expected {expected}")
 
     def int(self, path: str, low: int, high: int | None = None, default: Any = _MISSING) -> int:
         v = self.get(path, default)
@@ -192,8 +194,8 @@ def _model_from_args(args: dict[str, Any], where: Path) -> tuple[nn.Module, list
         std = a.float("dataset.data_transforms.smooth_kernel_std", 0, 1000, default=2.0, low_open=True)
         size = a.int("dataset.data_transforms.smooth_kernel_size", 1, 100000, default=100)
         if gaussian_kernel(std, size).numel() == 0:
-            raise B2txtError(f"{where}: dataset.data_transforms: smooth_kernel_std {std} with smooth_kernel_size "
-                             f"{size} leaves no kernel tap above 0.01 (no smoothing at all)")
+            raise B2txtError(f"{where}: dataset.data_transforms.smooth_kernel_std: {std} with smooth_kernel_size "
+                             f"{size} leaves no kernel tap above 0.01 (no smoothing at all); expected a few bins")
         checked.update(smooth_kernel_std=std, smooth_kernel_size=size)
     return build_model(mcfg, len(sessions), neural_dim), [str(s) for s in sessions], subset, checked
 

@@ -80,10 +80,10 @@ def infer_split(model_dir: str | Path, data_dir: str | Path, manifest_path: str 
                          f"(it knows {len(loaded.sessions)} sessions: {_span(loaded.sessions)}); "
                          "fit a day layer for a new session with `b2txt calibrate`, or skip them with --known-sessions-only")
     store = TrialStore.load(data_dir, manifest, split, loaded.sessions)
-    short = [f"{r.file}: {r.trial}: {n} time step(s)" for r, n in zip(store.rows.itertuples(), map(len, store.features))
-             if loaded.model.output_lengths(n) < 1]
+    short = [f"{Path(data_dir) / r.file}: {r.trial}: {n} time step(s)"
+             for r, n in zip(store.rows.itertuples(), map(len, store.features)) if loaded.model.output_lengths(n) < 1]
     if short:  # their logits would be empty: no stage passes on a trial without frames
-        raise DataError(f"{data_dir}: {len(short)} {split} trial(s) shorter than the model's patch of "
+        raise DataError(f"{len(short)} {split} trial(s) shorter than the model's patch of "
                         f"{loaded.model.patch_size} bins give no output frames, so no logits (`b2txt validate` "
                         "reports them all)", short)
     features = [loaded.select_features(f) for f in store.features]

@@ -10,6 +10,7 @@ are suspicious but not provably wrong.
 
 from __future__ import annotations
 
+import copy
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -202,6 +203,20 @@ def resume_state(kind: str) -> Setup:
     return setup
 
 
+def train_config(**overrides: object) -> Setup:
+    """The train config of the world with these overrides (``augment.smooth_kernel_std`` style keys)."""
+    def setup(p: dict[str, Path]) -> None:
+        train = copy.deepcopy(TRAIN)
+        for key, value in overrides.items():
+            *parents, last = key.split("__")
+            node = train
+            for k in parents:
+                node = node.setdefault(k, {})
+            node[last] = value
+        p["cfg"].write_text(yaml.safe_dump({"train": train}))
+    return setup
+
+
 def logits_with(kind: str) -> Setup:
     """A logits file whose second trial has NaN, Inf or no frames, or whose column order is unknown."""
     def setup(p: dict[str, Path]) -> None:
@@ -252,6 +267,7 @@ VALIDATE = ["validate", "{d}", "--report", "{o}"]
 PREPROCESS = ["preprocess", "--data", "{d}", "--out", "{o}"]
 INFER = ["infer", "--model", "{m}", "--data", "{d}", "--split", "val", "--out", "{o}", "--device", "cpu"]
 INFER_TEST = [*INFER[:5], "--split", "test", *INFER[7:]]
+TRAIN_CMD = ["train", "--config", "{cfg}", "--data", "{d}", "--manifest", "{man}", "--out", "{o}"]
 DATA = ["d"]
 MODEL_AND_DATA = ["d", "m"]
 
@@ -268,6 +284,7 @@ ROWS: list[tuple[Case, Setup]] = [
     (Case("infer-trial-shorter-than-patch-manifest", [*INFER_TEST, "--manifest", "{man}"],
           ["trial_0002", "no output frames"], [*MODEL_AND_DATA, "man"], ["o"]), shorten("test0", "trial_0002", 5)),
     (Case("infer-batch-size-zero", [*INFER, "--batch-size", "0"], ["--batch-size"], MODEL_AND_DATA, ["o"]), nothing),
+    (Case("infer-chunk-bins-zero", [*INFER, "--chunk-bins", "0"], ["--chunk-bins"], MODEL_AND_DATA, ["o"]), nothing),
     (Case("score-nan-logits", ["score", "--logits", "{lg}", "--out", "{o}"], ["{lg}", "trial_00001", "NaN/Inf"],
           ["lg"], ["o"]), logits_with("nan")),
     (Case("score-inf-logits", ["score", "--logits", "{lg}", "--out", "{o}"], ["{lg}", "trial_00001", "NaN/Inf"],
@@ -302,6 +319,8 @@ ROWS: list[tuple[Case, Setup]] = [
      link_instead("train1", "gone.hdf5")),
     (Case("infer-dangling-link-to-the-split", INFER, ["{link}", "dangling symbolic link"], MODEL_AND_DATA, ["o"]),
      link_instead("val0", "gone.hdf5")),
+    (Case("lm-text-dangling-link-to-a-split", ["lm", "text", "--data", "{d}", "--out", "{o}"],
+          ["{link}", "dangling symbolic link", "evaluation sentences"], DATA, ["o"]), link_instead("val0", "gone.hdf5")),
     (Case("validate-description-lacks-a-block", VALIDATE, ["{csv}", "{s1}", "block {block}"], DATA, ["o"]),
      drop_description_row("1", "val")),
     (Case("preprocess-description-lacks-a-block", PREPROCESS, ["{csv}", "{s0}", "block {block}"], DATA, ["o"]),
@@ -310,8 +329,7 @@ ROWS: list[tuple[Case, Setup]] = [
      duplicate_trial("train0")),
     (Case("preprocess-duplicate-trial", PREPROCESS, ["duplicate trial", "trial_0000", "trial_0003"], DATA, ["o"]),
      duplicate_trial("val1")),
-    (Case("train-manifest-lists-a-trial-twice", ["train", "--config", "{cfg}", "--data", "{d}", "--manifest", "{man}",
-                                                 "--out", "{o}"], ["{man}", "duplicate trial", "{dup_trial}"],
+    (Case("train-manifest-lists-a-trial-twice", TRAIN_CMD, ["{man}", "duplicate trial", "{dup_trial}"],
           ["d", "man"], ["o"]), duplicate_manifest_row),
     (Case("infer-manifest-lists-a-trial-twice", [*INFER, "--manifest", "{man}"], ["{man}", "duplicate trial"],
           [*MODEL_AND_DATA, "man"], ["o"]), duplicate_manifest_row),
@@ -336,6 +354,13 @@ ROWS: list[tuple[Case, Setup]] = [
           ("dataset.data_transforms.smooth_kernel_std", 500), ("dataset.data_transforms.smooth_kernel_std", "two"),
           ("dataset.data_transforms.smooth_kernel_size", 0), ("dataset.data_transforms.smooth_data", "yes"),
       ]],
+    *[(Case(f"train-config-{key}={value!r}", TRAIN_CMD, ["{cfg}", key.replace("__", ".")], ["d", "man", "cfg"], ["o"]),
+       train_config(**{key: value}))
+      for key, value in [("feature_subset", [600]), ("feature_subset", [-1, 3]), ("feature_subset", [4, 4]),
+                         ("augment__smooth_kernel_std", float("inf")), ("augment__smooth_kernel_std", float("nan")),
+                         ("augment__smooth_kernel_std", 0), ("augment__smooth_kernel_size", 0),
+                         ("model__patch_size", 0), ("model__patch_stride", 0), ("model__n_layers", 0),
+                         ("model__n_units", 10**6)]],
     (Case("infer-args-sessions-listed-twice", INFER, ["{args}", "dataset.sessions", "listed twice"], MODEL_AND_DATA,
           ["o"]), lambda p: edit_args("dataset.sessions", [str(p["s0"]), str(p["s0"])])(p)),
     (Case("infer-args-not-a-mapping", INFER, ["{args}", "expected a mapping"], MODEL_AND_DATA, ["o"]),
@@ -348,11 +373,9 @@ ROWS: list[tuple[Case, Setup]] = [
     (Case("infer-known-sessions-only-none-known", [*INFER, "--known-sessions-only"],
           ["none of the val trials' session(s)", "{m}"], MODEL_AND_DATA, ["o"]),
      model_of_sessions(["t15.2020.01.01", "t15.2020.01.02"])),
-    (Case("train-resume-checkpoint-truncated", ["train", "--config", "{cfg}", "--data", "{d}", "--manifest", "{man}",
-                                                "--out", "{o}"], ["{resume}", "start afresh", "rm -r"],
+    (Case("train-resume-checkpoint-truncated", TRAIN_CMD, ["{resume}", "start afresh", "rm -r"],
           ["d", "man", "resume"], ["o"]), resume_state("truncated")),
-    (Case("train-resume-checkpoint-incomplete", ["train", "--config", "{cfg}", "--data", "{d}", "--manifest", "{man}",
-                                                 "--out", "{o}"], ["{resume}", "incomplete", "start afresh"],
+    (Case("train-resume-checkpoint-incomplete", TRAIN_CMD, ["{resume}", "incomplete", "start afresh"],
           ["d", "man", "resume"], ["o"]), resume_state("incomplete")),
 ]
 

@@ -77,6 +77,10 @@ def data_root(data_dir: str | Path) -> Path:
     return data_dir
 
 
+#: What :func:`discover` says of a link that leads nowhere: a file or session lost, never skippable.
+LOST_LINK = "symbolic link"
+
+
 def broken_link(path: Path) -> str | None:
     """Why ``path`` is a symbolic link that leads to nothing (dangling or looping), else None."""
     if not path.is_symlink():
@@ -84,9 +88,9 @@ def broken_link(path: Path) -> str | None:
     try:
         path.resolve(strict=True)
     except FileNotFoundError:
-        return f"dangling symbolic link (-> {os.readlink(path)}): its target does not exist"
+        return f"dangling {LOST_LINK} (-> {os.readlink(path)}): its target does not exist"
     except (OSError, RuntimeError):  # ELOOP (RuntimeError before Python 3.13)
-        return f"looping symbolic link (-> {os.readlink(path)}): it never reaches a file"
+        return f"looping {LOST_LINK} (-> {os.readlink(path)}): it never reaches a file"
     return None
 
 

@@ -41,7 +41,7 @@ def build_model(mcfg: ModelConfig, n_days: int, neural_dim: int = N_FEATURES) ->
 def model_args(m: ModelConfig, n_features: int) -> dict[str, Any]:
     """``args.yaml``'s ``model`` section (published key names) of a model config; our additions
     (``architecture``, ``triple``) live under keys the published code ignores.
-    :func:`_model_from_args` reads it back, checked."""
+    :func:`model_config_from_args` is its inverse."""
     model: dict[str, Any] = {
         "n_input_features": n_features, "n_units": m.n_units, "rnn_dropout": m.rnn_dropout,
         "rnn_trainable": True, "n_layers": m.n_layers, "patch_size": m.patch_size,
@@ -143,11 +143,9 @@ class _Args:
         return v
 
 
-def _model_from_args(args: dict[str, Any], where: Path) -> tuple[nn.Module, list[str], list[int] | None, dict]:
-    """The model an ``args.yaml`` describes; every value that shapes the computation is range-checked
-    here, with one error naming the field, before anything is built."""
-    a = _Args(args, where)
-    neural_dim = a.int("model.n_input_features", 1, N_FEATURES, default=N_FEATURES)
+def _model_config(a: _Args) -> ModelConfig:
+    """The model config of ``args.yaml``'s ``model`` section (ours or the published, which lacks our
+    keys), every value range-checked with an error naming its field."""
     architecture = a.get("model.architecture", "gru")
     if architecture not in ("gru", "triple"):
         raise a.fail("model.architecture", architecture, "gru or triple")
@@ -161,12 +159,25 @@ def _model_from_args(args: dict[str, Any], where: Path) -> tuple[nn.Module, list
         for key in ("noise_layers", "noisy_layers"):
             triple[key] = a.int(f"model.triple.{key}", 1, MAX_LAYERS, default=getattr(ModelConfig(), key))
         triple["grl_scale"] = a.float("model.triple.grl_scale", -1e6, 1e6, default=1.0)
-    mcfg = ModelConfig(
+    return ModelConfig(
         architecture=architecture, n_units=a.int("model.n_units", 1, MAX_UNITS),
         n_layers=a.int("model.n_layers", 1, MAX_LAYERS),
         rnn_dropout=a.float("model.rnn_dropout", 0, 1, default=0.0, high_open=True),
         input_dropout=a.float("model.input_network.input_layer_dropout", 0, 1, default=0.0, high_open=True),
         patch_size=max(patch_size, 1), patch_stride=patch_stride, **triple)
+
+
+def model_config_from_args(m: dict[str, Any], where: Path = Path("args.yaml")) -> ModelConfig:
+    """The model config of an ``args.yaml`` ``model`` section, checked; the inverse of :func:`model_args`."""
+    return _model_config(_Args({"model": m}, where))
+
+
+def _model_from_args(args: dict[str, Any], where: Path) -> tuple[nn.Module, list[str], list[int] | None, dict]:
+    """The model an ``args.yaml`` describes; every value that shapes the computation is range-checked
+    here, with one error naming the field, before anything is built."""
+    a = _Args(args, where)
+    neural_dim = a.int("model.n_input_features", 1, N_FEATURES, default=N_FEATURES)
+    mcfg = _model_config(a)
 
     sessions = a.get("dataset.sessions")
     if not isinstance(sessions, list) or not sessions or not all(isinstance(s, str) and s for s in sessions):

@@ -140,6 +140,14 @@ def drop_description_row(session_key: str, split: str) -> Setup:
     return setup
 
 
+def conflicting_description_row(p: dict[str, Path]) -> None:
+    """The description CSV's first row again, with another corpus."""
+    df = pd.read_csv(p["csv"], dtype=str, keep_default_na=False)
+    again = df.iloc[[0]].assign(Corpus="Random")
+    pd.concat([df, again]).to_csv(p["csv"], index=False)
+    p["line"] = Path(f"line {len(df) + 2}")
+
+
 def duplicate_manifest_row(p: dict[str, Path]) -> None:
     df = pd.read_csv(p["man"], keep_default_na=False)
     first_train = df[df["split"] == "train"].iloc[[0]]
@@ -325,6 +333,10 @@ ROWS: list[tuple[Case, Setup]] = [
      drop_description_row("1", "val")),
     (Case("preprocess-description-lacks-a-block", PREPROCESS, ["{csv}", "{s0}", "block {block}"], DATA, ["o"]),
      drop_description_row("0", "train")),
+    (Case("validate-description-block-twice", VALIDATE, ["{csv}", "{line}", "unlike line 2"], DATA, ["o"]),
+     conflicting_description_row),
+    (Case("preprocess-description-block-twice", PREPROCESS, ["{csv}", "{line}", "unlike line 2"], DATA, ["o"]),
+     conflicting_description_row),
     (Case("validate-duplicate-trial", VALIDATE, ["{train0}", "trial_0003", "duplicate trial"], DATA, ["o"]),
      duplicate_trial("train0")),
     (Case("preprocess-duplicate-trial", PREPROCESS, ["duplicate trial", "trial_0000", "trial_0003"], DATA, ["o"]),

@@ -46,6 +46,7 @@ def read_description(path: str | Path) -> list[Block]:
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; expected {COLUMNS}")
     blocks, problems = [], []
+    first_line: dict[tuple[dt.date, int], tuple[int, Block]] = {}
     for i, row in df.iterrows():
         line = i + 2  # header is line 1
         try:
@@ -59,6 +60,11 @@ def read_description(path: str | Path) -> list[Block]:
             ))
         except ValueError as exc:
             problems.append(f"{path}: line {line}: {exc}")
+            continue
+        b = blocks[-1]
+        seen = first_line.setdefault((b.date, b.block_num), (line, b))
+        if seen[1] != b:  # which corpus and day would the block's trials get?
+            problems.append(f"{path}: line {line}: block {b.block_num} of {b.date} again, unlike line {seen[0]}")
     if problems:
         raise DataError(f"{path}: invalid rows", problems)
     return blocks

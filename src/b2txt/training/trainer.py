@@ -78,6 +78,7 @@ class DeviceBatch:
     trials: list[int]
     step: int
     cut: int
+    padded_to: int
 
 
 def cpu_copy(tree):
@@ -119,7 +120,12 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
         {"params": day, "lr": cfg.lr_max_day, "weight_decay": cfg.weight_decay_day, "group_type": "day_layer"},
         {"params": other, "lr": cfg.lr_max, "weight_decay": cfg.weight_decay, "group_type": "other"},
     ]
-    opt = torch.optim.AdamW(groups, betas=(cfg.beta0, cfg.beta1), eps=cfg.epsilon)
+    if cfg.fused_adamw and next(model.parameters()).device.type not in ("cpu", "cuda"):
+        raise B2txtError(f"train.fused_adamw: torch has no fused AdamW on {next(model.parameters()).device.type}")
+    # fused: one kernel for all parameters (the published choice); else torch's default
+    # (foreach on CUDA, a loop on the CPU); the same update up to rounding
+    opt = torch.optim.AdamW(groups, betas=(cfg.beta0, cfg.beta1), eps=cfg.epsilon,
+                            fused=True if cfg.fused_adamw else None)
     main = lr_lambda(cfg.lr_max, cfg.lr_min, cfg.lr_warmup_steps, cfg.lr_decay_steps, cfg.lr_scheduler_type)
     day_f = lr_lambda(cfg.lr_max_day, cfg.lr_min_day, cfg.lr_warmup_steps_day, cfg.lr_decay_steps_day,
                       cfg.lr_scheduler_type)
@@ -219,7 +225,9 @@ class Trainer:
             if not dist.is_main:  # dropout masks of their own; rank 0's stream is a single process's
                 torch.manual_seed(cfg.seed + 7919 * dist.rank)
         self.opt, self.sched = build_optimizer(self.model, cfg)
-        self.ctc = torch.nn.CTCLoss(blank=0, reduction="none", zero_infinity=True)
+        # zero_infinity: a trial too short for its labels adds nothing (published: inf, whose
+        # NaN gradient the published clip turns into an error)
+        self.ctc = torch.nn.CTCLoss(blank=0, reduction="none", zero_infinity=cfg.ctc_zero_infinity)
         a = cfg.augment
         self.kernel = gaussian_kernel(a.smooth_kernel_std, a.smooth_kernel_size) if a.smooth_data else None
         # A GPU augments and smooths its batches itself (noise from its own generators, seeded per
@@ -227,7 +235,8 @@ class Trainer:
         self.transforms_on_device = self.device.type == "cuda"
         lengths = np.array([f.shape[0] for f in self.train_store.features])
         self.sampler = DayBatchSampler(self.train_store, cfg.batch_size, cfg.days_per_batch, cfg.seed,
-                                       cfg.must_include_days, lengths if cfg.length_bucketing else None)
+                                       cfg.must_include_days, lengths if cfg.length_bucketing else None,
+                                       mix=cfg.bucket_mix, width=cfg.bucket_width, draw=cfg.trial_draw)
         self.fingerprint = self._fingerprint(manifest_path)
         # progress of the run (saved in resume checkpoints)
         self.step = 0
@@ -278,16 +287,17 @@ class Trainer:
         store, cfg = self.train_store, self.cfg
         everything = self.sampler.next_batch()
         shortest = min(store.features[i].shape[0] for i in everything)
+        longest = max(store.features[i].shape[0] for i in everything)  # the global batch's padded length
         cut = draw_cut(cfg.augment.random_cut, trial_generator(cfg.seed, step), shortest)
         idx = self.dist.shard(everything)
         x, lengths = pad_batch([store.features[i] for i in idx])
         self.stats["padding"] += 1 - float(lengths.sum()) / (len(idx) * x.shape[1])
         self.stats["built"] += 1
         if self.transforms_on_device:  # done by loss(), on the device
-            x = DeviceBatch(x, lengths, [int(i) for i in idx], step, cut)
+            x = DeviceBatch(x, lengths, [int(i) for i in idx], step, cut, longest)
             lengths = lengths - cut
         else:
-            x = augment(x, lengths, cfg.augment, [trial_generator(cfg.seed, step, int(i)) for i in idx])
+            x = augment(x, lengths, cfg.augment, [trial_generator(cfg.seed, step, int(i)) for i in idx], longest)
             x, lengths = cut_start(x, lengths, cut)
             if self.kernel is not None:
                 x = smooth(x, self.kernel)
@@ -305,7 +315,7 @@ class Trainer:
         """Augment, cut and smooth a padded batch on the device, as :meth:`batch` does on the CPU."""
         x = b.x.to(self.device, non_blocking=True)
         gens = [trial_generator(self.cfg.seed, b.step, i, self.device) for i in b.trials]
-        x = augment(x, b.lengths, self.cfg.augment, gens)
+        x = augment(x, b.lengths, self.cfg.augment, gens, b.padded_to)
         x, _ = cut_start(x, b.lengths, b.cut)
         return smooth(x, self.kernel) if self.kernel is not None else x
 

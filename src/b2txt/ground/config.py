@@ -313,7 +313,8 @@ class EnsembleConfig(Section):
     members: list[EnsembleMember] = Field(default_factory=list, description="models of the ensemble; each is "
                                                                            "trained and run on every split")
     weights: list[Annotated[float, Field(ge=0)]] | None = Field(
-        None, description="one weight per member for the average of log-probabilities (None: equal)")
+        None, description="one weight per member (or per --logits file of `b2txt ensemble`) for the average of "
+                          "log-probabilities (None: equal)")
 
     @model_validator(mode="after")
     def _check(self) -> "EnsembleConfig":
@@ -321,7 +322,7 @@ class EnsembleConfig(Section):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"members: names must be unique, {dup} repeat")
-        if self.weights is not None:
+        if self.weights is not None and self.members:  # without members: weights of `b2txt ensemble`'s files
             if len(self.weights) != len(self.members):
                 raise ValueError(f"weights: {len(self.weights)} weight(s) for {len(self.members)} member(s)")
             if self.members and sum(self.weights) <= 0:

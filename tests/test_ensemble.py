@@ -342,10 +342,10 @@ def test_tiny_ensemble_preset_runs_end_to_end(tmp_path):
     (project / "config/model/ensemble.yaml").write_text(yaml.safe_dump(
         {"ensemble": {"members": [{"name": "a", "train": {"seed": 1}}, {"name": "b", "train": {"seed": 2}}]},
          "calibrate": {"enabled": False}}))
-    r = run(["snakemake", "--cores", "1", "--configfile", "config/model/ensemble.yaml", "results/tiny/scores/val/wer.json",
-             "results/tiny/scores/val/metrics.json"], project)
+    r = run(["snakemake", "results/tiny/scores/val/wer.json", "results/tiny/scores/val/metrics.json", "--cores", "1",
+             "--configfile", "config/model/ensemble.yaml"], project)
     assert r.returncode == 0
-    members = [logits_of(project / f"results/ensemble/members/{m}/logits/val.hdf5") for m in ("a", "b")]
+    members = [logits_of(project / f"results/tiny/members/{m}/logits/val.hdf5") for m in ("a", "b")]
     for i, e in enumerate(logits_of(project / "results/tiny/logits/val.hdf5")):
         np.testing.assert_allclose(e, average_log_probs([m[i] for m in members]), atol=1e-6)
     assert (project / "results/tiny/scores/val/wer.json").is_file()

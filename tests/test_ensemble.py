@@ -147,6 +147,8 @@ HOSTILE_MEMBERS = [
          ["weights must be"], inputs=["a"], outputs=["o"]),
     Case("ensemble-nan-weight", ["ensemble", "--logits", "{a}", "--weights", "nan", "--out", "{o}"],
          ["weights must be"], inputs=["a"], outputs=["o"]),
+    Case("train-unknown-member", ["train", "--member", "nope", "--data", "{a}", "--manifest", "{a}", "--out", "{o}"],
+         ["ensemble.members", "'nope'"], inputs=["a"], outputs=["o"]),
     Case("ensemble-out-onto-member", ["ensemble", "--logits", "{a}", "{fewer}", "--out", "{fewer}"],
          ["--out {fewer} is the input --logits"], inputs=["a", "fewer"]),
 ]

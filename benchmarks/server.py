@@ -276,7 +276,8 @@ def main() -> None:
               f"{in_rate:.1f} trials/s on one core")
         for chunk in (5, 20):  # 100 ms and 400 ms of 20-ms frames
             r = streaming_partials(lm, options, trials[:50], chunk)
-            print(f"streaming partials every {chunk} frames + final n-best: re-decode the prefix {r['redo_ms']:.1f} "
+            print(f"streaming partials every {chunk} frames (partial_beam {options.partial_beam:g}, "
+                  f"partial_max_active {options.partial_max_active}) + final n-best: re-decode the prefix {r['redo_ms']:.1f} "
                   f"ms/trial, advance one search {r['stream_ms']:.1f} ms/trial (x{r['redo_ms'] / r['stream_ms']:.1f} "
                   f"faster; {r['stream_ms'] / (1000 * local.mean()):.2f}x the one-pass decode); same last partial "
                   f"{r['same']}/{r['n']}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers.data import SENTENCES, SESSION, make_trials
+from helpers.data import SENTENCES, SESSION, make_trials, trial_steps
 
 from b2txt.cli import main
 from b2txt.data.description import (
@@ -114,14 +114,15 @@ def test_written_file_follows_the_dryad_layout(make_trial_file, lexicon):
     with h5py.File(path, "r") as f:
         assert sorted(f.keys()) == ["trial_0000", "trial_0001"]
         g = f["trial_0000"]
-        assert g["input_features"].dtype == np.float32 and g["input_features"].shape == (20, 512)
+        n_steps = trial_steps(lexicon, sentence)
+        assert g["input_features"].dtype == np.float32 and g["input_features"].shape == (n_steps, 512)
         assert g["seq_class_ids"].shape == (MAX_SEQ_ELEMENTS,)
         assert np.issubdtype(g["seq_class_ids"].dtype, np.integer)
         assert list(g["seq_class_ids"][: len(ids)]) == ids and not g["seq_class_ids"][len(ids):].any()
         text = g["transcription"][()]
         assert text.shape == (MAX_SEQ_ELEMENTS,)
         assert "".join(map(chr, text[: len(sentence)])) == sentence and not text[len(sentence):].any()
-        assert g.attrs["n_time_steps"] == 20 and g.attrs["seq_len"] == len(ids)
+        assert g.attrs["n_time_steps"] == n_steps and g.attrs["seq_len"] == len(ids)
         assert g.attrs["block_num"] == 1 and g.attrs["trial_num"] == 0
         assert g.attrs["session"] == SESSION and g.attrs["sentence_label"] == sentence
 

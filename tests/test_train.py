@@ -366,8 +366,11 @@ def test_empty_feature_subset_is_refused_or_means_all_features(sim, tmp_path):
 
 
 def test_bad_feature_subset_is_a_clear_error(sim, tmp_path):
-    with pytest.raises(B2txtError, match="feature_subset"):
-        Trainer(tcfg(feature_subset=[0, 512]), sim[0], sim[1], tmp_path / "m", log=lambda m: None)
+    with pytest.raises(ValueError, match="feature_subset"):  # the config refuses it, before any data are read
+        tcfg(feature_subset=[0, 512])
+    with pytest.raises(B2txtError, match="feature_subset"):  # and the trainer, given a config built unchecked
+        Trainer(TrainConfig.model_construct(**{**tcfg().__dict__, "feature_subset": [0, 512]}), sim[0], sim[1],
+                tmp_path / "m", log=lambda m: None)
 
 
 def test_holdout_session_is_left_out_and_infer_names_it(sim, tmp_path, capsys):

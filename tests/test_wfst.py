@@ -286,3 +286,17 @@ def test_streaming_chunks_equal_one_pass_and_end_on_the_decoded_sentence(kenlm_g
         a, b = decoder.stream(), decoder.stream()
         a.advance(x[:20]), b.advance(x[:35])
         assert a.advance(x[20:]) == s
+
+
+def test_partials_search_as_the_one_best_decode_with_the_same_options(kenlm_graph, lexicon, fortune_sentences):
+    """Streaming partials use their own, cheaper options (partial_beam, partial_max_active, no
+    min_active); given the one-best search's options they find what it finds, chunk by chunk."""
+    o = options(nbest=1, min_active=0)
+    o = o.model_copy(update={"partial_beam": o.beam, "partial_max_active": o.max_active})
+    decoder = WfstDecoder(kenlm_graph, o)
+    for i, s in enumerate(fortune_sentences[::53][:4]):
+        x = logits_for(lexicon, s, seed=40 + i, peak=6.0)
+        stream = decoder.stream()
+        for a in range(0, len(x), 9):
+            partial = stream.advance(x[a:a + 9])
+        assert partial == decoder.decode(x).best

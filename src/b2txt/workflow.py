@@ -146,7 +146,8 @@ def stages(cfg: PipelineConfig) -> list[Stage]:
             sections=("data", "simulate", "corpus", "download"), local=not simulated))
     out += [
         Stage("validate", ("validate", "{input.data}", "--report", "{output.report}"),
-              inputs={"data": Input(data)}, outputs={"report": Output(f"{run}/validation.txt")}),
+              inputs={"data": Input(data)}, outputs={"report": Output(f"{run}/validation.txt")},
+              sections=("train",)),  # train.model's patch: every trial must give output frames
         Stage("preprocess", ("preprocess", "--data", "{input.data}", "--out", "{output.manifest}"),
               inputs={"data": Input(data), "validated": Input(f"{run}/validation.txt")},
               outputs={"manifest": Output(f"{run}/manifest.csv")}),

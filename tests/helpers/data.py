@@ -41,16 +41,25 @@ TINY_SIM_CONFIG = SimulateConfig(
 )
 
 
+def trial_steps(lexicon: Lexicon, sentence: str, i: int = 0) -> int:
+    """Bins of the i-th made trial of ``sentence``: enough output frames of the default model (patch 14,
+    stride 4) for CTC to align its phonemes (`b2txt validate` checks), plus a little, varying with i."""
+    ids = lexicon.sentence_ids(sentence)
+    needed = len(ids) + sum(a == b for a, b in zip(ids, ids[1:]))
+    return 14 + 4 * (needed + 2) + 3 * i
+
+
 def make_trials(lexicon: Lexicon, n_trials: int = 3, session: str = SESSION, labelled: bool = True,
                 seed: int = 0, block_num: int = 1, first_trial_num: int = 0) -> list[Trial]:
-    """Valid trials: TX-like counts in 0..255, Gaussian SBP in 256..511, lexicon labels."""
+    """Valid trials: TX-like counts in 0..255, Gaussian SBP in 256..511, lexicon labels; each long
+    enough for the default model (:func:`trial_steps`)."""
     rng = np.random.default_rng(seed)
     trials = []
     for i in range(n_trials):
-        n_steps = 20 + 3 * i
+        sentence = SENTENCES[(seed + i) % len(SENTENCES)]
+        n_steps = trial_steps(lexicon, sentence, i)
         tx = rng.poisson(1.0, size=(n_steps, 256)).astype(np.float32)
         sbp = rng.normal(size=(n_steps, 256)).astype(np.float32)
-        sentence = SENTENCES[(seed + i) % len(SENTENCES)]
         trials.append(Trial(
             features=np.concatenate([tx, sbp], axis=1),
             session=session, block_num=block_num, trial_num=first_trial_num + i,

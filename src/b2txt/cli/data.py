@@ -231,7 +231,8 @@ def run_validate(args: argparse.Namespace) -> int:
     from ..data.validate import validate_dataset
     from ..ground.fileio import write_text_atomic
 
-    report = validate_dataset(args.data_dir)
+    model = config_of(args).train.model
+    report = validate_dataset(args.data_dir, model.patch_size, model.patch_stride)
     text = f"{args.data_dir}: {report.summary()}\n"
     if args.report:
         if report.ok:
@@ -246,6 +247,8 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def validate_arguments(p: argparse.ArgumentParser) -> None:
+    add_config(p, "train.model (patch_size, patch_stride: every trial must give the model output frames "
+                  "and, when labelled, enough of them for CTC)")
     p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
     p.add_argument("--report", type=Path, help="write the summary here when the data are clean")
 
@@ -253,7 +256,7 @@ def validate_arguments(p: argparse.ArgumentParser) -> None:
 def run_preprocess(args: argparse.Namespace) -> int:
     from ..data.store import build_manifest, write_manifest
 
-    manifest = build_manifest(args.data)
+    manifest = build_manifest(args.data, warn=log)
     write_manifest(manifest, args.out)
     counts = manifest.groupby("split").size().to_dict()
     log(f"{args.out}: {len(manifest)} trials from {manifest['session'].nunique()} sessions {counts}")
@@ -307,7 +310,10 @@ COMMANDS = (
             "Dryad-layout data and is left as it is. The pipeline's one data stage, in Snakemake and DVC alike.",
             data_arguments, run_data),
     Command("validate", "check every file and trial of a Dryad-layout data directory",
-            "Report every problem with file, trial and field. Exit 0 when clean, 2 otherwise.",
+            "Report every problem with file, trial and field: layout (including links that lead nowhere), "
+            "every trial's fields, trials reached twice, blocks the description CSV lacks, trials shorter than "
+            "the model's patch (train.model) or too short for CTC to align their labels. Feature values far "
+            "outside any plausible range are warnings. Exit 0 when clean, 2 otherwise.",
             validate_arguments, run_validate),
     Command("preprocess", "check all trials once and write the trial manifest CSV",
             "One row per trial: session, split, file, trial, block, length, phoneme count, corpus, "

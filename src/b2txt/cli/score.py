@@ -77,7 +77,15 @@ def run_submission(args: argparse.Namespace) -> int:
     from ..data.decoded import read_decoded
     from ..evaluation.reports import write_submission
 
-    n = write_submission(read_decoded(args.decoded), args.out)
+    decoded = read_decoded(args.decoded)
+    if decoded.empty:
+        raise B2txtError(f"{args.decoded}: no trials: a submission needs every test trial")
+    splits = sorted(set(decoded["split"].astype(str))) if "split" in decoded.columns else []
+    if splits != ["test"]:  # the competition scores test trials: another split's rows would be wrong
+        found = f"split(s) {', '.join(repr(s) for s in splits)}" if splits else "no split column"
+        raise B2txtError(f"{args.decoded}: {found}; the competition submission is of the test split only "
+                         "(decode the test logits: `b2txt infer --split test`, then `b2txt decode`)")
+    n = write_submission(decoded, args.out)
     log(f"{args.out}: {n} rows (id,text)")
     return 0
 

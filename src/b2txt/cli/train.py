@@ -58,7 +58,7 @@ def run_infer(args: argparse.Namespace) -> int:
     else:  # a model and a data directory are enough
         with tempfile.TemporaryDirectory(prefix="b2txt-manifest-") as tmpdir:
             manifest = Path(tmpdir) / "manifest.csv"
-            write_manifest(build_manifest(args.data, [args.split]), manifest)
+            write_manifest(build_manifest(args.data, [args.split], warn=log), manifest)
             n = run(manifest)
     log(f"{args.out}: logits of {n} {args.split} trials")
     return 0
@@ -73,7 +73,7 @@ def infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", type=Path, help="manifest CSV (default: built from DATA_DIR)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or xla (default: infer.device)")
     p.add_argument("--batch-size", type=at_least(1), help="trials per forward pass (default: infer.batch_size)")
-    p.add_argument("--chunk-bins", type=int, metavar="N",
+    p.add_argument("--chunk-bins", type=at_least(1), metavar="N",
                    help="decode online, N bins (20 ms each) at a time with the GRU state carried (GRU models); "
                         "gives the same logits as one pass")
     p.add_argument("--known-sessions-only", action="store_true",

@@ -46,6 +46,7 @@ def read_description(path: str | Path) -> list[Block]:
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; expected {COLUMNS}")
     blocks, problems = [], []
+    first_line: dict[tuple[dt.date, int], tuple[int, Block]] = {}
     for i, row in df.iterrows():
         line = i + 2  # header is line 1
         try:
@@ -59,6 +60,11 @@ def read_description(path: str | Path) -> list[Block]:
             ))
         except ValueError as exc:
             problems.append(f"{path}: line {line}: {exc}")
+            continue
+        b = blocks[-1]
+        seen = first_line.setdefault((b.date, b.block_num), (line, b))
+        if seen[1] != b:  # which corpus and day would the block's trials get?
+            problems.append(f"{path}: line {line}: block {b.block_num} of {b.date} again, unlike line {seen[0]}")
     if problems:
         raise DataError(f"{path}: invalid rows", problems)
     return blocks
@@ -75,3 +81,15 @@ def find_description(data_dir: str | Path) -> Path | None:
 
 def block_index(blocks: list[Block]) -> dict[tuple[dt.date, int], Block]:
     return {(b.date, b.block_num): b for b in blocks}
+
+
+def undescribed_blocks(path: str | Path, blocks: list[Block],
+                       used: dict[tuple[dt.date, int], tuple[str, int, str]]) -> list[str]:
+    """Problems for the blocks the data use that the description CSV lacks.
+
+    ``used`` maps (date, block) to (session, number of trials, where the first one is). Without its
+    row a block's trials would get corpus "unknown" and no post-implant day, silently.
+    """
+    index = block_index(blocks)
+    return [f"{path}: no row for session {session} block {block} ({n} trial(s), first {where})"
+            for (date, block), (session, n, where) in sorted(used.items()) if (date, block) not in index]

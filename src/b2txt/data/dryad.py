@@ -13,6 +13,7 @@ trial and field instead of failing deep inside h5py or torch.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -76,6 +77,23 @@ def data_root(data_dir: str | Path) -> Path:
     return data_dir
 
 
+#: What :func:`discover` says of a link that leads nowhere: a file or session lost, never skippable.
+LOST_LINK = "symbolic link"
+
+
+def broken_link(path: Path) -> str | None:
+    """Why ``path`` is a symbolic link that leads to nothing (dangling or looping), else None."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.resolve(strict=True)
+    except FileNotFoundError:
+        return f"dangling {LOST_LINK} (-> {os.readlink(path)}): its target does not exist"
+    except (OSError, RuntimeError):  # ELOOP (RuntimeError before Python 3.13)
+        return f"looping {LOST_LINK} (-> {os.readlink(path)}): it never reaches a file"
+    return None
+
+
 def data_file_path(data_dir: str | Path, session: str, split: str) -> Path:
     return Path(data_dir) / DATA_SUBDIR / session / f"data_{split}.hdf5"
 
@@ -84,24 +102,32 @@ def discover(data_dir: str | Path) -> tuple[list[DataFile], list[str]]:
     """All data files below ``data_dir`` in session then split order, and layout problems."""
     root = data_root(data_dir)
     if not root.is_dir():
-        raise DataError(f"{data_dir}: data directory does not exist")
+        broken = broken_link(Path(data_dir))
+        raise DataError(f"{data_dir}: data directory does not exist" + (f" ({broken})" if broken else ""))
     files: list[DataFile] = []
     problems: list[str] = []
-    for sdir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    # A link that leads nowhere is reported, never skipped: skipping it would silently drop a
+    # session (or, for a data file, a whole split) from everything downstream.
+    problems += [f"{p}: {broken_link(p)}" for p in entries if broken_link(p)]
+    for sdir in (p for p in entries if p.is_dir()):
         try:
             session_date(sdir.name)
         except ValueError:
             problems.append(f"{sdir}: session name {sdir.name!r} is not of the form t15.YYYY.MM.DD")
             continue
         for f in sorted(sdir.iterdir()):
-            m = FILE_RE.match(f.name)
-            if not m:
-                if not f.name.startswith("."):
-                    problems.append(f"{f}: unexpected file (expected data_train/val/test.hdf5)")
+            if f.name.startswith("."):
                 continue
+            if broken_link(f):
+                problems.append(f"{f}: {broken_link(f)}")
+            elif not FILE_RE.match(f.name):
+                problems.append(f"{f}: unexpected file (expected data_train/val/test.hdf5)")
+            elif not f.is_file():
+                problems.append(f"{f}: not a regular file")
         for split in SPLITS:
             path = sdir / f"data_{split}.hdf5"
-            if path.exists():
+            if path.is_file():
                 files.append(DataFile(sdir.name, split, path))
     if not files and not problems:
         problems.append(f"{root}: no session folders with data_*.hdf5 files")
@@ -263,6 +289,54 @@ def check_trial(g: h5py.Group, where: str, labelled: bool, session: str | None) 
     if problems or features is None:
         return None, problems
     return Trial(features, sess or "", block or 0, trial_num or 0, sentence, ids), problems
+
+
+#: No feature of either data set comes near this magnitude: the published features are z-scored
+#: (against the preceding 20 trials, so a few tens at most), the simulator's are threshold-crossing
+#: counts per 20 ms bin (a few hundred at most) and spike-band power of a few units. A value beyond
+#: it is garbage (uninitialised memory, another unit or type), though not provably wrong: a warning.
+FEATURE_LIMIT = 1e4
+
+
+def implausible_features(features: np.ndarray, where: str) -> str | None:
+    """A warning naming ``where`` when a trial's features lie far outside any plausible range."""
+    big = np.abs(features) > FEATURE_LIMIT
+    if not big.any():
+        return None
+    rows, cols = np.nonzero(big)
+    return (f"{where}: dataset input_features: {int(big.sum())} value(s) beyond ±{FEATURE_LIMIT:g} "
+            f"(largest {float(np.abs(features).max()):.4g}, first at time step {rows[0]}, feature {cols[0]}); "
+            "features are z-scored or counts per bin, so these look like garbage")
+
+
+def patched_length(n_steps: int, patch_size: int, patch_stride: int) -> int:
+    """Model outputs of a trial of ``n_steps`` bins (REFERENCE §3): 0 when shorter than one patch."""
+    return 0 if n_steps < patch_size else (n_steps - patch_size) // patch_stride + 1
+
+
+def ctc_frames_needed(ids: np.ndarray) -> int:
+    """The fewest frames CTC can align ``ids`` to: one per label, plus a blank between repeats."""
+    ids = np.asarray(ids)
+    return int(len(ids) + np.count_nonzero(ids[1:] == ids[:-1]))
+
+
+def fit_problem(trial: Trial, where: str, patch_size: int, patch_stride: int) -> str | None:
+    """Why ``trial`` cannot go through a model of this patch size and stride, or None.
+
+    A trial shorter than one patch has no output frames (its logits would be empty); a labelled
+    trial needs at least as many output frames as CTC needs to align its labels (no loss otherwise).
+    """
+    n_out = patched_length(trial.n_time_steps, patch_size, patch_stride)
+    if n_out == 0:
+        return (f"{where}: {trial.n_time_steps} time step(s), shorter than the model's patch of {patch_size} "
+                "bins: no output frames")
+    if trial.phoneme_ids is not None:
+        needed = ctc_frames_needed(trial.phoneme_ids)
+        if n_out < needed:
+            return (f"{where}: {len(trial.phoneme_ids)} phonemes need {needed} output frames for CTC (labels + "
+                    f"repeats) but its {trial.n_time_steps} time steps give {n_out} after patching "
+                    f"(patch {patch_size}, stride {patch_stride})")
+    return None
 
 
 def _open(path: Path) -> h5py.File:

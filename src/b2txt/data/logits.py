@@ -75,7 +75,18 @@ class LogitsTrial:
     attrs: dict
 
 
+#: The column orders this reader knows: ``model`` (blank, AA..ZH, SIL), what ``write_logits`` writes.
+COLUMN_ORDERS = ("model",)
+
+
+def _attr_text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def read_logits(path: str | Path) -> list[LogitsTrial]:
+    """Every trial of a logits file, checked: a known column order and class count, and per trial
+    float ``[T, 41]`` logits with at least one frame and no NaN/Inf; otherwise one error naming
+    the file and trial (never a silently empty or NaN result downstream)."""
     path = Path(path)
     try:
         f = h5py.File(path, "r")
@@ -83,15 +94,29 @@ def read_logits(path: str | Path) -> list[LogitsTrial]:
         raise B2txtError(f"{path}: cannot read logits file: {exc}") from None
     out = []
     with f:
+        order = _attr_text(f.attrs.get("column_order", "model"))
+        if order not in COLUMN_ORDERS:
+            raise B2txtError(f"{path}: attr column_order: {order!r} is not a column order b2txt knows "
+                             f"({', '.join(COLUMN_ORDERS)}: blank, AA..ZH, SIL)")
+        n_classes = f.attrs.get("n_classes", N_CLASSES)
+        if np.asarray(n_classes).size != 1 or int(np.asarray(n_classes).reshape(())) != N_CLASSES:
+            raise B2txtError(f"{path}: attr n_classes: {n_classes!r}, expected {N_CLASSES}")
         for name in sorted(f.keys()):
             g = f[name]
-            if "logits" not in g:
+            if not isinstance(g, h5py.Group) or "logits" not in g or not isinstance(g["logits"], h5py.Dataset):
                 raise B2txtError(f"{path}: {name}: dataset logits missing")
             lg = g["logits"][()]
             if lg.ndim != 2 or lg.shape[1] != N_CLASSES:
                 raise B2txtError(f"{path}: {name}: logits shape {lg.shape}, expected [T, {N_CLASSES}]")
+            if lg.dtype.kind != "f":
+                raise B2txtError(f"{path}: {name}: logits dtype {lg.dtype}, expected float")
+            if lg.shape[0] == 0:
+                raise B2txtError(f"{path}: {name}: no frames (T = 0): the trial is shorter than the model's patch")
+            bad = ~np.isfinite(lg)
+            if bad.any():
+                row, col = np.argwhere(bad)[0]
+                raise B2txtError(f"{path}: {name}: {int(bad.sum())} NaN/Inf logit(s), first at frame {row}, "
+                                 f"column {col}")
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
             out.append(LogitsTrial(lg, g["seq_class_ids"][()] if "seq_class_ids" in g else None, attrs))
     return out
-
-

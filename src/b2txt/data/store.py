@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..ground.console import progress
+from ..ground.console import Log, progress
 from ..ground.errors import B2txtError, DataError
 from ..ground.fileio import atomic_file
-from .description import block_index, find_description, read_description
-from .dryad import DataFile, discover, read_file, session_date
+from .description import block_index, find_description, read_description, undescribed_blocks
+from .dryad import DataFile, discover, implausible_features, read_file, session_date
 
 MANIFEST_COLUMNS = [
     "session", "split", "file", "trial", "block_num", "trial_num", "n_time_steps", "seq_len",
@@ -25,10 +25,13 @@ MANIFEST_COLUMNS = [
 ]
 
 
-def build_manifest(data_dir: str | Path, splits: Sequence[str] | None = None) -> pd.DataFrame:
+def build_manifest(data_dir: str | Path, splits: Sequence[str] | None = None,
+                   warn: Log | None = None) -> pd.DataFrame:
     """Read and check every trial (of ``splits``, default all); one row per trial.
 
-    Raises :class:`DataError` listing every problem found.
+    Raises :class:`DataError` listing every problem found: in the files, trials reached twice
+    (the same session, block and trial number), blocks the description CSV lacks. ``warn`` is
+    told of trials whose feature values lie far outside any plausible range.
     """
     files, problems = discover(data_dir)
     if splits is not None:
@@ -36,12 +39,19 @@ def build_manifest(data_dir: str | Path, splits: Sequence[str] | None = None) ->
     if problems:
         raise DataError(f"{data_dir}: layout problems", problems)
     desc_path = find_description(data_dir)
-    blocks = block_index(read_description(desc_path)) if desc_path else {}
+    described = read_description(desc_path) if desc_path else []
+    blocks = block_index(described)
     rows = []
+    used: dict[tuple, tuple[str, int, str]] = {}
     for df in progress(files, desc="preprocess", unit="file"):
         date = session_date(df.session)
         for name, trial in read_file(df):
             block = blocks.get((date, trial.block_num))
+            session, n, first = used.get((date, trial.block_num), (df.session, 0, f"{df.path}: {name}"))
+            used[(date, trial.block_num)] = (session, n + 1, first)
+            odd = implausible_features(trial.features, f"{df.path}: {name}")
+            if odd and warn is not None:
+                warn(f"warning: {odd}")
             rows.append({
                 "session": df.session, "split": df.split,
                 "file": str(df.path.relative_to(Path(data_dir))), "trial": name,
@@ -52,7 +62,29 @@ def build_manifest(data_dir: str | Path, splits: Sequence[str] | None = None) ->
                 "post_implant_day": block.post_implant_day if block else -1,
                 "sentence": trial.sentence or "",
             })
-    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    problems = duplicate_trials(manifest, Path(data_dir))
+    if desc_path is not None:
+        problems += undescribed_blocks(desc_path, described, used)
+    if problems:
+        raise DataError(f"{data_dir}: {len(problems)} problem(s) across trials; `b2txt validate` reports "
+                        "them all", problems)
+    return manifest
+
+
+def duplicate_trials(manifest: pd.DataFrame, where: Path | str) -> list[str]:
+    """Problems for trials listed twice: the same session, block and trial number, or the same
+    group of the same file (training would weigh them double; the split would hold them twice)."""
+    problems = []
+    numbers = ["session", "block_num", "trial_num"]
+    for keys, what in ((numbers, "block {1} trial {2} of session {0}"), (["file", "trial"], "{0}: {1}")):
+        dup = manifest[manifest.duplicated(keys, keep=False)]
+        for key, group in dup.groupby(keys, sort=True):
+            if keys != numbers and group.duplicated(numbers).any():
+                continue  # the same trial listed twice: reported once, above
+            places = ", ".join(f"{f}: {t}" for f, t in zip(group["file"], group["trial"]))
+            problems.append(f"{where}: duplicate trial: {what.format(*key)} appears {len(group)} times ({places})")
+    return problems
 
 
 def write_manifest(manifest: pd.DataFrame, path: str | Path) -> None:
@@ -69,6 +101,9 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise DataError(f"{path}: manifest lacks column(s) {missing}; re-run `b2txt preprocess`")
+    problems = duplicate_trials(df, path)
+    if problems:
+        raise DataError(f"{path}: the manifest lists trials twice; re-run `b2txt preprocess`", problems)
     return df
 
 

@@ -181,6 +181,11 @@ class SimulateConfig(Section):
         return self
 
 
+#: Generous bounds on what shapes a model: beyond them a config or an args.yaml is broken, not a
+#: bigger model (the published one: 5 layers of 768 units, patches of 14 bins, stride 4).
+MAX_UNITS, MAX_LAYERS, MAX_PATCH = 16384, 64, 1000
+
+
 class ModelConfig(Section):
     """Phoneme decoder architecture (REFERENCE §3): the one model config of the models
     (:mod:`b2txt.models.decoders`), the trainer and ``args.yaml`` (:mod:`b2txt.models.checkpoint`).
@@ -192,17 +197,18 @@ class ModelConfig(Section):
     """
 
     architecture: Literal["gru", "triple"] = "gru"
-    n_units: int = Field(256, ge=1)
-    n_layers: int = Field(2, ge=1)
+    n_units: int = Field(256, ge=1, le=MAX_UNITS)
+    n_layers: int = Field(2, ge=1, le=MAX_LAYERS)
     rnn_dropout: float = Field(0.4, ge=0, lt=1)
     input_dropout: float = Field(0.2, ge=0, lt=1)
-    patch_size: int = Field(14, ge=1)
-    patch_stride: int = Field(4, ge=1)
-    noise_units: int = Field(256, ge=1)
-    noise_layers: int = Field(2, ge=1)
-    noisy_units: int = Field(256, ge=1)
-    noisy_layers: int = Field(2, ge=1)
-    grl_scale: float = Field(1.0, description="gradient-reversal scale between noise and noisy head")
+    patch_size: int = Field(14, ge=1, le=MAX_PATCH, description="bins per patch (20 ms each)")
+    patch_stride: int = Field(4, ge=1, le=MAX_PATCH, description="bins between patches")
+    noise_units: int = Field(256, ge=1, le=MAX_UNITS)
+    noise_layers: int = Field(2, ge=1, le=MAX_LAYERS)
+    noisy_units: int = Field(256, ge=1, le=MAX_UNITS)
+    noisy_layers: int = Field(2, ge=1, le=MAX_LAYERS)
+    grl_scale: float = Field(1.0, allow_inf_nan=False,
+                             description="gradient-reversal scale between noise and noisy head")
 
 
 class AugmentConfig(Section):
@@ -212,8 +218,8 @@ class AugmentConfig(Section):
     static_gain_std: float = Field(0.0, ge=0)
     random_cut: int = Field(3, ge=0, description="cut 0..random_cut-1 leading bins per batch")
     smooth_data: bool = True
-    smooth_kernel_std: float = Field(2.0, gt=0)
-    smooth_kernel_size: int = Field(100, ge=1)
+    smooth_kernel_std: float = Field(2.0, gt=0, le=1000, allow_inf_nan=False, description="bins")
+    smooth_kernel_size: int = Field(100, ge=1, le=100000)
 
 
 class TrainConfig(Section):
@@ -225,7 +231,8 @@ class TrainConfig(Section):
     days_per_batch: int = Field(4, ge=1)
     must_include_days: list[int] = Field(default_factory=list)
     length_bucketing: bool = Field(True, description="draw each batch's trials at one length quantile (less padding)")
-    feature_subset: list[int] | None = Field(None, min_length=1, description="feature indices to use (default: all 512)")
+    feature_subset: list[Annotated[int, Field(ge=0, le=511)]] | None = Field(
+        None, min_length=1, description="feature indices to use, each once (default: all 512)")
     holdout_sessions: list[int | str] = Field(
         default_factory=lambda: [-1], description="sessions left out of training (names or indices, -1 = last), e.g. for calibrate")
     adversarial_weight: float = Field(0.5, ge=0, description="triple: weight of the noisy-head CTC term")
@@ -255,6 +262,13 @@ class TrainConfig(Section):
     amp: Literal["auto", "bf16", "off"] = "auto"
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, xla")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores given)")
+
+    @model_validator(mode="after")
+    def _subset_once(self) -> "TrainConfig":
+        if self.feature_subset is not None and len(set(self.feature_subset)) != len(self.feature_subset):
+            twice = sorted({i for i in self.feature_subset if self.feature_subset.count(i) > 1})
+            raise ValueError(f"feature_subset: index(es) {twice[:10]} listed more than once")
+        return self
 
 
 class CalibrateConfig(Section):
@@ -399,6 +413,10 @@ class DecodeConfig(Section):
     nbest_beam: float | None = Field(
         12.0, gt=0, description="wfst: search beam of the n-best lattice pass (it has no max_active); None: beam")
     nbest: int = Field(100, ge=1)
+    partial_beam: float = Field(
+        12.0, gt=0, description="wfst streaming partials: search beam (min_active 0); the final n-best "
+        "of a streamed trial is searched with the options above, so partials are previews")
+    partial_max_active: int = Field(2000, ge=1, description="wfst streaming partials: max active states")
     length_penalty: float = Field(0.0, description="added to a candidate's score per word")
     rescore_unpruned: bool = Field(False, description="wfst: rescore n-best with G_no_prune.fst / G.fst when present")
     beam_size_token: int = Field(10, ge=1, description="lexicon: tokens considered per frame")

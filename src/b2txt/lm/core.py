@@ -62,12 +62,12 @@ def make_decoder(options: DecodeConfig, lm_dir: str | Path) -> Decoder:
 
 
 def trial_logits(trials: list[LogitsTrial], path: str | Path) -> dict[int, np.ndarray]:
-    """LM-order, checked logits of every trial that has frames (a trial without frames decodes to '')."""
+    """LM-order, checked logits of every trial; a trial without frames is an error (it would decode
+    to an empty sentence that nobody asked for)."""
     out = {}
     for i, t in enumerate(trials):
-        if len(t.logits):
-            x = check_logits(np.asarray(t.logits), f"{path}: trial {i} ({t.attrs.get('session', '?')})")
-            out[i] = np.ascontiguousarray(to_lm_order(x))
+        x = check_logits(np.asarray(t.logits), f"{path}: trial {i} ({t.attrs.get('session', '?')})")
+        out[i] = np.ascontiguousarray(to_lm_order(x))
     return out
 
 

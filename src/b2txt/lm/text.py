@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import h5py
 
 from ..data.corpus import read_sources, records, sentences_in
-from ..data.dryad import TRIAL_RE, discover
+from ..data.dryad import LOST_LINK, TRIAL_RE, discover
 from ..ground.errors import B2txtError, DataError
 from ..ground.fileio import atomic_file, write_text_atomic
 from ..ground.phonemes import Lexicon, normalize_text
@@ -94,9 +94,10 @@ def evaluation_sentences(data_dir: str | Path, splits: Sequence[str]) -> set[str
     skipping it would let its sentences leak into the LM.
     """
     files, problems = discover(data_dir)
-    if problems and not files:
+    lost = [p for p in problems if LOST_LINK in p]  # a split behind a dead link: its sentences would leak
+    if lost or (problems and not files):
         raise DataError(f"{data_dir}: cannot read the evaluation sentences to exclude "
-                        f"(set lm.exclude_splits: [] to build without exclusion)", problems)
+                        f"(set lm.exclude_splits: [] to build without exclusion)", lost or problems)
     wanted = set(splits)
     out: set[str] = set()
     for df in files:

@@ -54,6 +54,7 @@ class Graph:
     path: Path
     tlg: kaldifst.StdVectorFst
     words: list[str]  # normalised text per word id ('' for <eps>, #0, <s>, </s>)
+    unlisted: frozenset[int] = frozenset()  # ids below len(words) that words.txt does not list
     g: kaldifst.StdVectorFst | None = None
     g_no_prune: kaldifst.StdVectorFst | None = None
 
@@ -81,11 +82,13 @@ def load_graph(graph_dir: str | Path, with_rescoring: bool = False) -> Graph:
         if graph is None:
             for old in [k for k, g in _CACHE.items() if g.path.resolve() == graph_dir.resolve()]:
                 del _CACHE[old]  # the graph was rebuilt under the same path: drop the stale one
-            words = [_word_text(w) for w in read_words(graph_dir / WORDS_FILE)]
+            symbols = read_words(graph_dir / WORDS_FILE)
+            words = [_word_text(w) for w in symbols]
+            unlisted = frozenset(i for i, w in enumerate(symbols) if not w)
             tlg = read_fst(tlg_path, "decoding graph TLG.fst")
             if tlg.start < 0 or tlg.num_states == 0:
                 raise GraphError(f"{tlg_path}: the decoding graph is empty")
-            graph = Graph(graph_dir, tlg, words)
+            graph = Graph(graph_dir, tlg, words, unlisted=unlisted)
             _CACHE[key] = graph
         if with_rescoring and graph.g is None:
             g_path, g_full_path = graph_dir / G_FILE, graph_dir / G_NO_PRUNE_FILE
@@ -151,11 +154,25 @@ class WfstDecoder:
         return kaldi_decoder.FasterDecoder(self.graph.tlg, kaldi_decoder.FasterDecoderOptions(
             beam=o.beam, max_active=o.max_active, min_active=o.min_active))
 
+    def _partial_search(self) -> kaldi_decoder.FasterDecoder:
+        # No min_active: forcing 200 tokens alive costs 10x the search itself on the 3-gram graph
+        # (benchmarks/server.py), and a partial is only a preview of the final n-best
+        o = self.options
+        return kaldi_decoder.FasterDecoder(self.graph.tlg, kaldi_decoder.FasterDecoderOptions(
+            beam=o.partial_beam, max_active=o.partial_max_active, min_active=0))
+
     def stream(self) -> "WfstStream":
         return WfstStream(self)
 
     def _sentence(self, word_ids: list[int]) -> str:
-        return " ".join(w for w in (self.graph.words[i] for i in word_ids if i < len(self.graph.words)) if w)
+        words = self.graph.words
+        missing = sorted({i for i in word_ids if i >= len(words) or i in self.graph.unlisted})
+        if missing:  # dropping them would turn sentences into fragments or '' without a word said
+            raise GraphError(f"{self.graph.path / WORDS_FILE}: the decoding graph {TLG_FILE} outputs word id(s) "
+                             f"{missing[:5]} that this words.txt ({len(words)} ids) does not list: it is not the word "
+                             f"table the graph was built with; rebuild the graph (`b2txt lm graph`) or restore its "
+                             "words.txt")
+        return " ".join(w for w in (words[i] for i in word_ids) if w)
 
     def _candidate(self, word_ids: list[int], graph_cost: float, acoustic_cost: float) -> Candidate:
         o = self.options
@@ -322,11 +339,12 @@ __all__ = ["Graph", "WfstDecoder", "clear_cache", "graph_files", "load_graph"]
 
 class WfstStream:
     """A streaming trial on the WFST: a FasterDecoder of its own over the shared TLG graph,
-    advanced chunk by chunk (kaldi's ``AdvanceDecoding``); its best path is the partial result."""
+    advanced chunk by chunk (kaldi's ``AdvanceDecoding``) with the cheaper partial options
+    (``partial_beam``, ``partial_max_active``); its best path is the partial result."""
 
     def __init__(self, decoder: WfstDecoder):
         self.decoder = decoder
-        self.search = decoder._one_best_search()
+        self.search = decoder._partial_search()
         self.search.init_decoding()
         self.frames = np.zeros((0, N_CLASSES), dtype=np.float32)
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..ground.config import ModelConfig, TrainConfig, read_yaml
+from ..ground.config import MAX_LAYERS, MAX_PATCH, MAX_UNITS, ModelConfig, TrainConfig, read_yaml
 from ..ground.errors import B2txtError
 from ..ground.phonemes import N_CLASSES
 from .decoders import N_FEATURES, GRUDecoder, TripleGRUDecoder
@@ -54,16 +54,6 @@ def model_args(m: ModelConfig, n_features: int) -> dict[str, Any]:
         model["triple"] = {"noise_units": m.noise_units, "noise_layers": m.noise_layers,
                            "noisy_units": m.noisy_units, "noisy_layers": m.noisy_layers, "grl_scale": m.grl_scale}
     return model
-
-
-def model_config_from_args(m: dict[str, Any]) -> ModelConfig:
-    """The model config of an ``args.yaml`` ``model`` section, ours or published (which lacks our keys)."""
-    triple = {k: v for k, v in (m.get("triple") or {}).items() if k != "adversarial_weight"}
-    return ModelConfig(
-        architecture=m.get("architecture", "gru"), n_units=int(m["n_units"]), n_layers=int(m["n_layers"]),
-        rnn_dropout=float(m.get("rnn_dropout", 0.0)),
-        input_dropout=float((m.get("input_network") or {}).get("input_layer_dropout", 0.0)),
-        patch_size=int(m.get("patch_size", 1)) or 1, patch_stride=int(m.get("patch_stride", 1)) or 1, **triple)
 
 
 def published_args(cfg: TrainConfig, sessions: list[str], data_dir: str, out_dir: str) -> dict[str, Any]:
@@ -103,19 +93,122 @@ def published_args(cfg: TrainConfig, sessions: list[str], data_dir: str, out_dir
     }
 
 
+_MISSING = object()
+
+
+class _Args:
+    """Checked reads of ``args.yaml``: every error names the file and the field (``model.n_units``)."""
+
+    def __init__(self, args: Any, where: Path):
+        if not isinstance(args, dict):
+            raise B2txtError(f"{where}: not a valid args.yaml (expected a mapping, got {type(args).__name__})")
+        self.args, self.where = args, where
+
+    def get(self, path: str, default: Any = _MISSING) -> Any:
+        node: Any = self.args
+        for key in path.split("."):
+            if not isinstance(node, dict) or node.get(key) is None:
+                if default is _MISSING:
+                    raise B2txtError(f"{self.where}: {path}: missing")
+                return default
+            node = node[key]
+        return node
+
+    def fail(self, path: str, value: Any, expected: str) -> B2txtError:
+        shown = repr(value)
+        return B2txtError(f"{self.where}: {path}: {shown if len(shown) <= 80 else shown[:76] + ' ...'}, "
+                          f"expected {expected}")
+
+    def int(self, path: str, low: int, high: int | None = None, default: Any = _MISSING) -> int:
+        v = self.get(path, default)
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and np.isfinite(v) and v == int(v)
+        if not ok or v < low or (high is not None and v > high):
+            raise self.fail(path, v, f"an integer {low}..{high}" if high is not None else f"an integer ≥ {low}")
+        return int(v)
+
+    def float(self, path: str, low: float, high: float, default: Any = _MISSING, *, low_open: bool = False,
+              high_open: bool = False) -> float:
+        v = self.get(path, default)
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and bool(np.isfinite(v))
+        if ok:
+            ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+        if not ok:
+            raise self.fail(path, v, f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
+        return float(v)
+
+    def bool(self, path: str, default: Any = _MISSING) -> bool:
+        v = self.get(path, default)
+        if not isinstance(v, bool):
+            raise self.fail(path, v, "true or false")
+        return v
+
+
+def _model_config(a: _Args) -> ModelConfig:
+    """The model config of ``args.yaml``'s ``model`` section (ours or the published, which lacks our
+    keys), every value range-checked with an error naming its field."""
+    architecture = a.get("model.architecture", "gru")
+    if architecture not in ("gru", "triple"):
+        raise a.fail("model.architecture", architecture, "gru or triple")
+    # the published code patches only when patch_size > 0: 0 means none (as size 1, stride 1)
+    patch_size = a.int("model.patch_size", 0, MAX_PATCH, default=0)
+    patch_stride = a.int("model.patch_stride", 1, MAX_PATCH, default=1) if patch_size else 1
+    triple = {}
+    if architecture == "triple":
+        for key in ("noise_units", "noisy_units"):
+            triple[key] = a.int(f"model.triple.{key}", 1, MAX_UNITS, default=getattr(ModelConfig(), key))
+        for key in ("noise_layers", "noisy_layers"):
+            triple[key] = a.int(f"model.triple.{key}", 1, MAX_LAYERS, default=getattr(ModelConfig(), key))
+        triple["grl_scale"] = a.float("model.triple.grl_scale", -1e6, 1e6, default=1.0)
+    return ModelConfig(
+        architecture=architecture, n_units=a.int("model.n_units", 1, MAX_UNITS),
+        n_layers=a.int("model.n_layers", 1, MAX_LAYERS),
+        rnn_dropout=a.float("model.rnn_dropout", 0, 1, default=0.0, high_open=True),
+        input_dropout=a.float("model.input_network.input_layer_dropout", 0, 1, default=0.0, high_open=True),
+        patch_size=max(patch_size, 1), patch_stride=patch_stride, **triple)
+
+
+def model_config_from_args(m: dict[str, Any], where: Path = Path("args.yaml")) -> ModelConfig:
+    """The model config of an ``args.yaml`` ``model`` section, checked; the inverse of :func:`model_args`."""
+    return _model_config(_Args({"model": m}, where))
+
+
 def _model_from_args(args: dict[str, Any], where: Path) -> tuple[nn.Module, list[str], list[int] | None, dict]:
-    try:
-        m, ds = args["model"], args["dataset"]
-        sessions = [str(s) for s in ds["sessions"]]
-        transforms = ds.get("data_transforms") or {}
-        subset = ds.get("feature_subset")
-        mcfg = model_config_from_args(m)
-        neural_dim = int(m.get("n_input_features", N_FEATURES))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise B2txtError(f"{where}: not a valid args.yaml ({exc!r})") from None
-    if subset is not None and len(subset) != neural_dim:
-        raise B2txtError(f"{where}: feature_subset has {len(subset)} entries but n_input_features is {neural_dim}")
-    return build_model(mcfg, len(sessions), neural_dim), sessions, subset, transforms
+    """The model an ``args.yaml`` describes; every value that shapes the computation is range-checked
+    here, with one error naming the field, before anything is built."""
+    a = _Args(args, where)
+    neural_dim = a.int("model.n_input_features", 1, N_FEATURES, default=N_FEATURES)
+    mcfg = _model_config(a)
+
+    sessions = a.get("dataset.sessions")
+    if not isinstance(sessions, list) or not sessions or not all(isinstance(s, str) and s for s in sessions):
+        raise a.fail("dataset.sessions", sessions, "a non-empty list of session names")
+    repeated = sorted({s for s in sessions if sessions.count(s) > 1})
+    if repeated:
+        raise a.fail("dataset.sessions", repeated, "each session once (these are listed twice)")
+
+    subset = a.get("dataset.feature_subset", None)
+    if subset is not None:
+        if (not isinstance(subset, list) or not subset
+                or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < N_FEATURES for i in subset)):
+            raise a.fail("dataset.feature_subset", subset, f"a list of feature indices 0..{N_FEATURES - 1}")
+        if len(set(subset)) != len(subset):
+            raise a.fail("dataset.feature_subset", subset, "each index once")
+        if len(subset) != neural_dim:
+            raise B2txtError(f"{where}: dataset.feature_subset has {len(subset)} entries but model.n_input_features "
+                             f"is {neural_dim}")
+
+    transforms = a.get("dataset.data_transforms", {})
+    if not isinstance(transforms, dict):
+        raise a.fail("dataset.data_transforms", transforms, "a mapping")
+    checked: dict[str, Any] = {"smooth_data": a.bool("dataset.data_transforms.smooth_data", default=True)}
+    if checked["smooth_data"]:
+        std = a.float("dataset.data_transforms.smooth_kernel_std", 0, 1000, default=2.0, low_open=True)
+        size = a.int("dataset.data_transforms.smooth_kernel_size", 1, 100000, default=100)
+        if gaussian_kernel(std, size).numel() == 0:
+            raise B2txtError(f"{where}: dataset.data_transforms.smooth_kernel_std: {std} with smooth_kernel_size "
+                             f"{size} leaves no kernel tap above 0.01 (no smoothing at all); expected a few bins")
+        checked.update(smooth_kernel_std=std, smooth_kernel_size=size)
+    return build_model(mcfg, len(sessions), neural_dim), [str(s) for s in sessions], subset, checked
 
 
 def _allowed_globals() -> list:
@@ -183,8 +276,7 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu",
         raise B2txtError(f"{ckpt_path}: weights do not match args.yaml: {str(exc).splitlines()[0]} "
                          f"{' '.join(str(exc).split())[:400]}") from None
     kernel = None
-    if transforms.get("smooth_data", True):
-        kernel = gaussian_kernel(float(transforms.get("smooth_kernel_std", 2)),
-                                 int(transforms.get("smooth_kernel_size", 100)))
+    if transforms["smooth_data"]:
+        kernel = gaussian_kernel(transforms["smooth_kernel_std"], transforms["smooth_kernel_size"])
     return LoadedModel(model.to(device).eval(), sessions, kernel, subset, args,
                        {k: v for k, v in ckpt.items() if k != "model_state_dict"} if isinstance(ckpt, dict) else {})

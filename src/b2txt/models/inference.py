@@ -14,7 +14,7 @@ from ..data.store import TrialStore, read_manifest
 from ..ground.config import TTATransform
 from ..ground.console import progress
 from ..ground.device import select_device
-from ..ground.errors import B2txtError
+from ..ground.errors import B2txtError, DataError
 from ..ground.phonemes import N_CLASSES
 from .checkpoint import load_model
 from .decoders import GRUDecoder
@@ -71,15 +71,26 @@ def infer_split(model_dir: str | Path, data_dir: str | Path, manifest_path: str 
         raise B2txtError(f"{manifest_path}: no trials in split {split!r}")
     unknown = sorted(set(rows["session"]) - set(loaded.sessions))
     if unknown and known_sessions_only:
-        log(f"skipping {int(rows['session'].isin(unknown).sum())} {split} trial(s) of session(s) unknown to the model: {unknown}")
+        if set(unknown) == set(rows["session"]):  # an empty logits file is no result
+            raise B2txtError(f"none of the {split} trials' session(s) {unknown} is known to the model in {model_dir} "
+                             f"(it knows {len(loaded.sessions)} sessions: {_span(loaded.sessions)}): nothing to infer; "
+                             "is it the model of these data?")
+        log(f"warning: skipping {int(rows['session'].isin(unknown).sum())} {split} trial(s) of session(s) unknown "
+            f"to the model: {unknown}")
         manifest = manifest[~manifest["session"].isin(unknown)]
         rows = manifest[manifest["split"] == split]
         unknown = []
     if unknown:
         raise B2txtError(f"session(s) {unknown} of the data are unknown to the model in {model_dir} "
-                         f"(it knows {len(loaded.sessions)} sessions: {loaded.sessions[0]} … {loaded.sessions[-1]}); "
+                         f"(it knows {len(loaded.sessions)} sessions: {_span(loaded.sessions)}); "
                          "fit a day layer for a new session with `b2txt calibrate`, or skip them with --known-sessions-only")
     store = TrialStore.load(data_dir, manifest, split, loaded.sessions)
+    short = [f"{Path(data_dir) / r.file}: {r.trial}: {n} time step(s)"
+             for r, n in zip(store.rows.itertuples(), map(len, store.features)) if loaded.model.output_lengths(n) < 1]
+    if short:  # their logits would be empty: no stage passes on a trial without frames
+        raise DataError(f"{len(short)} {split} trial(s) shorter than the model's patch of "
+                        f"{loaded.model.patch_size} bins give no output frames, so no logits (`b2txt validate` "
+                        "reports them all)", short)
     features = [loaded.select_features(f) for f in store.features]
 
     def run(feats: Sequence[np.ndarray], kernel: torch.Tensor | None) -> list[np.ndarray]:
@@ -92,5 +103,14 @@ def infer_split(model_dir: str | Path, data_dir: str | Path, manifest_path: str 
         logits = tta_logits(run, features, loaded.kernel, tta, transforms, log)
     else:
         logits = run(features, loaded.kernel)
+    for r, lg in zip(store.rows.itertuples(), logits):
+        if not np.isfinite(lg).all():  # a checkpoint with NaN/Inf weights, or features that overflow
+            raise B2txtError(f"{model_dir}: the model gives NaN/Inf logits for {data_dir}/{r.file}: {r.trial}; "
+                             "its checkpoint (or these features) are broken")
     write_logits(out, store.rows, logits, store.labels)
     return len(logits)
+
+
+def _span(sessions: Sequence[str]) -> str:
+    return f"{sessions[0]} … {sessions[-1]}" if sessions else "none"
+

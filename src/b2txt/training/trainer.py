@@ -428,10 +428,25 @@ class Trainer:
         path = self.work / "checkpoint" / "last_checkpoint"
         if not path.is_file():
             return False
-        state = safe_load(path)
+        afresh = f"delete {self.work} (rm -r '{self.work}') and run the same command again to start afresh"
+        try:
+            state = safe_load(path)
+        except B2txtError as exc:  # truncated by a full disk or a copy, or not ours
+            raise B2txtError(f"{path}: the resume checkpoint is unreadable ({str(exc).removeprefix(f'{path}: ')}); "
+                             f"{afresh}") from None
+        if not isinstance(state, dict):
+            raise B2txtError(f"{path}: not a resume checkpoint (a {type(state).__name__}); {afresh}")
         if state.get("fingerprint") != self.fingerprint:
             self.log(f"{self.work}: left by a run with another config or data; starting afresh")
             return False
+        try:
+            self._restore(state)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            raise B2txtError(f"{path}: the resume checkpoint is incomplete or damaged ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}); {afresh}") from None
+        return True
+
+    def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model_state_dict"])
         self.opt.load_state_dict(state["optimizer_state_dict"])
         self.sched.load_state_dict(state["scheduler_state_dict"])
@@ -451,7 +466,6 @@ class Trainer:
         self.running = list(state["running"])
         self.metrics = json.loads(state["metrics"])
         self.log_lines = list(state["log_lines"])
-        return True
 
     def _write_metrics(self, directory: Path) -> None:
         with atomic_file(directory / "metrics.csv") as tmp:

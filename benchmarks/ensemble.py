@@ -75,7 +75,7 @@ def train_config(args, seed: int, ema: float | None):
     n = args.batches
     over = {"seed": seed, "num_training_batches": n, "lr_decay_steps": n, "lr_decay_steps_day": n,
             "lr_warmup_steps": min(50, n // 8), "lr_warmup_steps_day": min(50, n // 8),
-            "batches_per_val_step": max(1, n // 4), "batches_per_checkpoint": n, "batches_per_train_log": n,
+            "batches_per_val_step": max(1, n // 4), "batches_per_checkpoint": n, "batches_per_train_log": max(1, n // 4),
             "ema_decay": ema, "device": args.device, "threads": args.threads}
     if args.n_units:
         over["model"] = {"n_units": args.n_units}
@@ -125,7 +125,7 @@ def main() -> None:
                 cfg = train_config(args, seed, ema)
                 model = work / f"{kind}-{seed}"
                 t0 = time.perf_counter()
-                best = Trainer(cfg, data, manifest, model, log=lambda msg: None).run()
+                best = Trainer(cfg, data, manifest, model, log=lambda msg: print(f"  {kind} {seed} {msg}", flush=True)).run()
                 train_s[kind].append(time.perf_counter() - t0)
                 print(f"trained {kind} seed {seed}: best val PER {best.per:.4f} "
                       f"({train_s[kind][-1]:.0f} s)", flush=True)

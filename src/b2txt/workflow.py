@@ -163,21 +163,46 @@ def stages(cfg: PipelineConfig) -> list[Stage]:
             Stage("unpack_model", ("unpack", "{input.archive}", "--out", "{output.model}"),
                   inputs={"archive": Input(archive)}, outputs={"model": Output(cfg.model.dir, directory=True)}),
         ]
-    else:
+    members = [m.name for m in cfg.ensemble.members]
+    if members:  # calibrate and figures read the first member
+        model_dir = f"{run}/members/{members[0]}/model"
+        model_input = Input(model_dir)
+
+    def train_stage(name: str, out_dir: str, member: str | None) -> Stage:
         nproc = max(1, cfg.resources.train.gpus)  # one process per GPU
-        out.append(Stage("train", ("train", "--data", "{input.data}", "--manifest", "{input.manifest}",
-                                   "--out", "{output.model}", *(("--nproc", str(nproc)) if nproc > 1 else ())),
-                         inputs={"data": Input(data), "manifest": manifest},
-                         outputs={"model": Output(f"{run}/model", directory=True)},
-                         sections=("train",), family="train", env=train_env, threads_flag="--threads",
-                         threads_per=nproc))
-    out.append(Stage("infer", ("infer", "--model", "{params.model}", "--data", "{input.data}", "--manifest",
-                               "{input.manifest}", "--split", "{wildcards.split}", "--out", "{output.logits}",
-                               "--known-sessions-only"),
-                     inputs={"model": model_input, "data": Input(data), "manifest": manifest},
-                     outputs={"logits": Output(f"{run}/logits/{{split}}.hdf5")}, params={"model": model_dir},
+        return Stage(name, ("train", *(("--member", member) if member else ()), "--data", "{input.data}",
+                            "--manifest", "{input.manifest}", "--out", "{output.model}",
+                            *(("--nproc", str(nproc)) if nproc > 1 else ())),
+                     inputs={"data": Input(data), "manifest": manifest},
+                     outputs={"model": Output(out_dir, directory=True)},
+                     sections=("train", "ensemble.members") if member else ("train",), family="train",
+                     env=train_env, threads_flag="--threads", threads_per=nproc)
+
+    def infer_stage(name: str, model_in: Input, model: str, logits: str) -> Stage:
+        return Stage(name, ("infer", "--model", "{params.model}", "--data", "{input.data}", "--manifest",
+                            "{input.manifest}", "--split", "{wildcards.split}", "--out", "{output.logits}",
+                            "--known-sessions-only"),
+                     inputs={"model": model_in, "data": Input(data), "manifest": manifest},
+                     outputs={"logits": Output(logits)}, params={"model": model},
                      sections=("infer",), family="infer", env="xla" if cfg.infer.device == "xla" else "train",
-                     each=("split", tuple(cfg.infer.splits))))
+                     each=("split", tuple(cfg.infer.splits)))
+
+    splits = ("split", tuple(cfg.infer.splits))
+    if members:  # each member trained and run alike, then their logits averaged (b2txt ensemble)
+        for name in members:
+            member = f"{run}/members/{name}"
+            out += [train_stage(f"train_{name}", f"{member}/model", name),
+                    infer_stage(f"infer_{name}", Input(f"{member}/model"), f"{member}/model",
+                                f"{member}/logits/{{split}}.hdf5")]
+        inputs = {f"member{i}": Input(f"{run}/members/{name}/logits/{{split}}.hdf5") for i, name in enumerate(members)}
+        out.append(Stage("ensemble", ("ensemble", "--logits", *(f"{{input.{k}}}" for k in inputs),
+                                      "--out", "{output.logits}"),
+                         inputs=inputs, outputs={"logits": Output(f"{run}/logits/{{split}}.hdf5")},
+                         sections=("ensemble",), each=splits))
+    else:
+        if not pretrained:
+            out.append(train_stage("train", f"{run}/model", None))
+        out.append(infer_stage("infer", model_input, model_dir, f"{run}/logits/{{split}}.hdf5"))
     calibrate = cfg.calibrate.enabled and not pretrained
     if calibrate:
         out.append(Stage("calibrate", ("calibrate", "--model", "{input.model}", "--data", "{input.data}",
@@ -463,6 +488,15 @@ def job_commands(stage: Stage, config_files: list[str]) -> list[list[str]]:
     return [[os.path.expanduser(a) for a in shlex.split(line.replace("${item}", v))] for v in values]
 
 
+def _sets(raw: Mapping[str, Any], section: str) -> bool:
+    """Whether a config file sets a section, or a part of one (``ensemble.members``)."""
+    for key in section.split("."):
+        if not isinstance(raw, Mapping) or key not in raw:
+            return False
+        raw = raw[key]
+    return True
+
+
 def _dvc_stage(stage: Stage, config_files: list[str], raw: list[dict[str, Any]], values: Mapping[str, str],
                wdir: str | None = None) -> dict[str, Any]:
     """One DVC stage (a ``foreach`` one when the stage runs per value)."""
@@ -470,8 +504,8 @@ def _dvc_stage(stage: Stage, config_files: list[str], raw: list[dict[str, Any]],
     body["cmd"] = _fill(" ".join(stage.argv([x for f in config_files for x in ("--config", f)])), stage, values)
     deps = [_fill(i.path, stage, values) for i in stage.inputs.values()]
     body["deps"] = deps + [d for d in code_deps(stage) if d not in deps]
-    params = [{f: [s for s in stage.sections if s in sections]} for f, sections in zip(config_files, raw)
-              if any(s in sections for s in stage.sections)]
+    params = [{f: [s for s in stage.sections if _sets(sections, s)]} for f, sections in zip(config_files, raw)
+              if any(_sets(sections, s) for s in stage.sections)]
     if params:
         body["params"] = params
     outs: list[Any] = []

@@ -1,4 +1,5 @@
-"""Scoring commands: ``score`` (PER and WER tables) and ``submission`` (the competition CSV)."""
+"""Logits and scoring commands: ``ensemble`` (average several models' logits), ``score`` (PER and
+WER tables) and ``submission`` (the competition CSV)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,29 @@ from typing import Any
 
 from ..ground.console import log
 from ..ground.errors import B2txtError
-from .common import Command
+from .common import Command, add_config, config_of
+
+
+def run_ensemble(args: argparse.Namespace) -> int:
+    from ..data.ensemble import ensemble_files
+
+    weights = args.weights
+    if weights is None and args.config:
+        weights = config_of(args).ensemble.weights
+        if weights is not None and len(weights) != len(args.logits):
+            raise B2txtError(f"ensemble.weights: {len(weights)} weight(s) for {len(args.logits)} --logits file(s)")
+    n = ensemble_files(args.logits, args.out, weights)
+    log(f"{args.out}: ensemble of {len(args.logits)} logits file(s), {n} trials")
+    return 0
+
+
+def ensemble_arguments(p: argparse.ArgumentParser) -> None:
+    add_config(p, "ensemble.weights")
+    p.add_argument("--logits", type=Path, required=True, nargs="+", metavar="LOGITS_HDF5",
+                   help="the members' logits files (`b2txt infer` of each model on the same split)")
+    p.add_argument("--weights", type=float, nargs="+", metavar="W",
+                   help="one weight per --logits file (default: ensemble.weights of --config, else equal)")
+    p.add_argument("--out", type=Path, required=True, metavar="LOGITS_HDF5")
 
 
 def run_score(args: argparse.Namespace) -> int:
@@ -73,6 +96,11 @@ def submission_arguments(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS = (
+    Command("ensemble", "average the phoneme log-probabilities of several models' logits files (config: ensemble)",
+            "Per trial and frame, the weighted mean of the members' log-softmax, normalised again: a logits file "
+            "like `b2txt infer`'s (score and decode read it alike). The files must hold the same trials in the "
+            "same order with as many frames each (models of one patch size and stride), gru and triple alike.",
+            ensemble_arguments, run_ensemble),
     Command("score", "phoneme error rate (greedy CTC) and word error rate per trial, session, corpus",
             "With --logits: per_session.csv, per_corpus.csv, trials.csv and metrics.json (PER). With --decoded "
             "(a decoded.csv from `b2txt decode`): wer_per_session.csv, wer_per_corpus.csv, wer_trials.csv and "

@@ -13,7 +13,8 @@ from .common import Command, add_config, at_least, config_of, positive
 def run_train(args: argparse.Namespace) -> int:
     from ..training.trainer import train
 
-    tcfg = config_of(args).train
+    cfg = config_of(args)
+    tcfg = cfg.ensemble.member(args.member).train_config(cfg.train) if args.member else cfg.train
     if args.threads:
         tcfg = tcfg.model_copy(update={"threads": args.threads})
     if args.device:
@@ -30,6 +31,8 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR")
     p.add_argument("--threads", type=at_least(1), help="CPU threads for torch (overrides train.threads)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or xla (overrides train.device)")
+    p.add_argument("--member", metavar="NAME", help="train the ensemble member NAME: the train section with its "
+                                                    "overrides (ensemble.members)")
     p.add_argument("--nproc", type=at_least(1), default=1, metavar="N",
                    help="data-parallel processes on this machine (DistributedDataParallel: gloo on CPU, nccl "
                         "with one GPU each); train.batch_size is split evenly over them. Under torchrun or "
@@ -44,10 +47,11 @@ def run_infer(args: argparse.Namespace) -> int:
     device = args.device or icfg.device
     batch_size = args.batch_size or icfg.batch_size
     positive("--batch-size", batch_size)
+    tta = [] if args.no_tta else icfg.tta
 
     def run(manifest: Path) -> int:
         return infer_split(args.model, args.data, manifest, args.split, args.out, device, batch_size,
-                           args.known_sessions_only, args.chunk_bins, log)
+                           args.known_sessions_only, args.chunk_bins, log, tta)
 
     if args.manifest is not None:
         n = run(args.manifest)
@@ -74,6 +78,8 @@ def infer_arguments(p: argparse.ArgumentParser) -> None:
                         "gives the same logits as one pass")
     p.add_argument("--known-sessions-only", action="store_true",
                    help="skip (and report) trials of sessions the model was not trained on, instead of failing")
+    p.add_argument("--no-tta", action="store_true",
+                   help="plain inference even when infer.tta lists test-time augmentation transforms")
 
 
 def run_calibrate(args: argparse.Namespace) -> int:

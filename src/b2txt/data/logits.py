@@ -51,6 +51,23 @@ def write_logits(path: str | Path, rows: pd.DataFrame, logits: list[np.ndarray],
             g.attrs["sentence_label"] = str(row.sentence)
 
 
+def write_logits_trials(path: str | Path, trials: list[LogitsTrial], file_attrs: dict | None = None) -> None:
+    """Write trials as read by :func:`read_logits` (their attributes as they were), e.g. an
+    ensemble of several files; ``file_attrs`` are added to the file's own attributes."""
+    with atomic_file(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["n_classes"] = N_CLASSES
+        f.attrs["column_order"] = "model"
+        for key, value in (file_attrs or {}).items():
+            f.attrs[key] = value
+        for i, t in enumerate(trials):
+            g = f.create_group(f"trial_{i:05d}")
+            g.create_dataset("logits", data=np.asarray(t.logits, dtype=np.float32))
+            if t.labels is not None:
+                g.create_dataset("seq_class_ids", data=np.asarray(t.labels, dtype=np.int32))
+            for key, value in t.attrs.items():
+                g.attrs[key] = value
+
+
 @dataclass
 class LogitsTrial:
     logits: np.ndarray

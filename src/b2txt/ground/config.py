@@ -268,6 +268,9 @@ class TrainConfig(Section):
     early_stopping_val_steps: int | None = Field(None, ge=1)
     batches_per_checkpoint: int = Field(100, ge=1, description="resume checkpoint interval")
     xla_pad_multiple: int = Field(64, ge=1, description="xla: pad batch lengths to a multiple (static shapes)")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="keep an exponential moving average of the weights (decay per batch, warmed "
+                                      "up as min(decay, (1+n)/(10+n))); it is validated and saved (None: off)")
     amp: Literal["auto", "bf16", "off"] = "auto"
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, xla")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores given)")
@@ -293,10 +296,70 @@ class CalibrateConfig(Section):
     seed: int = 0
 
 
+class TTATransform(Section):
+    """One fixed input transform of test-time augmentation; ``{}`` is the identity. Applied in
+    this order: time shift, noise, smoothing (the model's own kernel unless ``smooth_std``)."""
+
+    shift: int = Field(0, description="bins: > 0 delays the trial (zeros before, its last bins dropped), "
+                                      "< 0 advances it (first bins dropped, zeros after); the length stays")
+    smooth_std: float | None = Field(None, gt=0, description="smooth with this Gaussian sd (bins) instead of "
+                                                              "the model's own")
+    noise_seed: int | None = Field(None, description="add the model's training noise (white noise, constant "
+                                                     "offset, ...), drawn per trial from this seed (None: none)")
+    noise_scale: float = Field(1.0, ge=0, description="multiplies the training noise's standard deviations")
+
+
 class InferConfig(Section):
     splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["val", "test"])
     batch_size: int = Field(32, ge=1)
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, xla (the logits do not depend on it)")
+    tta: list[TTATransform] = Field(
+        default_factory=list, description="test-time augmentation: run every trial under each transform and "
+                                          "average the log-probabilities like an ensemble ([]: plain inference)")
+
+
+#: An ensemble member's name: part of stage names and paths (results/<run>/members/<name>/).
+MEMBER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9-]*$"
+
+
+class EnsembleMember(Section):
+    name: str = Field(pattern=MEMBER_NAME_PATTERN, description="stage names train_<name>, infer_<name>; "
+                                                               "results/<run>/members/<name>/")
+    train: dict[str, Any] = Field(default_factory=dict, description="overrides of the train section for this "
+                                                                    "member (merged key by key), e.g. {seed: 11}")
+
+    def train_config(self, base: "TrainConfig") -> "TrainConfig":
+        return TrainConfig.model_validate(merge(base.model_dump(mode="json"), self.train))
+
+
+class EnsembleConfig(Section):
+    """Several models trained and run alike, their logits averaged per frame (``b2txt ensemble``).
+    No members: the single model of the train section (the default run)."""
+
+    members: list[EnsembleMember] = Field(default_factory=list, description="models of the ensemble; each is "
+                                                                           "trained and run on every split")
+    weights: list[Annotated[float, Field(ge=0)]] | None = Field(
+        None, description="one weight per member (or per --logits file of `b2txt ensemble`) for the average of "
+                          "log-probabilities (None: equal)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EnsembleConfig":
+        names = [m.name for m in self.members]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"members: names must be unique, {dup} repeat")
+        if self.weights is not None and self.members:  # without members: weights of `b2txt ensemble`'s files
+            if len(self.weights) != len(self.members):
+                raise ValueError(f"weights: {len(self.weights)} weight(s) for {len(self.members)} member(s)")
+            if self.members and sum(self.weights) <= 0:
+                raise ValueError("weights: not all zero")
+        return self
+
+    def member(self, name: str) -> EnsembleMember:
+        for m in self.members:
+            if m.name == name:
+                return m
+        raise ConfigError(f"ensemble.members: no member named {name!r} (members: {[m.name for m in self.members]})")
 
 
 class LMConfig(Section):
@@ -449,6 +512,7 @@ class PipelineConfig(Section):
     simulate: SimulateConfig = SimulateConfig()
     train: TrainConfig = TrainConfig()
     infer: InferConfig = InferConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
     lm: LMConfig = LMConfig()
     decode: DecodeConfig = DecodeConfig()
@@ -457,6 +521,27 @@ class PipelineConfig(Section):
     download: DownloadConfig = DownloadConfig()
     model: ModelSourceConfig = ModelSourceConfig()
     resources: ResourcesConfig = ResourcesConfig()
+
+    @model_validator(mode="after")
+    def _ensemble_of_trained_models(self) -> "PipelineConfig":
+        """Each member's train section is valid, and all members make frames alike (same patch and
+        stride), so their logits can be averaged frame by frame."""
+        members = self.ensemble.members
+        if members and self.model.source == "pretrained":
+            raise ValueError("ensemble.members: an ensemble trains its members; it needs model.source train")
+        patches = {}
+        for m in members:
+            try:
+                t = m.train_config(self.train)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                raise ValueError(f"ensemble member {m.name!r}: train.{'.'.join(map(str, first['loc']))}: "
+                                 f"{first['msg']}") from None
+            patches[m.name] = (t.model.patch_size, t.model.patch_stride)
+        if len(set(patches.values())) > 1:
+            raise ValueError(f"ensemble.members: (patch_size, patch_stride) differ {patches}: their frames would "
+                             "not line up")
+        return self
 
     @model_validator(mode="after")
     def _separate_downloads(self) -> "PipelineConfig":
@@ -543,12 +628,20 @@ def section_config_file(raw: dict[str, Any], directory: str | Path, *sections: s
     """Validate a (possibly overridden) config; store the named sections in a file named by content.
 
     Snakemake merges ``--config`` overrides into its config dict, but stage commands read files:
-    each rule passes the file holding just the sections its command reads. As a rule param the
+    each rule passes the file holding just the sections its command reads (a dotted name,
+    ``ensemble.members``, picks one key of a section). As a rule param the
     path changes exactly when those sections change (Snakemake's params trigger re-runs only
     then), and an existing file is never rewritten (no spurious mtime changes).
     """
     cfg = parse_config(raw, "snakemake config").model_dump(mode="json")
-    text = yaml.safe_dump({k: cfg[k] for k in sections}, sort_keys=False)
+    picked: dict[str, Any] = {}
+    for name in sections:  # a section, or a part of one: "ensemble.members"
+        *parents, last = name.split(".")
+        src, dst = cfg, picked
+        for key in parents:
+            src, dst = src[key], dst.setdefault(key, {})
+        dst[last] = src[last]
+    text = yaml.safe_dump(picked, sort_keys=False)
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     path = Path(directory) / f"{'-'.join(sections)}-{digest}.yaml"
     if not path.exists():

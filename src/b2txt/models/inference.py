@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..data.logits import write_logits
 from ..data.store import TrialStore, read_manifest
+from ..ground.config import TTATransform
 from ..ground.console import progress
 from ..ground.device import select_device
 from ..ground.errors import B2txtError, DataError
@@ -19,6 +20,7 @@ from .checkpoint import load_model
 from .decoders import GRUDecoder
 from .streaming import stream_logits
 from .transforms import pad_batch, smooth
+from .tta import tta_logits
 
 
 @torch.no_grad()
@@ -51,12 +53,15 @@ def run_model(model: GRUDecoder, features: Sequence[np.ndarray], day_idx: Sequen
 
 def infer_split(model_dir: str | Path, data_dir: str | Path, manifest_path: str | Path, split: str,
                 out: str | Path, device: str = "auto", batch_size: int = 32, known_sessions_only: bool = False,
-                chunk_bins: int | None = None, log=lambda msg: None) -> int:
+                chunk_bins: int | None = None, log=lambda msg: None,
+                tta: Sequence[TTATransform] = ()) -> int:
     """Write the logits of every trial of ``split``; returns the number of trials.
 
     Trials of sessions the model does not know are an error, or skipped (and reported) with
     ``known_sessions_only``. With ``chunk_bins`` the trials are decoded online, that many bins
-    at a time (:mod:`b2txt.models.streaming`); the logits equal the one-pass ones.
+    at a time (:mod:`b2txt.models.streaming`); the logits equal the one-pass ones. With ``tta``
+    transforms every trial runs under each and the file holds their averaged log-probabilities
+    (:mod:`b2txt.models.tta`).
     """
     dev = select_device(device)
     loaded = load_model(model_dir, dev)
@@ -87,10 +92,17 @@ def infer_split(model_dir: str | Path, data_dir: str | Path, manifest_path: str 
                         f"{loaded.model.patch_size} bins give no output frames, so no logits (`b2txt validate` "
                         "reports them all)", short)
     features = [loaded.select_features(f) for f in store.features]
-    if chunk_bins:
-        logits = stream_logits(loaded.model, features, store.day_idx, loaded.kernel, chunk_bins, dev)
+
+    def run(feats: Sequence[np.ndarray], kernel: torch.Tensor | None) -> list[np.ndarray]:
+        if chunk_bins:
+            return stream_logits(loaded.model, feats, store.day_idx, kernel, chunk_bins, dev)
+        return run_model(loaded.model, feats, store.day_idx, kernel, dev, batch_size, show_progress=True)
+
+    if tta:
+        transforms = (loaded.args.get("dataset") or {}).get("data_transforms") or {}
+        logits = tta_logits(run, features, loaded.kernel, tta, transforms, log)
     else:
-        logits = run_model(loaded.model, features, store.day_idx, loaded.kernel, dev, batch_size, show_progress=True)
+        logits = run(features, loaded.kernel)
     for r, lg in zip(store.rows.itertuples(), logits):
         if not np.isfinite(lg).all():  # a checkpoint with NaN/Inf weights, or features that overflow
             raise B2txtError(f"{model_dir}: the model gives NaN/Inf logits for {data_dir}/{r.file}: {r.trial}; "

@@ -50,6 +50,7 @@ from ..ground.fileio import atomic_file
 from ..models.checkpoint import build_model, published_args, safe_load
 from ..models.inference import run_model
 from ..models.transforms import augment, cut_start, draw_cut, gaussian_kernel, pad_batch, smooth, trial_generator
+from .averaging import WeightAverage
 from .distributed import DistContext, close_group, context_from_env, init_group, launch, rendezvous
 
 
@@ -225,6 +226,8 @@ class Trainer:
             if not dist.is_main:  # dropout masks of their own; rank 0's stream is a single process's
                 torch.manual_seed(cfg.seed + 7919 * dist.rank)
         self.opt, self.sched = build_optimizer(self.model, cfg)
+        # checkpoint averaging: validated and saved instead of the raw weights (training/averaging.py)
+        self.ema = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay else None
         # zero_infinity: a trial too short for its labels adds nothing (published: inf, whose
         # NaN gradient the published clip turns into an error)
         self.ctc = torch.nn.CTCLoss(blank=0, reduction="none", zero_infinity=cfg.ctc_zero_infinity)
@@ -382,6 +385,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_norm_clip_value)
         self.opt.step()
         self.sched.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         if self.device.type == "xla":
             import torch_xla.core.xla_model as xm
             xm.mark_step()
@@ -422,6 +427,7 @@ class Trainer:
             **(self._pending[1] if self._pending is not None else self._data_rng_state()),
             "best": None if self.best is None else [self.best.loss, self.best.per, self.best.per_session],
             "best_step": self.best_step, "stale": self.stale, "running": list(self.running),
+            "ema": None if self.ema is None else self.ema.state_dict(),
             "metrics": json.dumps(self.metrics), "log_lines": list(self.log_lines),
         }
         with atomic_file(self.work / "checkpoint" / "last_checkpoint") as tmp:
@@ -454,6 +460,8 @@ class Trainer:
         self.model.load_state_dict(state["model_state_dict"])
         self.opt.load_state_dict(state["optimizer_state_dict"])
         self.sched.load_state_dict(state["scheduler_state_dict"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         # the dropout streams: each rank's own when the run had as many ranks, else derived
         rank = self.dist.rank
         if rank < len(state["torch_rng"]):
@@ -499,6 +507,11 @@ class Trainer:
         return self.dist.broadcast_flag(stop)
 
     def _validate_and_keep_best(self, t0: float) -> bool:
+        with self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext():
+            return self._validate_and_keep_best_of_model(t0)
+
+    def _validate_and_keep_best_of_model(self, t0: float) -> bool:
+        """Validate the model's weights (the average's, with ``train.ema_decay``) and keep the best."""
         val = self.validate()
         if not self.metrics or self.metrics[-1]["step"] != self.step:
             self.metrics.append({"step": self.step, "lr": self.sched.get_last_lr()[0], "seconds": time.time() - t0})

@@ -28,7 +28,7 @@ def write_scores(table: pd.DataFrame, out_dir: str | Path, split: str) -> dict:
         "per_session": {r.session: round(float(r.PER), 6) for r in per_session.itertuples()},
     }
     # the directory is swapped whole, keeping the word scores `score --decoded` wrote there
-    with atomic_dir(out_dir, keep=lambda name: name not in PER_FILES) as tmp:
+    with atomic_dir(out_dir, keep=lambda name: name in WER_FILES) as tmp:
         for name, df in (("per_session.csv", per_session), ("per_corpus.csv", per_corpus), ("trials.csv", table)):
             df.to_csv(tmp / name, index=False, float_format="%.6g")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -54,7 +54,7 @@ def write_word_scores(decoded: pd.DataFrame, out_dir: str | Path, split: str) ->
         "per_corpus": {r.corpus: round(float(r.WER), 6) for r in per_corpus.itertuples()},
     }
     # the directory is swapped whole, keeping the phoneme scores `score --logits` wrote there
-    with atomic_dir(out_dir, keep=lambda name: name not in WER_FILES) as tmp:
+    with atomic_dir(out_dir, keep=lambda name: name in PER_FILES) as tmp:
         for name, df in (("wer_per_session.csv", per_session), ("wer_per_corpus.csv", per_corpus),
                          ("wer_trials.csv", table)):
             df.to_csv(tmp / name, index=False, float_format="%.6g")

@@ -145,3 +145,31 @@ def test_force_replaces_and_b2txt_replaces_its_own(tiny_sim, lexicon, paths, tmp
     # --force over the user's directory
     assert main(["score", "--logits", str(logits), "--out", str(paths["fd"]), "--force"]) == 0
     assert not (paths["fd"] / "notes.txt").exists() and (paths["fd"] / "metrics.json").is_file()
+
+
+def test_shared_directory_layouts_match_what_the_stages_write():
+    from b2txt.cli.lm import LM_DIR_FILES
+    from b2txt.cli.score import SCORE_FILES
+    from b2txt.evaluation.reports import PER_FILES, WER_FILES
+    from b2txt.lm.graph import GRAPH_FILES
+    from b2txt.lm.ngram import ngram_paths
+
+    assert SCORE_FILES == PER_FILES | WER_FILES
+    assert LM_DIR_FILES == GRAPH_FILES | {p.name for p in ngram_paths("x")}
+
+
+def test_a_dvc_checkout_of_an_lm_directory_without_its_mark_is_b2txts(tmp_path, capsys):
+    """DVC declares the files of an LM directory (lm.arpa, lm.bin from `lm ngram`; TLG.fst, ... from
+    `lm graph`), not the directory: its checkout carries no mark. Only those names: b2txt's."""
+    from b2txt.cli.lm import LM_DIR_FILES
+    from b2txt.ground.errors import B2txtError
+    from b2txt.ground.fileio import check_replaceable
+
+    lm = tmp_path / "3gram"
+    lm.mkdir()
+    for name in ("lm.arpa", "lm.bin", "TLG.fst", "words.txt"):
+        (lm / name).write_text("x")
+    check_replaceable(lm, "--out", False, LM_DIR_FILES)
+    (lm / "notes.txt").write_text("mine")
+    with pytest.raises(B2txtError, match="--force"):
+        check_replaceable(lm, "--out", False, LM_DIR_FILES)

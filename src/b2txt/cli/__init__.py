@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.arguments(p)
         add_force(p)
         p.set_defaults(func=cmd.run, command=cmd.name, extras=cmd.extras, out_holds_inputs=cmd.out_holds_inputs,
-                       outputs_policy=cmd.outputs)
+                       outputs_policy=cmd.outputs, outputs_layout=cmd.layout)
     return parser
 
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         guard_outputs(args, args.out_holds_inputs)
-        guard_existing(args, args.outputs_policy)
+        guard_existing(args, args.outputs_policy, args.outputs_layout)
         status = args.func(args)
         if status == 0:
             claim_outputs(args, args.outputs_policy)

@@ -40,6 +40,9 @@ class Command:
     #: directory without removing what it did not write (download, data, dvc-pin: they check their
     #: own files), or ``"self"``: the command tells its own output by its content (workflow dvc).
     outputs: str = "replace"
+    #: Names several stages write file by file into its output directory (see
+    #: :func:`~b2txt.ground.fileio.check_replaceable`): an unmarked directory of only these is b2txt's.
+    layout: frozenset[str] = frozenset()
 
 
 #: Arguments naming what a command writes; every other path argument names something it reads,
@@ -80,14 +83,14 @@ def guard_outputs(args: argparse.Namespace, out_holds_inputs: bool = False) -> N
                              "writes over what it reads; choose another output path")
 
 
-def guard_existing(args: argparse.Namespace, policy: str) -> None:
+def guard_existing(args: argparse.Namespace, policy: str, layout: frozenset[str] = frozenset()) -> None:
     """Before a ``"replace"`` command runs: each existing --out/--report must be b2txt's own
     (:func:`~b2txt.ground.fileio.check_replaceable`), else one error and nothing touched."""
     if policy != "replace":
         return
     for name in OUTPUT_ARGS:
         for path in _paths(getattr(args, name, None)):
-            check_replaceable(path, _arg(name), getattr(args, "force", False))
+            check_replaceable(path, _arg(name), getattr(args, "force", False), layout)
 
 
 def claim_outputs(args: argparse.Namespace, policy: str) -> None:

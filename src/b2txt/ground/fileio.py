@@ -273,6 +273,12 @@ def is_own(path: str | os.PathLike) -> bool:
         return False
 
 
+def _only_layout(path: Path, layout: frozenset[str]) -> bool:
+    if not layout or not path.is_dir() or path.is_symlink():
+        return False
+    return all(e.name in layout or _LEFTOVER.match(e.name) for e in path.iterdir())
+
+
 def remove_output(path: str | os.PathLike) -> None:
     """Remove a file b2txt wrote, with its provenance record."""
     Path(path).unlink(missing_ok=True)
@@ -292,11 +298,17 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def check_replaceable(path: str | os.PathLike, flag: str, force: bool) -> None:
+def check_replaceable(path: str | os.PathLike, flag: str, force: bool, layout: frozenset[str] = frozenset()) -> None:
     """Refuse to replace what is at ``path`` unless b2txt wrote it (or ``force``): one clear error
-    naming the path and the way on, before anything is touched."""
+    naming the path and the way on, before anything is touched.
+
+    ``layout``: for a directory several stages write file by file (an LM directory: ``lm ngram``
+    and ``lm graph``; the scores of ``score`` and ``score --decoded``), the names they write there.
+    DVC declares those files, not the directory, so its checkout of them carries no
+    :data:`OWNER_MARK`; a directory holding nothing but such names is taken as b2txt's.
+    """
     path = Path(path)
-    if force or nothing_to_lose(path) or is_own(path):
+    if force or nothing_to_lose(path) or is_own(path) or _only_layout(path, layout):
         return
     what = ("a symbolic link" if path.is_symlink() else
             f"a directory without b2txt's {OWNER_MARK}" if path.is_dir() else

@@ -46,7 +46,12 @@ def paths(tmp_path: Path) -> dict[str, Path]:
     unpacked = tmp_path / "unpacked"
     (unpacked / "model").mkdir(parents=True)
     (unpacked / "model" / "notes.txt").write_text("irreplaceable\n")
-    return {"d": d, "m": d / "m.csv", "x": d / "x.hdf5", "arpa": d / "lm.arpa", "csv": d / "d.csv",
+    text_dir = tmp_path / "lmtext"
+    text_dir.mkdir()
+    (text_dir / "t.json").write_text("{}\n")  # where `lm text --out t.txt` puts its statistics
+    config = tmp_path / "c.yaml"
+    config.write_text(f"corpus:\n  out: {f}\n")
+    return {"d": d, "text": text_dir / "t.txt", "tjson": text_dir / "t.json", "cfg": config, "m": d / "m.csv", "x": d / "x.hdf5", "arpa": d / "lm.arpa", "csv": d / "d.csv",
             "pkl": d / "a.pkl", "fd": theirs, "f": f, "link": link, "edited": edited, "zip": archive,
             "unpacked": unpacked, "target": unpacked / "model"}
 
@@ -69,6 +74,9 @@ FOREIGN_OUTPUTS = [
     refused("score-dir", ["score", "--logits", "{x}", "--out", "{fd}"], "fd"),
     refused("submission-file", ["submission", "--decoded", "{csv}", "--out", "{f}"], "f"),
     refused("lm-text-file", ["lm", "text", "--out", "{f}"], "f"),
+    Case("lm-text-statistics-beside", ["lm", "text", "--out", "{text}"], ["--out's statistics {tjson} exists", "--force"],
+         inputs=["tjson"], outputs=["text"]),
+    Case("corpus-default-out", ["corpus", "--config", "{cfg}"], ["corpus.out {f} exists", "--force"], inputs=["f"]),
     refused("lm-ngram-dir", ["lm", "ngram", "--text", "{m}", "--order", "3", "--out", "{fd}"], "fd"),
     refused("lm-import-dir", ["lm", "import", "--arpa", "{arpa}", "--out", "{fd}"], "fd"),
     refused("lm-graph-dir-holding-its-arpa", ["lm", "graph", "--out", "{fd}"], "fd"),

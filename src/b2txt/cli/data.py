@@ -15,16 +15,21 @@ from .common import Command, add_config, at_least, check_replaceable, config_of
 
 def run_corpus(args: argparse.Namespace) -> int:
     from ..data.corpus import CorpusStats, extract_sentences, read_sources, write_sentences
+    from ..ground.fileio import mark_own
     from ..ground.phonemes import Lexicon
 
     c = config_of(args).corpus
     out = args.out or Path(c.out)
+    if args.out is None:  # the default path: the same rule as for --out (checked before any work)
+        check_replaceable(out, "corpus.out", args.force)
     stats = CorpusStats()
     sentences = extract_sentences(read_sources(c.source_dir, c.files), Lexicon.from_cmudict(),
                                   c.min_words, c.max_words, stats)
     if not sentences:
         raise B2txtError(f"no usable sentences in the corpus sources ({stats.summary()})")
     write_sentences(out, sentences)
+    if args.out is None:
+        mark_own(out)
     log(f"{out}: {stats.summary()}")
     return 0
 
@@ -53,7 +58,7 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 def simulate_arguments(p: argparse.ArgumentParser) -> None:
     add_config(p, "simulate, corpus.out")
-    p.add_argument("--out", type=Path, required=True, metavar="DATA_DIR", help="output data directory (replaced)")
+    p.add_argument("--out", type=Path, required=True, metavar="DATA_DIR", help="output data directory (replaced whole; only one b2txt wrote, else --force)")
     p.add_argument("--seed", type=int, help="override simulate.seed")
     p.add_argument("--sentences", type=Path, help="sentence file (default: corpus.out of the config)")
 

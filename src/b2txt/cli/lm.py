@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..ground.console import log
 from ..ground.errors import B2txtError
-from .common import Command, add_config, at_least, config_of, positive
+from .common import Command, add_config, at_least, check_replaceable, config_of, positive
 
 #: The ``lm`` group: its steps are the commands named ``lm STEP`` below.
 GROUP = ("lm", "build language models: `lm text`, `lm ngram`, `lm import`, `lm graph` (config: lm)",
@@ -24,13 +24,17 @@ LM_DIR_FILES = frozenset({"lm.arpa", "lm.bin", "lm.unpruned.arpa", "TLG.fst", "w
 
 
 def run_lm_text(args: argparse.Namespace) -> int:
+    from ..ground.fileio import mark_own
     from ..ground.phonemes import Lexicon
     from ..lm.text import build_lm_text_for
 
     cfg = config_of(args)
     if args.data is not None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dir": str(args.data)})})
-    stats = build_lm_text_for(cfg, args.out, Lexicon.from_cmudict(), stats_path=args.out.with_suffix(".json"))
+    stats_path = args.out.with_suffix(".json")  # written beside --out: the same rule as for it
+    check_replaceable(stats_path, "--out's statistics", args.force)
+    stats = build_lm_text_for(cfg, args.out, Lexicon.from_cmudict(), stats_path=stats_path)
+    mark_own(stats_path)
     log(f"{args.out}: {stats.summary()}")
     return 0
 

@@ -181,3 +181,25 @@ def test_a_dvc_checkout_of_an_lm_directory_without_its_mark_is_b2txts(tmp_path, 
     (lm / "notes.txt").write_text("mine")
     with pytest.raises(B2txtError, match="--force"):
         check_replaceable(lm, "--out", False, LM_DIR_FILES)
+
+
+def test_download_never_unpacks_over_a_directory_it_did_not_unpack(dryad, tmp_path, capsys):
+    from helpers.dryad_server import DATA_DOI, Blob, zip_bytes
+
+    from b2txt.data.dryad import DATA_SUBDIR
+
+    dryad.datasets[DATA_DOI] = {"t15_copyTask_neuralData.zip": Blob(zip_bytes({
+        f"{DATA_SUBDIR}/t15.2023.08.13/data_train.hdf5": b"new"}))}
+    out = tmp_path / "data"
+    theirs = out / DATA_SUBDIR / "t15.2023.08.11"
+    theirs.mkdir(parents=True)
+    (theirs / "data_train.hdf5").write_bytes(b"the lab's own recording")
+    before = digest(out / DATA_SUBDIR)
+    argv = ["download", "--api-root", dryad.url, "--out", str(out), "--retries", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out / DATA_SUBDIR} exists" in err and "--force" in err
+    assert digest(out / DATA_SUBDIR) == before and not (out / "t15_copyTask_neuralData.zip").exists()  # nothing fetched
+    assert main([*argv, "--force"]) == 0
+    assert (out / DATA_SUBDIR / "t15.2023.08.13" / "data_train.hdf5").read_bytes() == b"new"
+    assert main(argv) == 0  # its own now: a second run has nothing to do

@@ -72,7 +72,7 @@ def run_download(args: argparse.Namespace) -> int:
     datasets = list(DATASETS) if args.dataset == "all" else [args.dataset]
     made = download(datasets, args.out, args.files or d.files, args.api_root or d.api_root, options,
                     unpack=not args.no_unpack, list_only=args.list, dois=d.datasets, log=log,
-                    partial_dir=partial_dir_for(args.out, args.partial_dir or d.partial_dir))
+                    partial_dir=partial_dir_for(args.out, args.partial_dir or d.partial_dir), force=args.force)
     if not args.list:
         log(f"{args.out}: {len(made)} files and directories ready")
     return 0
@@ -212,7 +212,7 @@ def run_data(args: argparse.Namespace) -> int:
     if source == "dryad":
         d = cfg.download
         download(["data"], args.out, d.files, d.api_root, HttpOptions(timeout_s=d.timeout_s, retries=d.retries),
-                 dois=d.datasets, log=log, partial_dir=partial_dir_for(args.out, d.partial_dir))
+                 dois=d.datasets, log=log, partial_dir=partial_dir_for(args.out, d.partial_dir), force=args.force)
     if not Path(args.out).is_dir():
         raise B2txtError(f"{args.out}: data.source is {source!r} but the directory does not exist")
     files, problems = discover(args.out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -16,7 +17,16 @@ PER_FILES = frozenset({"per_session.csv", "per_corpus.csv", "trials.csv", "metri
 WER_FILES = frozenset({"wer_per_session.csv", "wer_per_corpus.csv", "wer_trials.csv", "wer.json"})
 
 
-def write_scores(table: pd.DataFrame, out_dir: str | Path, split: str) -> dict:
+def _whole(out_dir: str | Path, whole: bool, keep: frozenset[str]) -> contextlib.AbstractContextManager[Path]:
+    """``out_dir`` built beside and swapped in whole, or (``whole=False``: the caller's own
+    temporary directory) written into as it is."""
+    if whole:
+        return atomic_dir(out_dir, keep=lambda name: name in keep)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return contextlib.nullcontext(Path(out_dir))
+
+
+def write_scores(table: pd.DataFrame, out_dir: str | Path, split: str, *, whole: bool = True) -> dict:
     """``per_session.csv``, ``per_corpus.csv``, ``trials.csv`` and ``metrics.json`` in out_dir."""
     per_session = aggregate(table, "session")
     per_corpus = aggregate(table, "corpus")
@@ -27,15 +37,16 @@ def write_scores(table: pd.DataFrame, out_dir: str | Path, split: str) -> dict:
         "n_phonemes": int(table["ref_len"].sum()),
         "per_session": {r.session: round(float(r.PER), 6) for r in per_session.itertuples()},
     }
-    # the directory is swapped whole, keeping the word scores `score --decoded` wrote there
-    with atomic_dir(out_dir, keep=lambda name: name in WER_FILES) as tmp:
+    # the directory is swapped whole (unless the caller builds one itself), keeping the word
+    # scores `score --decoded` wrote there
+    with _whole(out_dir, whole, keep=WER_FILES) as tmp:
         for name, df in (("per_session.csv", per_session), ("per_corpus.csv", per_corpus), ("trials.csv", table)):
             df.to_csv(tmp / name, index=False, float_format="%.6g")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
-def write_word_scores(decoded: pd.DataFrame, out_dir: str | Path, split: str) -> dict:
+def write_word_scores(decoded: pd.DataFrame, out_dir: str | Path, split: str, *, whole: bool = True) -> dict:
     """``wer_per_session.csv``, ``wer_per_corpus.csv``, ``wer_trials.csv`` and ``wer.json`` in out_dir."""
     table = word_table(decoded)
     if table.empty:
@@ -53,8 +64,9 @@ def write_word_scores(decoded: pd.DataFrame, out_dir: str | Path, split: str) ->
         "per_session": {r.session: round(float(r.WER), 6) for r in per_session.itertuples()},
         "per_corpus": {r.corpus: round(float(r.WER), 6) for r in per_corpus.itertuples()},
     }
-    # the directory is swapped whole, keeping the phoneme scores `score --logits` wrote there
-    with atomic_dir(out_dir, keep=lambda name: name in PER_FILES) as tmp:
+    # the directory is swapped whole (unless the caller builds one itself), keeping the phoneme
+    # scores `score --logits` wrote there
+    with _whole(out_dir, whole, keep=PER_FILES) as tmp:
         for name, df in (("wer_per_session.csv", per_session), ("wer_per_corpus.csv", per_corpus),
                          ("wer_trials.csv", table)):
             df.to_csv(tmp / name, index=False, float_format="%.6g")

@@ -237,3 +237,30 @@ def test_train_killed_leaves_the_old_model(small_sim, tmp_path):
     kill_when(argv, lambda pid: (out.with_name("model.partial") / "checkpoint" / "last_checkpoint").exists(),
               "a resume checkpoint", tmp_path)
     assert digest(out) == before and (out / OWNER_MARK).is_file()
+
+
+# ----------------------------------------------------------------------------- the swap itself
+
+def test_a_swap_killed_between_its_two_renames_gives_the_old_directory_back(tmp_path, monkeypatch):
+    """Where the file system cannot exchange two paths in one step, a swap is two renames; a kill
+    between them leaves the target absent, the old directory under a dead pid's name: the next
+    writer of that place (or of any sibling) renames it back, and drops the dead run's new one."""
+    from b2txt.ground import fileio
+
+    monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)
+    out = tmp_path / "lm"
+    with fileio.atomic_dir(out) as tmp:
+        (tmp / "lm.arpa").write_text("old")
+    with fileio.atomic_dir(out, keep=lambda name: True) as tmp:  # the two-rename path, completed
+        (tmp / "TLG.fst").write_text("graph")
+    assert sorted(p.name for p in out.iterdir()) == [OWNER_MARK, "TLG.fst", "lm.arpa"]
+    before = digest(out)
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has just ended
+    prefix = fileio.temp_prefix(out).replace(f"-{os.getpid()}@", f"-{dead}@")
+    os.replace(out, tmp_path / (prefix.replace(".tmp-", ".old-") + "x1"))  # the first rename, then the kill
+    (tmp_path / (prefix + "x2")).mkdir()  # the dead run's complete new directory, never renamed
+    fileio.clean_leftovers(tmp_path / "elsewhere")
+    assert digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm"]

@@ -43,15 +43,13 @@ _UMASK = _umask()
 #: directory's hash (DVC's) does not depend on which run wrote it.
 OWNER_MARK = ".b2txt-output"
 OWNER_TEXT = ("written by b2txt: a b2txt command may replace this directory; "
-               "anything else at an output path needs --force\n")
+              "anything else at an output path needs --force\n")
 #: Beside a file b2txt wrote, ``.NAME.b2txt``: its size and SHA-256 (a file has no inside that
 #: works for HDF5, CSV, JSON, ARPA and FST alike). A copy with the same bytes (DVC's checkout from
 #: its cache) is recognised by the digest; a file edited since is not b2txt's any more.
 SIDECAR_SUFFIX = ".b2txt"
 
-#: Temporary siblings are named ``.NAME.tmp-PID@HOST@XXXX`` (``old``: a replaced directory on its
-#: way out; HOST with the pid namespace), so the next run can tell a dead run's leftovers from a
-#: live one's and remove them.
+
 def _host() -> str:
     """This host and pid namespace (containers may share a hostname and a file system)."""
     try:
@@ -61,6 +59,9 @@ def _host() -> str:
     return (socket.gethostname() + ns).replace("@", "_").replace("/", "_")
 
 
+#: Temporary siblings are named ``.NAME.tmp-PID@HOST@XXXX`` (``old``: a replaced directory on its
+#: way out; HOST with the pid namespace), so the next run can tell a dead run's leftovers from a
+#: live one's and remove them.
 _HOST = _host()
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)@(?P<host>[^@]*)@[^@]*$")
 
@@ -102,9 +103,9 @@ def clean_leftovers(path: str | os.PathLike) -> list[Path]:
         m = _LEFTOVER.match(entry.name)
         if m is None or m["host"] != _HOST or _pid_alive(int(m["pid"])):
             continue
-        leftover = Path(entry.path)
-        if m["kind"] == "old" and m["name"] == path.name and not os.path.lexists(path):
-            os.replace(leftover, path)  # the swap was killed half-way: the old output is still whole
+        leftover, target = Path(entry.path), path.parent / m["name"]
+        if m["kind"] == "old" and not os.path.lexists(target):
+            os.replace(leftover, target)  # the swap was killed half-way: the old output is still whole
             continue
         _remove(leftover)
         removed.append(leftover)

@@ -14,7 +14,7 @@ from .. import __version__
 from ..ground.errors import B2txtError
 from ..ground.extras import missing_extra
 from . import config, data, figures, lm, score, server, train, workflow
-from .common import Command, guard_outputs
+from .common import Command, add_force, claim_outputs, guard_existing, guard_outputs
 
 #: Every command, in the order ``b2txt --help`` lists them (roughly the pipeline's).
 COMMANDS: tuple[Command, ...] = (*data.COMMANDS, *train.COMMANDS, *score.COMMANDS, *lm.COMMANDS,
@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
             groups[group] = g.add_subparsers(dest=f"{group}_command", metavar="STEP", required=True)
         p = (groups[group] if group else sub).add_parser(step, help=cmd.help, description=cmd.description)
         cmd.arguments(p)
-        p.set_defaults(func=cmd.run, command=cmd.name, extras=cmd.extras, out_holds_inputs=cmd.out_holds_inputs)
+        add_force(p)
+        p.set_defaults(func=cmd.run, command=cmd.name, extras=cmd.extras, out_holds_inputs=cmd.out_holds_inputs,
+                       outputs_policy=cmd.outputs, outputs_layout=cmd.layout)
     return parser
 
 
@@ -57,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         guard_outputs(args, args.out_holds_inputs)
-        return args.func(args)
+        guard_existing(args, args.outputs_policy, args.outputs_layout)
+        status = args.func(args)
+        if status == 0:
+            claim_outputs(args, args.outputs_policy)
+        return status
     except B2txtError as exc:
         print(f"b2txt {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -39,6 +39,7 @@ from ..ground.console import Log, progress
 from ..ground.device import available_cores
 from ..ground.errors import B2txtError
 from ..ground.fileio import atomic_dir
+from ..ground.procs import dies_with_parent
 from .core import DecodingCore, load_rescorer, trial_logits
 from .nbest import NBest, check_logits
 from .rescore import should_rescore
@@ -78,7 +79,7 @@ def decode_many(core: DecodingCore, logits: Sequence[np.ndarray], workers: int |
             results = list(progress(it, desc="decode", total=len(items), unit="trial") if show_progress else it)
         else:
             # fork: the workers inherit the loaded decoder (copy-on-write), nothing is pickled but logits
-            with mp.get_context("fork").Pool(workers) as pool:
+            with mp.get_context("fork").Pool(workers, initializer=dies_with_parent()) as pool:
                 it = pool.imap(_decode_one, items, chunksize=max(1, min(8, len(items) // (4 * workers))))
                 results = list(progress(it, desc=f"decode ({workers} processes)", total=len(items), unit="trial")
                                if show_progress else it)

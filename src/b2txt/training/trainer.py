@@ -46,7 +46,7 @@ from ..ground.config import TrainConfig
 from ..ground.console import progress
 from ..ground.device import select_device, use_bf16
 from ..ground.errors import B2txtError
-from ..ground.fileio import atomic_file
+from ..ground.fileio import OWNER_MARK, OWNER_TEXT, atomic_file, swap_into_place
 from ..models.checkpoint import build_model, published_args, safe_load
 from ..models.inference import run_model
 from ..models.transforms import augment, cut_start, draw_cut, gaussian_kernel, pad_batch, smooth, trial_generator
@@ -590,9 +590,8 @@ class Trainer:
         resume = self.work / "checkpoint" / "last_checkpoint"
         if resume.exists():
             resume.unlink()
-        if self.out_dir.exists():
-            shutil.rmtree(self.out_dir)
-        os.replace(self.work, self.out_dir)
+        (self.work / OWNER_MARK).write_text(OWNER_TEXT)
+        swap_into_place(self.work, self.out_dir)  # whole: the old model or the new one, never neither
 
 
 def train(cfg: TrainConfig, data_dir: str | Path, manifest_path: str | Path, out_dir: str | Path,

@@ -153,7 +153,7 @@ class LMClient:
 
     def send_logits(self, logits: np.ndarray) -> str:
         """One chunk (``[T, 41]``, LM column order); returns the partial result."""
-        rid = self._send(self.streams.input, {P.LOGITS_FIELD: P.encode_logits(logits)})
+        rid = self._send(self.streams.input, P.logits_fields(logits))
         return P.text(self._wait(self.streams.partial, rid).get(P.PARTIAL_FIELD))
 
     def finalize(self) -> FinalResult:
@@ -185,7 +185,7 @@ class LMClient:
         # without their finalize, so the trial takes the one-pass path
         pipe = self.r.pipeline(transaction=True)
         pipe.xadd(s.reset, {P.DONE_FIELD: 1, P.REQUEST_ID_FIELD: rid})
-        pipe.xadd(s.input, {P.LOGITS_FIELD: P.encode_logits(logits), P.REQUEST_ID_FIELD: rid})
+        pipe.xadd(s.input, {**P.logits_fields(logits), P.REQUEST_ID_FIELD: rid})
         pipe.xadd(s.finalize, {P.DONE_FIELD: 1, P.REQUEST_ID_FIELD: rid})
         for stream, ids in self._consumed.items():
             pipe.xdel(stream, *ids)

@@ -20,6 +20,7 @@ import pandas as pd
 
 from ..ground.errors import B2txtError
 from ..ground.fileio import atomic_file
+from ..ground.outputs import write_hdf5, writing
 from ..ground.phonemes import BLANK_ID, N_CLASSES
 
 
@@ -33,22 +34,28 @@ def greedy_decode(logits: np.ndarray) -> list[int]:
 
 def write_logits(path: str | Path, rows: pd.DataFrame, logits: list[np.ndarray],
                  labels: list[np.ndarray | None]) -> None:
-    with atomic_file(path) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["n_classes"] = N_CLASSES
-        f.attrs["column_order"] = "model"  # blank, AA..ZH, SIL
-        for i, (row, lg, lab) in enumerate(zip(rows.itertuples(index=False), logits, labels)):
-            g = f.create_group(f"trial_{i:05d}")
-            g.create_dataset("logits", data=lg.astype(np.float32))
-            if lab is not None:
-                g.create_dataset("seq_class_ids", data=np.asarray(lab, dtype=np.int32))
-            g.attrs["session"] = row.session
-            g.attrs["split"] = row.split
-            g.attrs["source_trial"] = row.trial
-            g.attrs["block_num"] = int(row.block_num)
-            g.attrs["trial_num"] = int(row.trial_num)
-            g.attrs["corpus"] = str(row.corpus)
-            g.attrs["post_implant_day"] = int(row.post_implant_day)
-            g.attrs["sentence_label"] = str(row.sentence)
+    # built in memory, then written: a full disk is one error naming the path, and HDF5 never holds
+    # a half-written file (it crashed the interpreter at exit)
+    with atomic_file(path) as tmp, writing(path):
+        write_hdf5(tmp, lambda f: _fill_logits(f, rows, logits, labels))
+
+
+def _fill_logits(f: h5py.File, rows: pd.DataFrame, logits: list[np.ndarray], labels: list[np.ndarray | None]) -> None:
+    f.attrs["n_classes"] = N_CLASSES
+    f.attrs["column_order"] = "model"  # blank, AA..ZH, SIL
+    for i, (row, lg, lab) in enumerate(zip(rows.itertuples(index=False), logits, labels)):
+        g = f.create_group(f"trial_{i:05d}")
+        g.create_dataset("logits", data=lg.astype(np.float32))
+        if lab is not None:
+            g.create_dataset("seq_class_ids", data=np.asarray(lab, dtype=np.int32))
+        g.attrs["session"] = row.session
+        g.attrs["split"] = row.split
+        g.attrs["source_trial"] = row.trial
+        g.attrs["block_num"] = int(row.block_num)
+        g.attrs["trial_num"] = int(row.trial_num)
+        g.attrs["corpus"] = str(row.corpus)
+        g.attrs["post_implant_day"] = int(row.post_implant_day)
+        g.attrs["sentence_label"] = str(row.sentence)
 
 
 @dataclass

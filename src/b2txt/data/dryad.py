@@ -294,6 +294,9 @@ def iter_file(df: DataFile) -> Iterator[tuple[str, Trial | None, list[str]]]:
         if not names:
             yield "", None, [f"{df.path}: no trials (an empty data file)"]
         for name in names:
+            if not isinstance(name, str):  # a damaged name h5py cannot decode comes back as bytes
+                yield repr(name), None, [f"{df.path}: {name!r}: unexpected entry name (the file is damaged?)"]
+                continue
             where = f"{df.path}: {name}"
             try:
                 if not TRIAL_RE.match(name) or not isinstance(f[name], h5py.Group):

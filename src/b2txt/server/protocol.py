@@ -325,6 +325,7 @@ OWN_PARAMS: dict[str, tuple[str, type]] = {
 UPDATABLE: dict[str, tuple[str, type]] = {**PUBLISHED_PARAMS, **OWN_PARAMS}
 #: Names a client may see in remote_lm_args but cannot change while the server runs.
 READ_ONLY = ("lm_path", "decoder", "workers", "llm", "session")
+INT32_MAX = 2**31 - 1
 #: Fields of an update entry that are not parameters.
 NOT_PARAMS = (REQUEST_ID_FIELD,)
 
@@ -346,6 +347,8 @@ def parse_value(name: str, raw: object, kind: type) -> int | float | bool:
         if kind is int:
             if number != int(number):
                 raise ValueError
+            if abs(number) > INT32_MAX:  # the C++ decoders take 32-bit ints
+                raise ProtocolError(f"parameter {name}: {value!r} is out of range (at most {INT32_MAX})")
             return int(number)
         return number
     except (TypeError, ValueError):

@@ -6,7 +6,7 @@ Three readers, each fed by Hypothesis:
 
 - the HDF5 trial reader (``b2txt.data.dryad`` through ``b2txt.data.validate``): files of random
   trial groups (shapes, dtypes, missing and extra fields, odd attributes), and valid files
-  truncated or with bytes overwritten;
+  truncated or with bytes overwritten; the logits file reader (``b2txt.data.logits``) likewise;
 - the logits payload decoder (``protocol.decode_logits_entry``): arbitrary bytes and arrays of any
   dtype and shape, with or without (possibly lying) ``logits_dtype``/``logits_shape``;
 - the Redis request parsers: parameter updates (``protocol.apply_update``), session names and
@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from b2txt.data.dryad import DATA_SUBDIR, MAX_SEQ_ELEMENTS, N_FEATURES, DataFile, read_file
+from b2txt.data.logits import read_logits
 from b2txt.data.validate import validate_dataset
 from b2txt.ground.config import DecodeConfig
 from b2txt.ground.errors import B2txtError, DataError
@@ -198,6 +199,36 @@ def test_a_damaged_file_is_read_or_refused_clearly(tmp_path_factory, data):
             raw[at:at + len(chunk)] = chunk
     df.path.write_bytes(bytes(raw))
     tally("hdf5 reader (damaged)", check_read(df, root))
+
+
+@FILES
+@given(data=st.data())
+def test_a_damaged_logits_file_is_read_or_refused_clearly(tmp_path_factory, data):
+    """The logits file (``infer``'s output, read by score, decode and evaluate), damaged likewise."""
+    path = tmp_path_factory.mktemp("prop-logits") / "val.hdf5"
+    with h5py.File(path, "w") as f:
+        for i in range(2):
+            g = f.create_group(f"trial_{i:05d}")
+            g.create_dataset("logits", data=np.full((5, N_CLASSES), 0.5, np.float32))
+            g.create_dataset("seq_class_ids", data=np.arange(1, 4, dtype=np.int32))
+            g.attrs["session"] = SESSION
+    raw = bytearray(path.read_bytes())
+    if data.draw(st.booleans(), label="truncate"):
+        raw = raw[:data.draw(st.integers(0, len(raw) - 1), label="keep")]
+    else:
+        for _ in range(data.draw(st.integers(1, 8), label="n_writes")):
+            at = data.draw(st.integers(0, len(raw) - 1), label="at")
+            chunk = data.draw(st.binary(min_size=1, max_size=16), label="bytes")
+            raw[at:at + len(chunk)] = chunk
+    path.write_bytes(bytes(raw))
+    try:
+        trials = read_logits(path)
+    except B2txtError as exc:
+        assert str(path) in str(exc)
+        tally("logits file reader (damaged)", "clear error")
+        return
+    tally("logits file reader (damaged)", "accepted")
+    assert trials and all(t.logits.ndim == 2 and t.logits.shape[1] == N_CLASSES for t in trials)
 
 
 # ============================================================================ the logits payload decoder

@@ -65,8 +65,22 @@ class LogitsTrial:
     attrs: dict
 
 
+#: What h5py raises on a damaged file (a name it cannot decode is a UnicodeDecodeError, a ValueError).
+_DAMAGE = (OSError, KeyError, RuntimeError, ValueError, TypeError)
+
+
 def read_logits(path: str | Path) -> list[LogitsTrial]:
-    path = Path(path)
+    """Every trial of a logits file; a damaged file is one error naming it, never an h5py exception."""
+    try:
+        return _read_logits(Path(path))
+    except B2txtError:
+        raise
+    except _DAMAGE as exc:
+        raise B2txtError(f"{path}: cannot read logits file, it is truncated or damaged "
+                         f"({type(exc).__name__}: {exc})") from None
+
+
+def _read_logits(path: Path) -> list[LogitsTrial]:
     try:
         f = h5py.File(path, "r")
     except OSError as exc:

@@ -404,7 +404,8 @@ LM_SERVER_DESCRIPTION = (
     "acknowledgements, remote_lm_args, contextual_decoding_current_context), the same flags where they "
     "apply. Decodes with N worker processes; clients may open independent sessions (stream prefix "
     "SESSION:) to decode many trials at once. Malformed requests get an 'error' field in the reply. "
-    "SIGTERM finishes the trials under way, then exits 0.")
+    "SIGTERM finishes the trials under way (up to --drain-timeout; a second SIGTERM stops at once), answers "
+    "whatever is still unanswered with an error, then exits 0.")
 EVALUATE_HELP = "decode a logits file through a private Redis + LM server and score it"
 EVALUATE_DESCRIPTION = (
     "Starts redis-server (Unix socket, no persistence) and `b2txt lm-server` as children that die with this "

@@ -35,7 +35,7 @@ from b2txt.ground.errors import B2txtError
 from b2txt.ground.phonemes import Lexicon
 from b2txt.server import protocol as P
 from b2txt.server import trial_queue as Q
-from b2txt.server.client import LMClient, LMServerError
+from b2txt.server.client import LMClient, LMServerError, LMTimeout
 from b2txt.server.connection import RedisAddress
 from b2txt.server.redis_process import RedisServer
 
@@ -186,6 +186,17 @@ def test_a_registration_without_a_name_is_answered_on_the_bare_stream(service):
 def test_our_client_refuses_a_bad_session_name_before_sending():
     with pytest.raises(P.ProtocolError, match="session name 'bad name'"):
         LMClient(RedisAddress(), session="bad name")
+
+
+@pytest.mark.redis
+def test_a_session_never_opened_times_out_saying_so(service):
+    rs, _proc, _r, _log = service
+    client = LMClient(rs.address, session="never-opened", timeout=1)
+    try:
+        with pytest.raises(LMTimeout, match="the session was never opened: call open"):
+            client.decode(GOOD)
+    finally:
+        client.close()
 
 
 # ---------------------------------------------------------------------------- malformed logits entries

@@ -269,9 +269,11 @@ def decode_logits_entry(fields: dict[str, Any], max_bytes: int) -> np.ndarray:
             frames, width = (int(p) for p in parts)
         except ValueError:
             raise ProtocolError(f"{SHAPE_FIELD} {shown(text(shape))}: expected T,{N_CLASSES}") from None
-        if width != N_CLASSES or frames < 1:
-            raise ProtocolError(f"{SHAPE_FIELD} {frames},{width}: expected T,{N_CLASSES} with T >= 1 "
+        if width != N_CLASSES:
+            raise ProtocolError(f"{SHAPE_FIELD} {frames},{width}: expected T,{N_CLASSES} "
                                 f"(logits in LM column order, one row per frame)")
+        if frames < 1:
+            raise ProtocolError(f"{LOGITS_FIELD}: no frames ({SHAPE_FIELD} {frames},{width})")
         if isinstance(raw, (bytes, bytearray)) and len(raw) != frames * FRAME_BYTES:
             raise ProtocolError(f"{LOGITS_FIELD}: {len(raw)} bytes, but {SHAPE_FIELD} {frames},{width} "
                                 f"means {frames * FRAME_BYTES} bytes of float32")

@@ -2,7 +2,8 @@
 
 A real full disk without root: each command runs in a child process under ``RLIMIT_FSIZE``
 (with ``SIGXFSZ`` ignored), so its writes beyond the limit fail with ``EFBIG`` exactly where a
-full disk fails them with ``ENOSPC``. Before, ``infer`` crashed the interpreter at exit (h5py),
+full disk fails them with ``ENOSPC``. Where a private mount namespace is allowed, ``infer`` also
+writes onto a 16 KiB tmpfs (a real ``ENOSPC``); elsewhere that test is skipped. Before, ``infer`` crashed the interpreter at exit (h5py),
 ``train`` ended in a C++ "enforce fail" trace (torch.save), ``simulate`` and ``preprocess`` in
 tracebacks. ``ENOSPC`` itself is exercised on ``/dev/full`` (the kernel's always-full device).
 """
@@ -90,6 +91,40 @@ def test_a_full_disk_is_one_error_naming_the_output(case: Case, max_bytes: int, 
     # nothing half-written beside it either (a resumable training run keeps only OUT.partial)
     left = sorted(p.name for p in paths["odir"].iterdir() if not p.name.endswith(".partial"))
     assert left == [], left
+
+
+# ----------------------------------------------------------------------------- ENOSPC: a full tmpfs, where allowed
+
+def _can_mount_privately() -> bool:
+    """A tmpfs in a private mount namespace (root or CAP_SYS_ADMIN): gone with the process, never
+    seen by the rest of the machine. Elsewhere the test is skipped (RLIMIT_FSIZE covers the path)."""
+    try:
+        return subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=16k tmpfs /mnt"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not _can_mount_privately(), reason="no private tmpfs mount here (needs CAP_SYS_ADMIN)")
+def test_infer_onto_a_full_filesystem(paths, capsys):
+    """A real ENOSPC: the output directory is a 16 KiB tmpfs (the logits need ~60 kB)."""
+    odir = paths["odir"]
+    odir.mkdir()
+    script = ('mount -t tmpfs -o size=16k tmpfs "$0" || exit 99; "$@"; rc=$?; '
+              'echo "left in $0: [$(ls -A "$0")]"; exit $rc')
+
+    def run(argv: list[str]) -> int:
+        done = subprocess.run(["unshare", "-m", "sh", "-c", script, str(odir), sys.executable, "-m", "b2txt", *argv],
+                              capture_output=True, text=True, timeout=600, env={**os.environ, "B2TXT_PROGRESS": "0"})
+        print(done.stdout + done.stderr, file=sys.stderr)
+        return done.returncode
+
+    case = Case("infer-full-tmpfs", ["infer", "--model", "{model}", "--data", "{data}", "--split", "val",
+                                     "--known-sessions-only", "--out", "{o}"],
+                ["{o}: cannot write it: disk full (No space left on device)", f"left in {odir}: []"],
+                inputs=["model", "data"], outputs=["o"])
+    err = check(case, paths, capsys, run=run)
+    assert err.count("error:") == 1 and "Segmentation fault" not in err
 
 
 # ----------------------------------------------------------------------------- ENOSPC itself: /dev/full

@@ -77,6 +77,9 @@ FULL_DISK = [
           inputs=["data", "manifest"], outputs=["o"]), 1_000_000),
     (Case("simulate-data-files", ["simulate", "--config", str(TINY), "--sentences", "{sentences}", "--out", "{o}"],
           ["{o}: cannot write it", FULL], inputs=["sentences"], outputs=["o"]), 200_000),
+    (Case("calibrate-model", ["calibrate", "--config", str(TINY), "--model", "{model}", "--data", "{data}",
+                              "--manifest", "{manifest}", "--session", "-1", "--n-sentences", "0", "2", "--out", "{o}"],
+          ["{o}: cannot write it", FULL], inputs=["model", "data", "manifest"], outputs=["o"]), 1_000_000),
     (Case("preprocess-manifest", ["preprocess", "--data", "{data}", "--out", "{o}"],
           ["{o}: cannot write it", FULL], inputs=["data"], outputs=["o"]), 1_000),
 ]

@@ -2,10 +2,10 @@
 
 A real full disk without root: each command runs in a child process under ``RLIMIT_FSIZE``
 (with ``SIGXFSZ`` ignored), so its writes beyond the limit fail with ``EFBIG`` exactly where a
-full disk fails them with ``ENOSPC``. Where a private mount namespace is allowed, ``infer`` also
-writes onto a 16 KiB tmpfs (a real ``ENOSPC``); elsewhere that test is skipped. Before, ``infer`` crashed the interpreter at exit (h5py),
+full disk fails them with ``ENOSPC``. Before, ``infer`` crashed the interpreter at exit (h5py),
 ``train`` ended in a C++ "enforce fail" trace (torch.save), ``simulate`` and ``preprocess`` in
-tracebacks. ``ENOSPC`` itself is exercised on ``/dev/full`` (the kernel's always-full device).
+tracebacks. ``ENOSPC`` itself: on ``/dev/full`` (the kernel's always-full device), and, where a
+private mount namespace is allowed, ``infer`` onto a 16 KiB tmpfs (skipped elsewhere).
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ FULL_DISK = [
     (Case("simulate-data-files", ["simulate", "--config", str(TINY), "--sentences", "{sentences}", "--out", "{o}"],
           ["{o}: cannot write it", FULL], inputs=["sentences"], outputs=["o"]), 200_000),
     (Case("calibrate-model", ["calibrate", "--config", str(TINY), "--model", "{model}", "--data", "{data}",
-                              "--manifest", "{manifest}", "--session", "-1", "--n-sentences", "0", "2", "--out", "{o}"],
+                              "--manifest", "{manifest}", "--session", "-1", "--n-sentences", "0", "2",
+                              "--out", "{o}"],
           ["{o}: cannot write it", FULL], inputs=["model", "data", "manifest"], outputs=["o"]), 1_000_000),
     (Case("preprocess-manifest", ["preprocess", "--data", "{data}", "--out", "{o}"],
           ["{o}: cannot write it", FULL], inputs=["data"], outputs=["o"]), 1_000),

@@ -13,6 +13,7 @@ import sys
 from .. import __version__
 from ..ground.errors import B2txtError
 from ..ground.extras import missing_extra
+from ..ground.outputs import no_room, output_error
 from . import config, data, figures, lm, score, server, train, workflow
 from .common import Command, add_force, claim_outputs, guard_existing, guard_outputs
 
@@ -76,3 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"b2txt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk in a writer without its own message: still one clear error
+        full = no_room(exc)
+        if full is None:
+            raise
+        error = output_error(full.filename or getattr(args, "out", None) or "an output", full)
+        print(f"b2txt {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code

@@ -26,7 +26,7 @@ import redis
 
 from ..ground.errors import B2txtError
 from ..ground.procs import die_with_parent
-from .connection import CONNECTION_ERRORS, PASSWORD_ENV, RedisAddress, TlsFiles, connect, is_loopback
+from .connection import CONNECTION_ERRORS, PASSWORD_ENV, RedisAddress, TlsFiles, connect, require_password
 
 
 def _preexec() -> None:
@@ -81,10 +81,8 @@ class RedisServer:
         """Refuse, before starting anything, a network address without a password, or TLS without a port."""
         if (self.bind is not None or self.tls is not None) and not 0 < self.port < 65536:
             raise B2txtError(f"redis port {self.port}: --bind and TLS need a TCP port (1-65535)")
-        if self.bind is not None and not is_loopback(self.bind) and not os.environ.get(self.password_env):
-            raise B2txtError(f"--bind {self.bind}: not a loopback address, and {self.password_env} is not set; "
-                             f"Redis on a network address must require a password (set {self.password_env}, "
-                             f"or name another variable with --password-env)")
+        if self.bind is not None:
+            require_password(self.bind, self.password_env, f"--bind {self.bind}")
         if self.tls is not None:
             self.tls.check()
             if self.tls.cert is None:

@@ -47,6 +47,7 @@ from ..ground.console import progress
 from ..ground.device import select_device, use_bf16
 from ..ground.errors import B2txtError
 from ..ground.fileio import OWNER_MARK, OWNER_TEXT, atomic_file, swap_into_place
+from ..ground.outputs import recorded_file, writing
 from ..models.checkpoint import build_model, published_args, safe_load
 from ..models.inference import run_model
 from ..models.transforms import augment, cut_start, draw_cut, gaussian_kernel, pad_batch, smooth, trial_generator
@@ -402,14 +403,14 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _save_best(self, val: ValResult) -> None:
         """Rank 0 only (it alone validates)."""
-        with atomic_file(self.work / "checkpoint" / "best_checkpoint") as tmp:
+        with atomic_file(self.work / "checkpoint" / "best_checkpoint") as tmp, recorded_file(tmp) as fh:
             torch.save({
                 "model_state_dict": cpu_copy(self.model.state_dict()),
                 "optimizer_state_dict": cpu_copy(self.opt.state_dict()),
                 "scheduler_state_dict": self.sched.state_dict(),
                 "val_PER": val.per, "val_loss": val.loss, "step": self.step,
                 "b2txt": {"sessions": self.sessions, "train": self.cfg.model_dump(mode="json")},
-            }, tmp)
+            }, fh)
 
     def _save_resume(self) -> None:
         """Called on every rank (their random states are gathered); rank 0 writes."""
@@ -430,8 +431,8 @@ class Trainer:
             "ema": None if self.ema is None else self.ema.state_dict(),
             "metrics": json.dumps(self.metrics), "log_lines": list(self.log_lines),
         }
-        with atomic_file(self.work / "checkpoint" / "last_checkpoint") as tmp:
-            torch.save(state, tmp)
+        with atomic_file(self.work / "checkpoint" / "last_checkpoint") as tmp, recorded_file(tmp) as fh:
+            torch.save(state, fh)
         self._write_metrics(self.work)
 
     def _try_resume(self) -> bool:
@@ -600,8 +601,14 @@ def train(cfg: TrainConfig, data_dir: str | Path, manifest_path: str | Path, out
 
     ``nproc > 1`` spawns that many data-parallel processes here; under a launcher (torchrun,
     srun with several tasks) this process joins the launcher's group instead (see
-    :mod:`b2txt.training.distributed`).
+    :mod:`b2txt.training.distributed`). A full disk is one error naming ``out_dir``.
     """
+    with writing(out_dir):
+        return _train(cfg, data_dir, manifest_path, out_dir, log, nproc)
+
+
+def _train(cfg: TrainConfig, data_dir: str | Path, manifest_path: str | Path, out_dir: str | Path,
+           log=print, nproc: int = 1) -> ValResult:
     ctx = context_from_env()
     if ctx.enabled and nproc > 1:
         raise B2txtError(f"--nproc {nproc} inside a launcher that already started {ctx.world_size} processes; "

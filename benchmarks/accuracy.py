@@ -118,6 +118,8 @@ def train_config(args: argparse.Namespace, variant: str, seed_index: int):
         over["model"] = {"n_layers": layers, "n_units": units}
     if args.batch_size:
         over["batch_size"] = args.batch_size
+    if args.amp:
+        over["amp"] = args.amp
     return TrainConfig.model_validate(merge(merge(base, over), VARIANTS[variant]))
 
 
@@ -144,7 +146,7 @@ def launch(args: argparse.Namespace, data: Path, manifest: Path, variant: str, s
     cmd = [sys.executable, __file__, "--one", variant, "--seed-index", str(seed_index), "--data", str(data),
            "--manifest", str(manifest), "--preset", args.preset, "--batches", str(args.batches),
            "--val-every", str(args.val_every), "--device", args.device]
-    for flag, value in (("--model-size", args.model_size), ("--batch-size", args.batch_size),
+    for flag, value in (("--model-size", args.model_size), ("--batch-size", args.batch_size), ("--amp", args.amp),
                         ("--threads", args.threads)):
         if value:
             cmd += [flag, str(value)]
@@ -195,6 +197,8 @@ def main() -> None:
     ap.add_argument("--model-size", help="LAYERSxUNITS, e.g. 2x256 (default: the preset's)")
     ap.add_argument("--batch-size", type=int, help="default: the preset's")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--amp", choices=["auto", "bf16", "off"], help="train.amp (default: the preset's; off: float32 "
+                    "on a GPU, as the published CPU figures)")
     ap.add_argument("--threads", type=int, help="torch CPU threads per run (default: cores / jobs)")
     ap.add_argument("--jobs", type=int, help="runs at a time (default: 1 on the CPU, 4 on a GPU)")
     ap.add_argument("--sim-seed", type=int, default=11)

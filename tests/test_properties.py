@@ -150,8 +150,10 @@ def check_read(df: DataFile, root: Path) -> str:
         assert str(df.path) in str(exc)
         assert not report.ok
         return "clear error"
-    # a file read whole may still hold a problem only visible across trials (a duplicate)
-    assert all("duplicate trial" in p for p in report.problems), report.summary()
+    # a file read whole may still hold a problem only visible across trials (a duplicate) or one
+    # that depends on the model's patch (fit_problem: no output frames, too few for CTC)
+    fit = ("no output frames", "output frames for CTC")
+    assert all("duplicate trial" in p or any(f in p for f in fit) for p in report.problems), report.summary()
     assert trials, "an empty result without an error"
     for _name, trial in trials:
         assert trial.features.dtype == np.float32 and trial.features.ndim == 2

@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from helpers.data import SENTENCES
-from helpers.synthetic import ids_to_words, phoneme_logits
+from helpers.synthetic import ids_to_words, phoneme_logits, trials_file
 
 from b2txt.cli import main
 from b2txt.data.decoded import read_decoded
-from b2txt.data.logits import greedy_decode, write_logits
+from b2txt.data.logits import greedy_decode
 from b2txt.evaluation.error_rates import edit_distance
 from b2txt.ground.config import DecodeConfig
 from b2txt.ground.phonemes import to_lm_order
@@ -25,19 +25,6 @@ from b2txt.lm.pool import decode_file, decode_many
 
 #: Fast, deterministic options for tiny graphs (the meaning is the config's).
 OPTS = DecodeConfig(acoustic_scale=1.5, nbest=10, augment_top=10, workers=1)
-
-
-def trials_file(path, lexicon, sentences, seed=0, **kw):
-    rng = np.random.default_rng(seed)
-    logits = [phoneme_logits(lexicon.sentence_ids(s), rng, **kw) for s in sentences]
-    rows = pd.DataFrame({
-        "session": [f"t15.2023.08.{11 + i % 2:02d}" for i in range(len(sentences))],
-        "split": "val", "trial": [f"trial_{i:04d}" for i in range(len(sentences))],
-        "block_num": 1, "trial_num": range(len(sentences)), "corpus": "Fortunes",
-        "post_implant_day": 25, "sentence": sentences,
-    })
-    write_logits(path, rows, logits, [lexicon.sentence_ids(s) for s in sentences])
-    return path, logits
 
 
 def test_both_decoders_recover_clean_sentences_and_agree(kenlm_graph, lexicon):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.synthetic import trials_file
 from helpers.tiny_llm import build_tiny_opt
 
 from b2txt.ground.config import DecodeConfig, RescoreConfig
@@ -190,7 +191,6 @@ def test_decode_reports_the_fraction_rescored_and_the_gate_bounds(kenlm_graph, l
 
     import numpy as np
     from helpers.data import SENTENCES
-    from test_decode import trials_file
 
     from b2txt.lm.pool import decode_file
 

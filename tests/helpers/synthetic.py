@@ -107,3 +107,17 @@ def ids_to_words(ids: Sequence[int], lexicon: Lexicon) -> str:
         elif i != BLANK_ID:
             current.append(i)
     return " ".join(words)
+
+
+def trials_file(path: Path, lexicon: Lexicon, sentences: Sequence[str], seed: int = 0, **kw) -> tuple[Path, list[np.ndarray]]:
+    """A val logits file of ``sentences`` (phoneme_logits per sentence, two sessions), and its logits."""
+    rng = np.random.default_rng(seed)
+    logits = [phoneme_logits(lexicon.sentence_ids(s), rng, **kw) for s in sentences]
+    rows = pd.DataFrame({
+        "session": [f"t15.2023.08.{11 + i % 2:02d}" for i in range(len(sentences))],
+        "split": "val", "trial": [f"trial_{i:04d}" for i in range(len(sentences))],
+        "block_num": 1, "trial_num": range(len(sentences)), "corpus": "Fortunes",
+        "post_implant_day": 25, "sentence": sentences,
+    })
+    write_logits(path, rows, logits, [lexicon.sentence_ids(s) for s in sentences])
+    return path, logits

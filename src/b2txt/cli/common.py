@@ -18,6 +18,7 @@ from typing import Any
 from ..ground.config import PipelineConfig, load_config
 from ..ground.console import log
 from ..ground.errors import B2txtError
+from ..ground.fileio import check_replaceable
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,14 @@ class Command:
     extras: tuple[str, ...] = ()
     #: Its output directory may hold its inputs (``lm graph`` adds the graph beside the ARPA it reads).
     out_holds_inputs: bool = False
+    #: What it does to an existing --out/--report (see :func:`guard_existing`): ``"replace"`` it (only
+    #: b2txt's own, or with --force; b2txt marks it as its own afterwards), ``"add"`` files into a
+    #: directory without removing what it did not write (download, data, dvc-pin: they check their
+    #: own files), or ``"self"``: the command tells its own output by its content (workflow dvc).
+    outputs: str = "replace"
+    #: Names several stages write file by file into its output directory (see
+    #: :func:`~b2txt.ground.fileio.check_replaceable`): an unmarked directory of only these is b2txt's.
+    layout: frozenset[str] = frozenset()
 
 
 #: Arguments naming what a command writes; every other path argument names something it reads,
@@ -72,6 +81,35 @@ def guard_outputs(args: argparse.Namespace, out_holds_inputs: bool = False) -> N
                 continue
             raise B2txtError(f"{_arg(out_name)} {out} {why} the input {_arg(in_name)} {given}: b2txt never "
                              "writes over what it reads; choose another output path")
+
+
+def guard_existing(args: argparse.Namespace, policy: str, layout: frozenset[str] = frozenset()) -> None:
+    """Before a ``"replace"`` command runs: each existing --out/--report must be b2txt's own
+    (:func:`~b2txt.ground.fileio.check_replaceable`), else one error and nothing touched."""
+    if policy != "replace":
+        return
+    for name in OUTPUT_ARGS:
+        for path in _paths(getattr(args, name, None)):
+            check_replaceable(path, _arg(name), getattr(args, "force", False), layout)
+
+
+def claim_outputs(args: argparse.Namespace, policy: str) -> None:
+    """After a ``"replace"`` command succeeded: mark its outputs as b2txt's, so it may replace them."""
+    from ..ground.fileio import mark_own
+
+    if policy != "replace":
+        return
+    for name in OUTPUT_ARGS:
+        for path in _paths(getattr(args, name, None)):
+            mark_own(path)
+
+
+def add_force(p: argparse.ArgumentParser) -> None:
+    """``--force`` for every command that writes an output (added by the parser builder, not per command)."""
+    if any(a.dest in OUTPUT_ARGS for a in p._actions) and not any(a.dest == "force" for a in p._actions):
+        p.add_argument("--force", action="store_true",
+                       help="replace an existing output that b2txt did not write (by default b2txt replaces "
+                            "only its own outputs and refuses anything else)")
 
 
 def add_config(p: argparse.ArgumentParser, reads: str = "") -> None:

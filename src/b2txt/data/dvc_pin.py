@@ -46,6 +46,7 @@ import yaml
 from ..ground.console import Log
 from ..ground.errors import DownloadError, DvcError
 from ..ground.fileio import atomic_file, human_size, write_text_atomic
+from ..ground.procs import dies_with_parent
 from .dryad_api import DEFAULT_API_ROOT, HttpOptions, RemoteFile, listed_files
 from .fetch import check_free_space, fetch_checked, file_digest, move_file
 from .github_api import DEFAULT_API_ROOT as GITHUB_API_ROOT
@@ -154,7 +155,7 @@ def run_dvc(args: list[str], cwd: Path) -> str:
     if exe is None:
         raise DvcError("dvc is not installed (pip install 'b2txt[workflow]'); --no-download writes the pins "
                        "without it")
-    r = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True)
+    r = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, preexec_fn=dies_with_parent())
     if r.returncode != 0:
         tail = (r.stderr.strip() or r.stdout.strip()).splitlines()[-6:]
         raise DvcError(f"`dvc {' '.join(args)}` in {cwd} failed (exit {r.returncode}): " + " / ".join(tail))

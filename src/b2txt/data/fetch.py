@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..ground.archive import CHUNK, unpack_archive
+from ..ground.archive import CHUNK, unpack_archive, unpack_target
 from ..ground.console import Log, progress
 from ..ground.errors import DownloadError
-from ..ground.fileio import atomic_file, disk_full_error, human_size, write_text_atomic
+from ..ground.fileio import atomic_file, check_replaceable, disk_full_error, human_size, write_text_atomic
 from .dryad_api import DEFAULT_API_ROOT, HttpOptions, RemoteFile, Transient, hasher, listed_files, open_url, retrying
 
 STATE_DIR = ".download"
@@ -211,12 +211,16 @@ def fetch_file(rf: RemoteFile, out_dir: Path, options: HttpOptions = HttpOptions
     return final
 
 
-def _unpack_if_needed(path: Path, rf: RemoteFile, out_dir: Path, log: Log) -> Path:
+def _is_unpacked(rf: RemoteFile, out_dir: Path) -> bool:
+    mark = _read_json(_unpacked_marker(out_dir, rf.path))
+    return mark.get("digest") == rf.digest and (out_dir / str(mark.get("target", ""))).is_dir()
+
+
+def _unpack_if_needed(path: Path, rf: RemoteFile, out_dir: Path, log: Log, force: bool = False) -> Path:
     marker = _unpacked_marker(out_dir, rf.path)
-    mark = _read_json(marker)
-    if mark.get("digest") == rf.digest and (out_dir / str(mark.get("target", ""))).is_dir():
-        return out_dir / mark["target"]
-    target = unpack_archive(path, out_dir, log)
+    if _is_unpacked(rf, out_dir):
+        return out_dir / _read_json(marker)["target"]
+    target = unpack_archive(path, out_dir, log, force=force)
     write_text_atomic(marker, json.dumps({"digest": rf.digest, "target": target.name}))
     return target
 
@@ -275,9 +279,11 @@ def check_free_space(out_dir: Path, needed: int) -> None:
 def download(datasets: list[str], out_dir: str | Path, names: list[str] | None = None,
              api_root: str = DEFAULT_API_ROOT, options: HttpOptions = HttpOptions(), unpack: bool = True,
              list_only: bool = False, dois: dict[str, str] | None = None, log: Log = print,
-             partial_dir: str | Path | None = None) -> list[Path]:
+             partial_dir: str | Path | None = None, force: bool = False) -> list[Path]:
     """List, download, check and (for archives) unpack the chosen files; returns the paths made.
-    Partial files collect in ``partial_dir`` (default ``<out>/.download``)."""
+    Partial files collect in ``partial_dir`` (default ``<out>/.download``). An archive's target
+    directory that b2txt did not unpack is replaced only with ``force`` (checked before any
+    download)."""
     partial_dir = Path(partial_dir) if partial_dir is not None else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -286,13 +292,17 @@ def download(datasets: list[str], out_dir: str | Path, names: list[str] | None =
     log(f"files of {where}:\n{describe(planned)}")
     if list_only:
         return []
+    if unpack:
+        for p in planned:
+            if p.file.is_archive and not _is_unpacked(p.file, out_dir):
+                check_replaceable(out_dir / unpack_target(Path(p.file.path).name), "--out", force)
     check_free_space(out_dir, space_needed(planned, unpack))
     made = []
     for p in planned:
         path = out_dir / p.file.path if p.done else fetch_file(p.file, out_dir, options, log, partial_dir)
         made.append(path)
         if unpack and p.file.is_archive:
-            made.append(_unpack_if_needed(path, p.file, out_dir, log))
+            made.append(_unpack_if_needed(path, p.file, out_dir, log, force))
     if partial_dir is not None and partial_dir.is_dir() and not any(partial_dir.iterdir()):
         partial_dir.rmdir()  # every file arrived: nothing left to resume
     return made

@@ -20,6 +20,7 @@ import pandas as pd
 
 from ..ground.errors import B2txtError
 from ..ground.fileio import atomic_file
+from ..ground.outputs import write_hdf5, writing
 from ..ground.phonemes import BLANK_ID, N_CLASSES
 
 
@@ -33,28 +34,34 @@ def greedy_decode(logits: np.ndarray) -> list[int]:
 
 def write_logits(path: str | Path, rows: pd.DataFrame, logits: list[np.ndarray],
                  labels: list[np.ndarray | None]) -> None:
-    with atomic_file(path) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["n_classes"] = N_CLASSES
-        f.attrs["column_order"] = "model"  # blank, AA..ZH, SIL
-        for i, (row, lg, lab) in enumerate(zip(rows.itertuples(index=False), logits, labels)):
-            g = f.create_group(f"trial_{i:05d}")
-            g.create_dataset("logits", data=lg.astype(np.float32))
-            if lab is not None:
-                g.create_dataset("seq_class_ids", data=np.asarray(lab, dtype=np.int32))
-            g.attrs["session"] = row.session
-            g.attrs["split"] = row.split
-            g.attrs["source_trial"] = row.trial
-            g.attrs["block_num"] = int(row.block_num)
-            g.attrs["trial_num"] = int(row.trial_num)
-            g.attrs["corpus"] = str(row.corpus)
-            g.attrs["post_implant_day"] = int(row.post_implant_day)
-            g.attrs["sentence_label"] = str(row.sentence)
+    # built in memory, then written: a full disk is one error naming the path, and HDF5 never holds
+    # a half-written file (it crashed the interpreter at exit)
+    with atomic_file(path) as tmp, writing(path):
+        write_hdf5(tmp, lambda f: _fill_logits(f, rows, logits, labels))
+
+
+def _fill_logits(f: h5py.File, rows: pd.DataFrame, logits: list[np.ndarray], labels: list[np.ndarray | None]) -> None:
+    f.attrs["n_classes"] = N_CLASSES
+    f.attrs["column_order"] = "model"  # blank, AA..ZH, SIL
+    for i, (row, lg, lab) in enumerate(zip(rows.itertuples(index=False), logits, labels)):
+        g = f.create_group(f"trial_{i:05d}")
+        g.create_dataset("logits", data=lg.astype(np.float32))
+        if lab is not None:
+            g.create_dataset("seq_class_ids", data=np.asarray(lab, dtype=np.int32))
+        g.attrs["session"] = row.session
+        g.attrs["split"] = row.split
+        g.attrs["source_trial"] = row.trial
+        g.attrs["block_num"] = int(row.block_num)
+        g.attrs["trial_num"] = int(row.trial_num)
+        g.attrs["corpus"] = str(row.corpus)
+        g.attrs["post_implant_day"] = int(row.post_implant_day)
+        g.attrs["sentence_label"] = str(row.sentence)
 
 
 def write_logits_trials(path: str | Path, trials: list[LogitsTrial], file_attrs: dict | None = None) -> None:
     """Write trials as read by :func:`read_logits` (their attributes as they were), e.g. an
     ensemble of several files; ``file_attrs`` are added to the file's own attributes."""
-    with atomic_file(path) as tmp, h5py.File(tmp, "w") as f:
+    def fill(f: h5py.File) -> None:
         f.attrs["n_classes"] = N_CLASSES
         f.attrs["column_order"] = "model"
         for key, value in (file_attrs or {}).items():
@@ -67,6 +74,9 @@ def write_logits_trials(path: str | Path, trials: list[LogitsTrial], file_attrs:
             for key, value in t.attrs.items():
                 g.attrs[key] = value
 
+    with atomic_file(path) as tmp, writing(path):
+        write_hdf5(tmp, fill)
+
 
 @dataclass
 class LogitsTrial:
@@ -78,6 +88,9 @@ class LogitsTrial:
 #: The column orders this reader knows: ``model`` (blank, AA..ZH, SIL), what ``write_logits`` writes.
 COLUMN_ORDERS = ("model",)
 
+#: What h5py raises on a damaged file (a name it cannot decode is a UnicodeDecodeError, a ValueError).
+_DAMAGE = (OSError, KeyError, RuntimeError, ValueError, TypeError)
+
 
 def _attr_text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -86,8 +99,18 @@ def _attr_text(value: object) -> str:
 def read_logits(path: str | Path) -> list[LogitsTrial]:
     """Every trial of a logits file, checked: a known column order and class count, and per trial
     float ``[T, 41]`` logits with at least one frame and no NaN/Inf; otherwise one error naming
-    the file and trial (never a silently empty or NaN result downstream)."""
-    path = Path(path)
+    the file and trial (never a silently empty or NaN result downstream). A damaged file is one
+    error naming it, never an h5py exception."""
+    try:
+        return _read_logits(Path(path))
+    except B2txtError:
+        raise
+    except _DAMAGE as exc:
+        raise B2txtError(f"{path}: cannot read logits file, it is truncated or damaged "
+                         f"({type(exc).__name__}: {exc})") from None
+
+
+def _read_logits(path: Path) -> list[LogitsTrial]:
     try:
         f = h5py.File(path, "r")
     except OSError as exc:

@@ -58,6 +58,7 @@ from ..ground.config import NeuralModelConfig, SimulateConfig, config_to_yaml
 from ..ground.console import progress
 from ..ground.errors import B2txtError, UnknownWordsError
 from ..ground.fileio import atomic_dir
+from ..ground.outputs import writing
 from ..ground.phonemes import N_CLASSES, SIL_ID, Lexicon
 from .description import DESCRIPTION_FILE, Block, write_description
 from .dryad import DATA_SUBDIR, Trial, session_name, write_trials
@@ -286,7 +287,7 @@ def simulate(cfg: SimulateConfig, sentences: list[str], out_dir: str | Path, lex
     total = sum(len(b.sentences) for b in blocks)
     bar = progress(desc="simulate", total=total, unit="trial")
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, writing(out_dir):  # a full disk: one error naming out_dir
         files: dict[tuple[str, str], list[Trial]] = {}
         truth = []
         for b in blocks:

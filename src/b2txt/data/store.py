@@ -158,28 +158,40 @@ class DayBatchSampler:
     """Batches drawn from ``days_per_batch`` random sessions, equal trials from each.
 
     As in the published trainer: each batch picks ``days_per_batch`` sessions at random
-    (always including ``must_include_days``), then ``batch_size // days_per_batch`` random
-    trials of each (remainder spread over the first days). Deterministic for a seed.
+    (always including ``must_include_days``), then the trials of each. ``draw="even"``:
+    ``batch_size // days_per_batch`` distinct random trials of each (remainder spread over the
+    first days). ``draw="published"``: the published order, ``ceil(batch_size / days_per_batch)``
+    trials of each drawn with replacement, then one trial dropped from the end of a random
+    session's share until the batch has ``batch_size``. Deterministic for a seed; the one
+    generator ``rng`` is the whole state (resume checkpoints save it).
 
     With ``lengths`` (length bucketing), every batch first draws a position q in [0, 1]; each
-    session's n trials are then drawn from a window of 1.5 n neighbours in that session's
-    length order, starting at q of the way from 2n-1 places before its first trial to its last
-    (clipped to the trials there are), so a batch holds trials of similar length, padding
-    shrinks, and every trial lies in as many windows as any other (no edge is under-drawn).
+    session's n trials are then drawn from a window of ``width`` · n neighbours (at least n + 1)
+    in that session's length order, starting at q of the way from (window - 1) places before its
+    first trial to its last (clipped to the trials there are), so a batch holds trials of similar
+    length, padding shrinks, and every trial lies in as many windows as any other (no edge is
+    under-drawn). ``mix`` is the chance that a batch ignores the lengths (drawn as without
+    bucketing): length-homogeneous batches cost accuracy per step, random ones padding, and
+    the mix keeps ``1 - mix`` of the padding saving.
     """
 
     def __init__(self, store: TrialStore, batch_size: int, days_per_batch: int, seed: int,
-                 must_include_days: Sequence[int] = (), lengths: np.ndarray | None = None):
-        self.by_day = {d: np.flatnonzero(store.day_idx == d) for d in store.days_present()}
-        if not self.by_day:
+                 must_include_days: Sequence[int] = (), lengths: np.ndarray | None = None,
+                 mix: float = 0.0, width: float = 1.5, draw: str = "even"):
+        self.plain = {d: np.flatnonzero(store.day_idx == d) for d in store.days_present()}
+        if not self.plain:
             raise DataError("no training trials")
+        if draw not in ("even", "published"):
+            raise B2txtError(f"trial draw {draw!r}: must be 'even' or 'published'")
+        self.by_day = self.plain
         if lengths is not None:  # each day's trials sorted by length (stable: ties keep file order)
-            self.by_day = {d: idx[np.argsort(lengths[idx], kind="stable")] for d, idx in self.by_day.items()}
+            self.by_day = {d: idx[np.argsort(lengths[idx], kind="stable")] for d, idx in self.plain.items()}
         self.bucketing = lengths is not None
-        self.days = sorted(self.by_day)
+        self.mix, self.width, self.draw = float(mix), float(width), draw
+        self.days = sorted(self.plain)
         self.batch_size = batch_size
         self.days_per_batch = max(1, min(days_per_batch, len(self.days)))
-        self.must = [d for d in must_include_days if d in self.by_day]
+        self.must = [d for d in must_include_days if d in self.plain]
         self.rng = np.random.default_rng(seed)
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -190,17 +202,28 @@ class DayBatchSampler:
         others = [d for d in self.days if d not in self.must]
         n_pick = max(0, self.days_per_batch - len(self.must))
         chosen = list(self.must) + list(self.rng.choice(others, size=min(n_pick, len(others)), replace=False))
-        per_day = np.full(len(chosen), self.batch_size // len(chosen))
-        per_day[: self.batch_size % len(chosen)] += 1
-        quantile = self.rng.random() if self.bucketing else 0.0
+        if self.draw == "published":
+            per_day = np.full(len(chosen), -(-self.batch_size // len(chosen)))
+        else:
+            per_day = np.full(len(chosen), self.batch_size // len(chosen))
+            per_day[: self.batch_size % len(chosen)] += 1
+        # no draw for the mix when it is 0: the default stream stays what it always was
+        bucketed = self.bucketing and not (self.mix > 0 and self.rng.random() < self.mix)
+        quantile = self.rng.random() if bucketed else 0.0
         picks = []
         for day, n in zip(chosen, per_day):
-            pool = self.by_day[day]
-            width = n + max(n // 2, 1)  # some choice within the window, little length spread
-            if self.bucketing and len(pool) > width:
+            pool = self.by_day[day] if bucketed else self.plain[day]
+            width = n + max(int((self.width - 1) * n), 1)  # some choice within the window, little length spread
+            if bucketed and len(pool) > width:
                 start = int(np.floor(quantile * (len(pool) + width - 1))) - (width - 1)
                 pool = pool[max(start, 0): start + width]
-            picks.append(self.rng.choice(pool, size=n, replace=n > len(pool)))
+            replace = True if self.draw == "published" else n > len(pool)
+            picks.append(self.rng.choice(pool, size=n, replace=replace))
+        extra = int(per_day.sum()) - self.batch_size
+        while extra > 0:  # published: drop the last trial of a random session's share
+            d = int(self.rng.choice([i for i, p in enumerate(picks) if len(p)]))
+            picks[d] = picks[d][:-1]
+            extra -= 1
         return np.concatenate(picks)
 
 

@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import pandas as pd
 
-from ..ground.fileio import atomic_file, write_text_atomic
+from ..ground.fileio import atomic_dir, atomic_file
 from ..ground.phonemes import normalize_text
 from .error_rates import aggregate, aggregate_words, bootstrap_ci, word_table
 
+#: What ``score --logits`` writes into its directory, and ``score --decoded``; each replaces its own.
+PER_FILES = frozenset({"per_session.csv", "per_corpus.csv", "trials.csv", "metrics.json"})
+WER_FILES = frozenset({"wer_per_session.csv", "wer_per_corpus.csv", "wer_trials.csv", "wer.json"})
 
-def write_scores(table: pd.DataFrame, out_dir: str | Path, split: str) -> dict:
+
+def _whole(out_dir: str | Path, whole: bool, keep: frozenset[str]) -> contextlib.AbstractContextManager[Path]:
+    """``out_dir`` built beside and swapped in whole, or (``whole=False``: the caller's own
+    temporary directory) written into as it is."""
+    if whole:
+        return atomic_dir(out_dir, keep=lambda name: name in keep)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return contextlib.nullcontext(Path(out_dir))
+
+
+def write_scores(table: pd.DataFrame, out_dir: str | Path, split: str, *, whole: bool = True) -> dict:
     """``per_session.csv``, ``per_corpus.csv``, ``trials.csv`` and ``metrics.json`` in out_dir."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     per_session = aggregate(table, "session")
     per_corpus = aggregate(table, "corpus")
-    for name, df in (("per_session.csv", per_session), ("per_corpus.csv", per_corpus), ("trials.csv", table)):
-        with atomic_file(out_dir / name) as tmp:
-            df.to_csv(tmp, index=False, float_format="%.6g")
     metrics = {
         "split": split,
         "PER": float(table["edits"].sum() / table["ref_len"].sum()),
@@ -28,23 +37,22 @@ def write_scores(table: pd.DataFrame, out_dir: str | Path, split: str) -> dict:
         "n_phonemes": int(table["ref_len"].sum()),
         "per_session": {r.session: round(float(r.PER), 6) for r in per_session.itertuples()},
     }
-    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    # the directory is swapped whole (unless the caller builds one itself), keeping the word
+    # scores `score --decoded` wrote there
+    with _whole(out_dir, whole, keep=WER_FILES) as tmp:
+        for name, df in (("per_session.csv", per_session), ("per_corpus.csv", per_corpus), ("trials.csv", table)):
+            df.to_csv(tmp / name, index=False, float_format="%.6g")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
-def write_word_scores(decoded: pd.DataFrame, out_dir: str | Path, split: str) -> dict:
+def write_word_scores(decoded: pd.DataFrame, out_dir: str | Path, split: str, *, whole: bool = True) -> dict:
     """``wer_per_session.csv``, ``wer_per_corpus.csv``, ``wer_trials.csv`` and ``wer.json`` in out_dir."""
     table = word_table(decoded)
     if table.empty:
         raise ValueError("no labelled trials to score")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     per_session = aggregate_words(table, "session")
     per_corpus = aggregate_words(table, "corpus")
-    for name, df in (("wer_per_session.csv", per_session), ("wer_per_corpus.csv", per_corpus),
-                     ("wer_trials.csv", table)):
-        with atomic_file(out_dir / name) as tmp:
-            df.to_csv(tmp, index=False, float_format="%.6g")
     lo, hi = bootstrap_ci(table["word_edits"].to_numpy(), table["ref_words"].to_numpy())
     metrics = {
         "split": split,
@@ -56,7 +64,13 @@ def write_word_scores(decoded: pd.DataFrame, out_dir: str | Path, split: str) ->
         "per_session": {r.session: round(float(r.WER), 6) for r in per_session.itertuples()},
         "per_corpus": {r.corpus: round(float(r.WER), 6) for r in per_corpus.itertuples()},
     }
-    write_text_atomic(out_dir / "wer.json", json.dumps(metrics, indent=2) + "\n")
+    # the directory is swapped whole (unless the caller builds one itself), keeping the phoneme
+    # scores `score --logits` wrote there
+    with _whole(out_dir, whole, keep=PER_FILES) as tmp:
+        for name, df in (("wer_per_session.csv", per_session), ("wer_per_corpus.csv", per_corpus),
+                         ("wer_trials.csv", table)):
+            df.to_csv(tmp / name, index=False, float_format="%.6g")
+        (tmp / "wer.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

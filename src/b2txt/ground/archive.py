@@ -11,7 +11,6 @@ Absolute paths, ``..`` components, links and devices are refused (no zip-slip).
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import tarfile
 import tempfile
@@ -22,7 +21,15 @@ from typing import BinaryIO
 
 from .console import Log
 from .errors import DownloadError
-from .fileio import disk_full_error
+from .fileio import (
+    OWNER_MARK,
+    OWNER_TEXT,
+    check_replaceable,
+    clean_leftovers,
+    disk_full_error,
+    swap_into_place,
+    temp_prefix,
+)
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip", ".tar")
 #: Archives whose directory is not their own name (REFERENCE §1: the neural data zip).
@@ -97,28 +104,21 @@ def _extract_tar(archive: Path, into: Path) -> None:
                 raise DownloadError(f"{archive}: member {member.name!r} is a link or device, refusing")
 
 
-def _swap_into_place(src: Path, target: Path) -> None:
-    """Rename ``src`` onto ``target`` (same file system); an old ``target`` is removed after."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / "x")
-    os.replace(src, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def unpack_archive(archive: Path, out_dir: Path, log: Log = print) -> Path:
+def unpack_archive(archive: Path, out_dir: Path, log: Log = print, *, force: bool = False) -> Path:
     """Unpack a zip or tar archive into ``out_dir`` atomically; returns the directory it made.
 
     Extraction happens in ``<out>/.unpack-<archive>-*``; only a complete tree is renamed into
-    place (replacing an older one), so a failed or killed unpack leaves no partial layout.
+    place (replacing an older one, only one b2txt unpacked, or with ``force``), so a failed or
+    killed unpack leaves no partial layout; a killed run's staging goes with the next run.
     """
     archive, out_dir = Path(archive), Path(out_dir)
-    for stale in out_dir.glob(f".unpack-{archive.name}-*"):  # left by a killed run
+    target = out_dir / unpack_target(archive.name)
+    check_replaceable(target, "--out", force)
+    for stale in out_dir.glob(f".unpack-{archive.name}-*"):  # left by a run of an earlier b2txt
         shutil.rmtree(stale, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".unpack-{archive.name}-", dir=out_dir))
+    clean_leftovers(target)
+    staging = Path(tempfile.mkdtemp(prefix=temp_prefix(target), dir=out_dir))
     staging.chmod(0o755)  # mkdtemp makes it private; it may become the data directory itself
     try:
         try:
@@ -132,10 +132,11 @@ def unpack_archive(archive: Path, out_dir: Path, log: Log = print) -> Path:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise disk_full_error(staging / "x", exc) from None
             raise
-        target = out_dir / unpack_target(archive.name)
         entries = list(staging.iterdir())
         wrapped = len(entries) == 1 and entries[0].is_dir() and entries[0].name == target.name
-        _swap_into_place(entries[0] if wrapped else staging, target)
+        unpacked = entries[0] if wrapped else staging
+        (unpacked / OWNER_MARK).write_text(OWNER_TEXT)  # b2txt's: a later unpack may replace it
+        swap_into_place(unpacked, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log(f"{archive.name}: unpacked into {target}")

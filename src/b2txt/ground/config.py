@@ -220,6 +220,9 @@ class AugmentConfig(Section):
     smooth_data: bool = True
     smooth_kernel_std: float = Field(2.0, gt=0, le=1000, allow_inf_nan=False, description="bins")
     smooth_kernel_size: int = Field(100, ge=1, le=100000)
+    noise_over_padding: bool = Field(
+        False, description="add the noise over each batch's padding too (published: true); the noise inside a "
+                           "trial is the same either way, but smoothing carries the padding's into its last bins")
 
 
 class TrainConfig(Section):
@@ -231,6 +234,15 @@ class TrainConfig(Section):
     days_per_batch: int = Field(4, ge=1)
     must_include_days: list[int] = Field(default_factory=list)
     length_bucketing: bool = Field(True, description="draw each batch's trials at one length quantile (less padding)")
+    bucket_mix: float = Field(0.0, ge=0, le=1, description="with length_bucketing: the chance that a batch is drawn "
+                              "without it (keeps 1 - bucket_mix of its padding saving)")
+    bucket_width: float = Field(1.5, ge=1, description="with length_bucketing: each day's n trials come from a window "
+                                "of bucket_width * n neighbours in length order (wider: more mixing, more padding)")
+    trial_draw: Literal["even", "published"] = Field(
+        "even", description="even: batch_size // days_per_batch distinct trials per day | published: ceil(batch_size / "
+                            "days_per_batch) per day with replacement, the extra ones dropped from random days")
+    ctc_zero_infinity: bool = Field(True, description="CTC: an impossible alignment adds 0 instead of inf (published: false)")
+    fused_adamw: bool = Field(False, description="torch's fused AdamW kernel (published: true; CPU and CUDA only)")
     feature_subset: list[Annotated[int, Field(ge=0, le=511)]] | None = Field(
         None, min_length=1, description="feature indices to use, each once (default: all 512)")
     holdout_sessions: list[int | str] = Field(
@@ -436,7 +448,9 @@ class RescoreConfig(Section):
     device: str = "auto"
     batch_size: int = Field(16, ge=1)
     unsure_margin: float | None = Field(
-        None, ge=0, description="rescore only when the n-gram top two differ by less than this (None: always)")
+        None, ge=0, description="rescore only the trials whose n-best margin (best minus second-best search score, "
+                                "natural-log decoder units, without the LLM) is below this (None or .inf: every trial; "
+                                "0: none)")
 
 
 class ServerConfig(Section):

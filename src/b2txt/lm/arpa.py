@@ -27,9 +27,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
-import os
 import re
-import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ from pathlib import Path
 from typing import NoReturn, TextIO
 
 from ..ground.errors import B2txtError
+from ..ground.fileio import atomic_dir
 from .ngram import DEFAULT_KENLM_DIR, ToolError, build_binary, find_tool, ngram_paths
 
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
@@ -194,26 +193,23 @@ def import_arpa(source: str | Path, out_dir: str | Path, *, memory: str = "20%",
                 kenlm_dir: str | Path | None = DEFAULT_KENLM_DIR) -> ImportedLM:
     """``out_dir/lm.arpa`` (checked, lower-cased) and ``out_dir/lm.bin`` from the ARPA ``source``.
 
-    A stale ``lm.unpruned.arpa`` in ``out_dir`` is removed: ``b2txt lm graph`` would otherwise
-    build ``G_no_prune.fst`` from an LM that is not this one.
+    ``out_dir`` is built beside its old self and replaced whole: nothing of an earlier LM stays
+    (a stale ``lm.unpruned.arpa`` would make ``b2txt lm graph`` build ``G_no_prune.fst`` from
+    another LM, a stale TLG.fst would decode with it), and a bad ARPA leaves no ``out_dir``.
     """
     source, out_dir = Path(source), Path(out_dir)
-    arpa, binary, unpruned = ngram_paths(out_dir)
+    arpa, binary = ngram_paths(out_dir)[:2]
     if not source.is_file():
         raise ArpaError(f"{source}: ARPA file not found")
     if arpa.exists() and source.resolve() == arpa.resolve():
         raise ArpaError(f"{source}: this is the import's own output; give the original ARPA file")
     find_tool("build_binary", kenlm_dir)  # before the long read, not after it
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".import-", dir=out_dir) as tmpdir:
-        tmp_arpa, tmp_binary = Path(tmpdir) / arpa.name, Path(tmpdir) / binary.name
+    with atomic_dir(out_dir) as tmp:  # swapped in whole: no old graph stays beside the new LM
+        tmp_arpa, tmp_binary = ngram_paths(tmp)[:2]
         with tmp_arpa.open("w", encoding="utf-8") as f:
             counts, recased = normalise_arpa(source, f)
         try:
             build_binary(tmp_arpa, tmp_binary, memory=memory, kenlm_dir=kenlm_dir)
         except ToolError as exc:
             raise ToolError(f"{source}: KenLM's build_binary refused the checked ARPA: {exc}") from None
-        os.replace(tmp_arpa, arpa)
-        os.replace(tmp_binary, binary)
-    unpruned.unlink(missing_ok=True)
     return ImportedLM(source, arpa, binary, counts, recased)

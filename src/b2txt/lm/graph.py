@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -49,6 +47,7 @@ import kaldifst
 import kaldilm
 
 from ..ground.errors import B2txtError
+from ..ground.fileio import atomic_dir
 from ..ground.phonemes import LM_ORDER, N_CLASSES, PHONEMES, SIL, Lexicon
 from .ngram import ngram_paths, read_arpa_counts
 
@@ -67,6 +66,8 @@ TOKENS_FILE = "tokens.txt"
 G_FILE = "G.fst"
 G_NO_PRUNE_FILE = "G_no_prune.fst"
 INFO_FILE = "graph.json"
+#: What a graph build writes; an LM directory's other files are the n-gram's.
+GRAPH_FILES = frozenset({TLG_FILE, WORDS_FILE, TOKENS_FILE, G_FILE, G_NO_PRUNE_FILE, INFO_FILE})
 
 
 class GraphError(B2txtError):
@@ -282,9 +283,10 @@ def build_graph(arpa: str | Path, out_dir: str | Path, lexicon: Lexicon, *,
                 max_unpronounceable: float = 0.5) -> GraphStats:
     """Build a graph directory (TLG.fst, words.txt, tokens.txt, G.fst [, G_no_prune.fst], graph.json).
 
-    Built in a temporary directory inside ``out_dir`` and moved into place file by file, TLG.fst
-    last: a failed build leaves the previous graph (or none), never half a graph; other files of
-    ``out_dir`` (``lm.arpa``, ``lm.bin``) are kept. ``max_unpronounceable``:
+    Built in a temporary directory beside ``out_dir`` that replaces it whole
+    (:func:`~b2txt.ground.fileio.atomic_dir`): a failed or killed build leaves the previous
+    directory as it was, never half a graph nor a graph beside another LM; the other files of
+    ``out_dir`` (``lm.arpa``, ``lm.bin``) are carried over, an earlier graph's are not. ``max_unpronounceable``:
     the share of ARPA words without a pronunciation above which the build stops (mismatch).
     """
     arpa, out_dir = Path(arpa), Path(out_dir)
@@ -325,9 +327,7 @@ def build_graph(arpa: str | Path, out_dir: str | Path, lexicon: Lexicon, *,
     disambig, n_disambig = disambiguate([(str(w), p) for w, p in prons])
     stats.pronunciations, stats.disambig_symbols = len(prons), n_disambig + 1
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".graph-build-", dir=out_dir) as tmpdir:
-        tmp = Path(tmpdir)
+    with atomic_dir(out_dir, keep=lambda name: name not in GRAPH_FILES) as tmp:
         write_symbols(tmp / WORDS_FILE, symbols)
         write_symbols(tmp / TOKENS_FILE, token_symbols(n_disambig))
         # arpa2fst matches words exactly: give it our ids under the ARPA's spelling
@@ -366,7 +366,6 @@ def build_graph(arpa: str | Path, out_dir: str | Path, lexicon: Lexicon, *,
         stats.seconds["TLG"] = round(time.perf_counter() - clock - sum(stats.seconds.values()), 3)
         stats.seconds["total"] = round(time.perf_counter() - clock, 3)
         (tmp / INFO_FILE).write_text(json.dumps(asdict(stats), indent=2) + "\n")
-        _publish(tmp, out_dir, with_unpruned=unpruned_arpa is not None)
     return stats
 
 
@@ -378,21 +377,6 @@ def build_graph_from_arpa(arpa: str | Path, out_dir: str | Path, lexicon: Lexico
     unpruned = arpa.with_name(ngram_paths(arpa.parent)[2].name)
     return build_graph(arpa, out_dir, lexicon, unpruned_arpa=unpruned if unpruned.is_file() else None,
                        sil_prob=sil_prob)
-
-
-def _publish(tmp: Path, out_dir: Path, with_unpruned: bool) -> None:
-    """Move the finished files into ``out_dir``; TLG.fst last, so its presence means complete.
-
-    File by file (each an atomic rename) rather than a directory swap: the graph shares its
-    directory with the n-gram files (``<lm>/<n>gram/lm.arpa``, ``lm.bin``).
-    """
-    (out_dir / TLG_FILE).unlink(missing_ok=True)
-    if not with_unpruned:
-        (out_dir / G_NO_PRUNE_FILE).unlink(missing_ok=True)  # stale from an earlier build
-    names = [WORDS_FILE, TOKENS_FILE, G_FILE, G_NO_PRUNE_FILE, INFO_FILE, TLG_FILE]
-    for name in names:
-        if (tmp / name).exists():
-            os.replace(tmp / name, out_dir / name)
 
 
 def write_symbols_map(path: Path, table: dict[str, int]) -> None:

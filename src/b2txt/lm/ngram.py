@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..ground.errors import B2txtError
-from ..ground.fileio import atomic_file
+from ..ground.fileio import atomic_dir, atomic_file
+from ..ground.procs import dies_with_parent
 from .text import UNK
 
 #: The name ``<unk>`` has while lmplz estimates (any word the normalised text cannot contain).
@@ -116,7 +117,8 @@ def _run_lmplz(lmplz: Path, text: Path, arpa: Path, order: int, prune: list[int]
         cmd += ["--prune", *map(str, prune)]
     log = tmp / "lmplz.log"
     with log.open("wb") as err, text.open("rb") as src:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=dies_with_parent())
         assert proc.stdin is not None
         unk, placeholder = UNK.encode(), PLACEHOLDER.encode()
         try:
@@ -211,7 +213,7 @@ def _estimate_srilm(text: Path, out: Path, order: int, thresholds: list[int] | N
         for n, t in enumerate(thresholds or [], start=1):
             if n > 1:
                 cmd += [f"-gt{n}min", str(t + 1)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=dies_with_parent())
         if proc.returncode != 0:
             raise ToolError(f"ngram-count failed on {text} (exit status {proc.returncode}):\n"
                             + "\n".join(proc.stderr.splitlines()[-25:]))
@@ -232,7 +234,7 @@ def build_binary(arpa: str | Path, out: str | Path, *, memory: str = "20%",
             source = Path(tmpdir) / "as_bigram.arpa"
             _unigram_as_bigram(arpa, source)
         proc = subprocess.run([str(exe), "-S", memory, "-T", tmpdir, "trie", str(source), str(tmp)],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, preexec_fn=dies_with_parent())
         if proc.returncode != 0:
             raise ToolError(f"build_binary failed on {arpa} (exit status {proc.returncode}):\n"
                             + "\n".join(proc.stderr.splitlines()[-25:]))
@@ -286,19 +288,24 @@ def read_arpa_counts(arpa: str | Path) -> dict[int, int]:
 def build_ngram(text: str | Path, out_dir: str | Path, order: int, *, prune: Sequence[int] | None = None,
                 memory: str = "20%", kenlm_dir: str | Path | None = DEFAULT_KENLM_DIR,
                 tool: str = "kenlm", binary: bool = True) -> NgramFiles:
-    """One order of the ``lm ngram`` stage: ``lm.arpa`` + ``lm.bin`` (+ ``lm.unpruned.arpa`` if pruned).
+    """One order of the ``lm ngram`` stage: ``lm.arpa`` + ``lm.bin`` (+ ``lm.unpruned.arpa`` if pruned),
+    the directory ``out_dir`` replaced whole.
 
     ``lm.bin`` is KenLM's ``build_binary`` whichever ``tool`` estimated the ARPA (the stage
     declares it in both modes), so a missing ``build_binary`` stops the build before estimating.
     """
-    arpa, bin_path, unpruned = ngram_paths(out_dir)
     thresholds = check_prune(order, prune)
     if binary:
         find_tool("build_binary", kenlm_dir)
-    estimate_arpa(text, arpa, order, prune=thresholds, memory=memory, kenlm_dir=kenlm_dir, tool=tool)
-    if thresholds:
-        estimate_arpa(text, unpruned, order, prune=None, memory=memory, kenlm_dir=kenlm_dir, tool=tool)
-    elif unpruned.exists():
-        unpruned.unlink()  # stale from an earlier pruned build
-    made_binary = build_binary(arpa, bin_path, memory=memory, kenlm_dir=kenlm_dir) if binary else None
+    # the whole directory is built beside the old one and swapped in: a kill leaves the old LM
+    # as it was, never a new ARPA beside an old binary, and no graph of the old LM survives
+    with atomic_dir(out_dir) as tmp:
+        arpa, bin_path, unpruned = ngram_paths(tmp)
+        estimate_arpa(text, arpa, order, prune=thresholds, memory=memory, kenlm_dir=kenlm_dir, tool=tool)
+        if thresholds:
+            estimate_arpa(text, unpruned, order, prune=None, memory=memory, kenlm_dir=kenlm_dir, tool=tool)
+        if binary:
+            build_binary(arpa, bin_path, memory=memory, kenlm_dir=kenlm_dir)
+    arpa, bin_path, unpruned = ngram_paths(out_dir)
+    made_binary = bin_path if binary else None
     return NgramFiles(order, arpa, made_binary, unpruned if thresholds else None)

@@ -6,7 +6,9 @@ every trial to the language-model order, decodes it to an n-best list, augments 
 
 - ``decoded.csv``: one row per trial (session, block, trial, corpus, reference sentence when
   known, decoded sentence, number of candidates); deterministic, so reruns give the same file;
-- ``timing.json``: decoding time per trial (median, p90, total), kept apart for that reason;
+- ``timing.json``: decoding time per trial (median, p90, total), kept apart for that reason,
+  and with LLM rescoring how many lists it rescored (``rescore.fraction_rescored``: those whose
+  n-best margin is below ``rescore.unsure_margin``, all without one);
 - ``nbest.jsonl``: one JSON object per trial with its candidates
   ``[sentence, acoustic, ngram, llm, total]``, best first.
 
@@ -37,8 +39,10 @@ from ..ground.console import Log, progress
 from ..ground.device import available_cores
 from ..ground.errors import B2txtError
 from ..ground.fileio import atomic_dir
+from ..ground.procs import dies_with_parent
 from .core import DecodingCore, load_rescorer, trial_logits
 from .nbest import NBest, check_logits
+from .rescore import should_rescore
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ def decode_many(core: DecodingCore, logits: Sequence[np.ndarray], workers: int |
             results = list(progress(it, desc="decode", total=len(items), unit="trial") if show_progress else it)
         else:
             # fork: the workers inherit the loaded decoder (copy-on-write), nothing is pickled but logits
-            with mp.get_context("fork").Pool(workers) as pool:
+            with mp.get_context("fork").Pool(workers, initializer=dies_with_parent()) as pool:
                 it = pool.imap(_decode_one, items, chunksize=max(1, min(8, len(items) // (4 * workers))))
                 results = list(progress(it, desc=f"decode ({workers} processes)", total=len(items), unit="trial")
                                if show_progress else it)
@@ -100,16 +104,28 @@ def decode_file(logits_path: str | Path, lm_dir: str | Path, out_dir: str | Path
     seconds = [0.0] * len(trials)
     for i, r in zip(lm_logits, done):
         nbests[i], seconds[i] = r.nbest, r.seconds
+    gate = None
     if llm is not None:
-        core.rescorer = load_rescorer(llm)
-        log(f"rescoring {len(nbests)} n-best lists with {llm.model} (alpha {llm.alpha})")
-        nbests = [core.rescore(nb, llm) for nb in progress(nbests, desc="rescore", unit="trial")]
+        t1 = time.perf_counter()
+        unsure = [should_rescore(nb, options, llm.unsure_margin) for nb in nbests]
+        if any(unsure):  # a gate that lets nothing through never loads the LLM
+            core.rescorer = load_rescorer(llm)
+        lists = sum(1 for nb in nbests if nb.candidates)
+        log(f"rescoring {sum(unsure)} of {lists} n-best lists with {llm.model} (alpha {llm.alpha}"
+            + (f", n-best margin below {llm.unsure_margin}" if llm.unsure_margin is not None else "") + ")")
+        nbests = [core.rescore(nb, llm) if u else nb
+                  for nb, u in zip(progress(nbests, desc="rescore", unit="trial"), unsure)]
+        gate = {"model": llm.model, "alpha": llm.alpha, "unsure_margin": llm.unsure_margin, "lists": lists,
+                "rescored": sum(unsure), "fraction_rescored": round(sum(unsure) / lists, 6) if lists else 0.0,
+                "seconds": round(time.perf_counter() - t1, 3)}
     table = pd.DataFrame([decoded_row(i, t, nb.best, len(nb)) | {"decode_ms": round(1000 * seconds[i], 3)}
                           for i, (t, nb) in enumerate(zip(trials, nbests))])
     ms = table["decode_ms"]
     timing = {"trials": len(table), "decoder": options.decoder, "workers": options.workers or available_cores(),
               "median_ms": round(float(ms.median()), 3), "p90_ms": round(float(ms.quantile(0.9)), 3),
               "wall_s": round(time.perf_counter() - t0, 3)}
+    if gate is not None:  # how many trials the LLM saw (rescore.unsure_margin)
+        timing["rescore"] = gate
     with atomic_dir(out_dir) as tmp:
         write_decoded(tmp, table.drop(columns=["decode_ms"]), [nb.candidates for nb in nbests])
         (tmp / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")

@@ -14,6 +14,7 @@ score does not depend on which other sentences share its batch (up to float roun
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -170,14 +171,12 @@ class LLMRescorer:
     def rescore(self, nbest: NBest, decode_options: DecodeConfig, cfg: RescoreConfig | None = None) -> NBest:
         """Fill in ``llm``, recompute totals with ``cfg.alpha`` and re-order the candidates.
 
-        With ``cfg.unsure_margin`` set, lists whose n-gram top two totals differ by at least the
-        margin (or that hold a single candidate) come back unchanged: the LLM, the costly part,
-        only runs where the n-gram decision is close. An empty list comes back unchanged.
+        With ``cfg.unsure_margin`` set, a list comes back unchanged unless :func:`should_rescore`
+        says otherwise (its n-gram margin is below the gate): the LLM, the costly part, only runs
+        where the n-gram decision is close. An empty list comes back unchanged.
         """
         cfg = cfg if cfg is not None else self.cfg
-        if not nbest.candidates:
-            return nbest
-        if cfg.unsure_margin is not None and not is_unsure(nbest, decode_options, cfg.unsure_margin):
+        if not nbest.candidates or not should_rescore(nbest, decode_options, cfg.unsure_margin):
             return nbest
         llm = self.log_probs([c.sentence for c in nbest.candidates], cfg.context)
         rescored = [
@@ -188,10 +187,30 @@ class LLMRescorer:
         return make_nbest(rescored)
 
 
-def is_unsure(nbest: NBest, decode_options: DecodeConfig, margin: float) -> bool:
-    """True when the two best n-gram totals (without the LLM) differ by less than ``margin``."""
+def nbest_margin(nbest: NBest, decode_options: DecodeConfig) -> float:
+    """How sure the n-gram decoder is: the best minus the second-best search score, in the
+    decoder's units (``acoustic_scale · acoustic + ngram + length_penalty · words``, natural-log,
+    without the LLM; augmented candidates count with their scores). +inf for a list of one
+    candidate (nothing to re-order), NaN for an empty one."""
+    if not nbest.candidates:
+        return math.nan
     if len(nbest) < 2:
-        return False
+        return math.inf
     totals = sorted((total_score(c.acoustic, c.ngram, c.n_words, decode_options) for c in nbest.candidates),
                     reverse=True)
-    return totals[0] - totals[1] < margin
+    return totals[0] - totals[1]
+
+
+def should_rescore(nbest: NBest, decode_options: DecodeConfig, unsure_margin: float | None) -> bool:
+    """The gate: rescore when no margin is set (``None``), when it is +inf (every non-empty list,
+    as without a gate), else when the list's :func:`nbest_margin` is below it (0: never)."""
+    if not nbest.candidates:
+        return False
+    if unsure_margin is None or unsure_margin == math.inf:
+        return True
+    return nbest_margin(nbest, decode_options) < unsure_margin
+
+
+def is_unsure(nbest: NBest, decode_options: DecodeConfig, margin: float) -> bool:
+    """True when the two best n-gram totals (without the LLM) differ by less than ``margin``."""
+    return len(nbest) >= 2 and nbest_margin(nbest, decode_options) < margin

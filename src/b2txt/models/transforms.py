@@ -58,28 +58,44 @@ def trial_generator(seed: int, step: int, trial: int = -1, device: torch.device 
 
 
 def augment(x: torch.Tensor, lengths: torch.Tensor, cfg: AugmentConfig,
-            generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """Training-only noise, drawn per trial over its own length (padding stays zero): static
-    gain, white noise, constant offset, random walk. ``generators``: one per trial."""
-    _, _, c = x.shape
+            generators: Sequence[torch.Generator], padded_to: int | None = None) -> torch.Tensor:
+    """Training-only noise, drawn per trial: static gain, white noise, constant offset, random
+    walk. ``generators``: one per trial.
+
+    Over each trial's own length (padding stays zero), or with ``cfg.noise_over_padding`` over
+    the padding too, as the published trainer does (its white noise, offset and walk cover the
+    whole padded batch). The noise inside a trial is the same either way: the padding's white
+    noise comes from the trial's stream after its own, drawn for ``padded_to`` bins (the longest
+    trial of the global batch; default the width of ``x``) whatever share of the batch ``x`` is,
+    so data-parallel ranks and one process augment alike."""
+    _, t, c = x.shape
     dev, dt = x.device, x.dtype
+    over_padding = cfg.noise_over_padding
+    total = max(int(padded_to or t), t)
     out = torch.zeros_like(x)
     for i, gen in enumerate(generators):
         n = int(lengths[i])
+        m = t if over_padding else n  # the bins that get noise
 
         def randn(*shape):
             return torch.randn(*shape, generator=gen, dtype=torch.float32, device=gen.device).to(device=dev, dtype=dt)
 
-        xi = x[i, :n]
+        xi = x[i, :m]
         if cfg.static_gain_std > 0:
             xi = xi @ (torch.eye(c, device=dev, dtype=dt) + randn(c, c) * cfg.static_gain_std)
-        if cfg.white_noise_std > 0:
-            xi = xi + randn(n, c) * cfg.white_noise_std
-        if cfg.constant_offset_std > 0:
-            xi = xi + randn(1, c) * cfg.constant_offset_std
-        if cfg.random_walk_std > 0:
-            xi = xi + torch.cumsum(randn(n, c) * cfg.random_walk_std, dim=0)
-        out[i, :n] = xi
+        white = randn(n, c) if cfg.white_noise_std > 0 else None
+        offset = randn(1, c) if cfg.constant_offset_std > 0 else None
+        walk = randn(n, c) if cfg.random_walk_std > 0 else None
+        if over_padding:  # the padding's draws come last: the trial's own noise stays as without them
+            white = None if white is None else torch.cat([white, randn(total - n, c)[: m - n]])
+            walk = None if walk is None else torch.cat([walk, randn(total - n, c)[: m - n]])
+        if white is not None:
+            xi = xi + white * cfg.white_noise_std
+        if offset is not None:
+            xi = xi + offset * cfg.constant_offset_std
+        if walk is not None:
+            xi = xi + torch.cumsum(walk * cfg.random_walk_std, dim=0)
+        out[i, :m] = xi
     return out
 
 

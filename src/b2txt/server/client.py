@@ -65,6 +65,7 @@ class LMClient:
         self.r: redis.Redis = connect(address, timeout=slice_ms / 1000 + 10.0)
         self._last: dict[str, str] = {}
         self._consumed: dict[str, list[bytes]] = {}  # read replies, deleted with the next pipelined send
+        self._opened = False
         self.mark_now()
 
     def close(self) -> None:
@@ -83,6 +84,10 @@ class LMClient:
             self._last[stream] = start
 
     # ---- plumbing
+    def _open_hint(self) -> str:
+        """A session's streams are read only once it is open: say so when this client never opened it."""
+        return "" if not self.session or self._opened else " the session was never opened: call open() first"
+
     def _new_id(self) -> str:
         return f"{self._tag}-{next(self._ids)}"
 
@@ -100,7 +105,7 @@ class LMClient:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 raise LMTimeout(f"no reply on {stream} within {self.timeout if timeout is None else timeout:.0f} s "
-                                f"(is the LM server running on {self.address}?)")
+                                f"(is the LM server running on {self.address}?{self._open_hint()})")
             got = self.r.xread({stream: self._last[stream]}, count=100, block=max(1, min(self.slice_ms, left_ms)))
             if not got:
                 continue
@@ -131,6 +136,7 @@ class LMClient:
             self._wait_for_args(self.timeout if timeout is None else timeout)
             return
         rid = self._send(P.SESSIONS_STREAM, {P.SESSION_FIELD: self.session, P.ACTION_FIELD: "open"})
+        self._opened = True
         self._wait(self.streams.done_opening, rid, timeout)
 
     def _wait_for_args(self, timeout: float) -> None:
@@ -153,7 +159,7 @@ class LMClient:
 
     def send_logits(self, logits: np.ndarray) -> str:
         """One chunk (``[T, 41]``, LM column order); returns the partial result."""
-        rid = self._send(self.streams.input, {P.LOGITS_FIELD: P.encode_logits(logits)})
+        rid = self._send(self.streams.input, P.logits_fields(logits))
         return P.text(self._wait(self.streams.partial, rid).get(P.PARTIAL_FIELD))
 
     def finalize(self) -> FinalResult:
@@ -185,7 +191,7 @@ class LMClient:
         # without their finalize, so the trial takes the one-pass path
         pipe = self.r.pipeline(transaction=True)
         pipe.xadd(s.reset, {P.DONE_FIELD: 1, P.REQUEST_ID_FIELD: rid})
-        pipe.xadd(s.input, {P.LOGITS_FIELD: P.encode_logits(logits), P.REQUEST_ID_FIELD: rid})
+        pipe.xadd(s.input, {**P.logits_fields(logits), P.REQUEST_ID_FIELD: rid})
         pipe.xadd(s.finalize, {P.DONE_FIELD: 1, P.REQUEST_ID_FIELD: rid})
         for stream, ids in self._consumed.items():
             pipe.xdel(stream, *ids)
@@ -207,7 +213,7 @@ class LMClient:
             if left_ms <= 0:
                 missing = [x for x in streams if x not in found]
                 raise LMTimeout(f"no reply on {', '.join(missing)} within {self.timeout:.0f} s "
-                                f"(is the LM server running on {self.address}?)")
+                                f"(is the LM server running on {self.address}?{self._open_hint()})")
             want = {x: self._last[x] for x in streams if x not in found}
             for stream_name, items in self.r.xread(want, count=100, block=max(1, min(self.slice_ms, left_ms))) or []:
                 stream = P.text(stream_name)

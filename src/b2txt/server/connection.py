@@ -4,9 +4,12 @@ The published server defaulted to a lab LAN address and no password. Here the de
 Unix socket or 127.0.0.1; a non-loopback host is refused unless asked for explicitly
 (``allow_remote``), and the password is never a command-line argument (visible in ``ps``): it
 is read from an environment variable (:data:`PASSWORD_ENV` unless another name is given).
-Across hosts (``b2txt lm-worker``) a non-loopback host needs that password, and the connection
-may use TLS (:class:`TlsFiles`: the CA that signed the server's certificate, optionally a client
-certificate and key).
+
+One policy for every command (:func:`require_password`): Redis reached on, or listening on, a
+non-loopback address must have a password — ``lm-server --allow-remote``, ``lm-worker``,
+``evaluate --server --allow-remote`` and ``evaluate --bind`` alike. The connection may use TLS
+(:class:`TlsFiles`: the CA that signed the server's certificate, optionally a client certificate
+and key).
 
 Connections are made without redis-py's automatic retries (which made ``SHUTDOWN`` take 3.4 s
 and hide an outage): the server and the client each handle a lost connection themselves.
@@ -102,8 +105,22 @@ def is_loopback(host: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
+def require_password(host: str, password_env: str, what: str) -> None:
+    """The one server policy: LM traffic crosses the network only to (or from) a Redis that
+    requires a password. ``what`` names the culprit (``redis host H``, ``--bind H``).
+
+    Checked before any connection is made or server started, so a password is never needed to
+    learn the rule.
+    """
+    if not is_loopback(host) and not os.environ.get(password_env):
+        raise B2txtError(f"{what}: not a loopback address, and {password_env} is not set: across hosts Redis "
+                         f"must require a password (set {password_env}, or name another variable with "
+                         f"--password-env)")
+
+
 def check_address(address: RedisAddress, allow_remote: bool = False) -> RedisAddress:
-    """One clear error for an address that is insecure or unusable by default."""
+    """One clear error for an address that is insecure or unusable: a non-loopback host only with
+    ``allow_remote`` and a password (:func:`require_password`)."""
     if address.socket is not None:
         if len(str(address.socket).encode()) > 100:
             raise B2txtError(f"{address.socket}: Unix socket path too long (Linux allows 107 bytes)")
@@ -111,22 +128,15 @@ def check_address(address: RedisAddress, allow_remote: bool = False) -> RedisAdd
     if not 0 < address.port < 65536:
         raise B2txtError(f"redis port {address.port}: out of range")
     if not allow_remote and not is_loopback(address.host):
-        raise B2txtError(f"redis host {address.host}: not a loopback address; LM traffic would cross the network "
-                         f"unauthenticated unless {address.password_env} is set. Pass --allow-remote to use it")
+        raise B2txtError(f"redis host {address.host}: not a loopback address; LM traffic would cross the network. "
+                         f"Pass --allow-remote to use it (with a password in {address.password_env})")
+    require_password(address.host, address.password_env, f"redis host {address.host}")
     return address
 
 
 def check_remote_password(address: RedisAddress) -> RedisAddress:
-    """A worker's address: a non-loopback host only with a password (workers cross hosts).
-
-    Checked before any connection is made, so a password is never needed to learn the rule.
-    """
-    check_address(address, allow_remote=True)
-    if address.socket is None and not is_loopback(address.host) and not address.password:
-        raise B2txtError(f"redis host {address.host}: not a loopback address, and {address.password_env} is not "
-                         f"set: across hosts Redis must require a password (set {address.password_env}, or name "
-                         f"another variable with --password-env)")
-    return address
+    """A worker's address: any host (workers cross hosts), a non-loopback one only with a password."""
+    return check_address(address, allow_remote=True)
 
 
 def connect(address: RedisAddress, timeout: float = 10.0) -> redis.Redis:

@@ -89,7 +89,7 @@ class Worker:
         return False
 
     def on_logits(self, state: SessionState, job: Job) -> Replies | None:
-        logits = P.decode_logits(job.fields.get(P.LOGITS_FIELD), self.settings.max_logits_bytes)
+        logits = P.decode_logits_entry(job.fields, self.settings.max_logits_bytes)
         if state.frames + len(logits) > self.settings.max_trial_frames:
             raise P.ProtocolError(f"{P.LOGITS_FIELD}: the trial would hold {state.frames + len(logits)} frames, "
                                   f"over the limit of {self.settings.max_trial_frames}; reset first")

@@ -65,10 +65,10 @@ def write_outputs(tmp: Path, trials: list[LogitsTrial], table: pd.DataFrame,
     write_submission(table, tmp / "submission.csv")
     metrics: dict[str, Any] = {"WER": None, "PER": None}
     if (table["reference"].astype(str).str.strip() != "").any():
-        metrics["WER"] = write_word_scores(table, tmp, split)["WER"]
+        metrics["WER"] = write_word_scores(table, tmp, split, whole=False)["WER"]
     phonemes = phoneme_table(trials)
     if len(phonemes):
-        metrics["PER"] = write_scores(phonemes, tmp, split)["PER"]
+        metrics["PER"] = write_scores(phonemes, tmp, split, whole=False)["PER"]
     return metrics
 
 

@@ -103,7 +103,7 @@ class GroupCollector:
                 if i in self.results:
                     continue
                 batch.append(i)
-                pipe.xadd(self.stream, {Q.JOB_FIELD: self.job, Q.TRIAL_FIELD: str(i), P.LOGITS_FIELD: P.encode_logits(
+                pipe.xadd(self.stream, {Q.JOB_FIELD: self.job, Q.TRIAL_FIELD: str(i), **P.logits_fields(
                     logits[i]), Q.OPTIONS_FIELD: self.options, Q.REPLY_TO_FIELD: self.reply_to})
             pipe.execute()
             outstanding.update(batch)

@@ -28,7 +28,8 @@ Why this shape:
   a lost Redis connection is retried until Redis is back (the read positions are kept, so
   nothing written meanwhile is missed); a dead worker is replaced, its in-flight requests
   answered with an error; SIGTERM stops reading new trials, lets open trials finish (up to
-  ``drain_timeout``) and exits 0.
+  ``drain_timeout``; a second signal ends the wait), stops the workers, answers every request
+  still unanswered (read, or waiting in an open trial's streams) with an error, and exits 0.
 """
 from __future__ import annotations
 

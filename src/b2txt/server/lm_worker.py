@@ -80,7 +80,7 @@ class GroupWorker:
             if len(self.params) > 16:
                 self.params.clear()
             self.params[raw] = params
-        logits = P.decode_logits(fields.get(P.LOGITS_FIELD), self.s.max_logits_bytes)
+        logits = P.decode_logits_entry(fields, self.s.max_logits_bytes)
         nbest = self.core.nbest(logits, params.decode)
         if params.do_opt and nbest.candidates:
             if self.core.rescorer is None or self.s.llm is None:

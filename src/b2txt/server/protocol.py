@@ -8,10 +8,16 @@ The published protocol (one client per Redis database) uses the bare names. Our 
 **sessions**, lets many clients decode at once without changing anything for a published
 client: a client registers a session name ``S`` on :data:`SESSIONS_STREAM` and then speaks the
 unchanged protocol on streams named ``S:<published name>`` (``S:remote_lm_input``, …, and the
-key ``S:contextual_decoding_current_context``). Two optional fields are also ours: requests may
+key ``S:contextual_decoding_current_context``). A few optional fields are also ours: requests may
 carry ``request_id``, which the server copies into the reply so a client can tell a late reply
-to an abandoned attempt from the one it waits for; error replies carry ``error``. Published
-clients neither send nor read either field.
+to an abandoned attempt from the one it waits for; error replies carry ``error``; a logits entry
+may say what it holds (``logits_dtype``, ``logits_shape``), so a payload of the wrong type or width
+is refused by name instead of being decoded as garbage. Published clients neither send nor read
+any of them.
+
+Every malformed request gets an answer on the stream its sender waits on (:func:`error_reply`;
+for a session registration with a bad name, :func:`done_opening_stream`): nothing a client sends
+leaves it waiting for its timeout.
 """
 
 from __future__ import annotations
@@ -58,6 +64,12 @@ ERROR_FIELD = "error"
 REQUEST_ID_FIELD = "request_id"
 SESSION_FIELD = "session"
 ACTION_FIELD = "action"
+#: Extension: what a logits entry holds (``float32``; ``T,41``). Checked when present.
+DTYPE_FIELD = "logits_dtype"
+SHAPE_FIELD = "logits_shape"
+WIRE_DTYPES = ("float32", "<f4", "f4", "float32le")
+#: Beyond this magnitude a value is no logit: most likely float64 (or int) bytes read as float32.
+MAX_ABS_LOGIT = 1e6
 
 #: Bytes of one frame of logits: 41 little-endian float32.
 FRAME_BYTES = N_CLASSES * 4
@@ -151,9 +163,28 @@ class Streams:
 
 
 def check_session_name(name: str) -> str:
-    if not SESSION_NAME.match(name):
-        raise ProtocolError(f"session name {name!r}: use 1-64 characters of A-Z a-z 0-9 _ . -")
+    if not isinstance(name, str) or not SESSION_NAME.match(name):
+        raise ProtocolError(f"session name {shown(name)}: use 1-64 characters of A-Z a-z 0-9 _ . -")
     return name
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a hostile request must not flood the log or the reply."""
+    text_ = repr(value)
+    return text_ if len(text_) <= limit else f"{text_[:limit]}... ({len(text_)} characters)"
+
+
+def done_opening_stream(raw_session: bytes | str | None) -> bytes:
+    """Where a client that registered ``raw_session`` waits for the answer, byte for byte.
+
+    For a valid name this is ``Streams(name).done_opening``; for an invalid one (which has no
+    :class:`Streams`) the same ``NAME:remote_lm_done_opening``, built from the bytes the client
+    sent, so its refusal reaches it. No name at all: the bare stream.
+    """
+    if raw_session is None or raw_session in (b"", ""):
+        return DONE_OPENING.encode()
+    raw = raw_session.encode("utf-8", errors="surrogateescape") if isinstance(raw_session, str) else bytes(raw_session)
+    return raw + b":" + DONE_OPENING.encode()
 
 
 # ----------------------------------------------------------------------------- stream ids
@@ -212,9 +243,49 @@ def decode_logits(raw: object, max_bytes: int) -> np.ndarray:
                             f"({N_CLASSES} float32 per frame)")
     array = np.frombuffer(raw, dtype="<f4").reshape(-1, N_CLASSES).astype(np.float32)
     try:
-        return check_logits(array, LOGITS_FIELD)
+        array = check_logits(array, LOGITS_FIELD)
     except DecodeInputError as exc:
         raise ProtocolError(str(exc)) from None
+    huge = np.abs(array) > MAX_ABS_LOGIT
+    if huge.any():
+        frame, column = np.argwhere(huge)[0]
+        raise ProtocolError(f"{LOGITS_FIELD}: value {array[frame, column]:.3g} at frame {frame}, column {column} is "
+                            f"beyond +-{MAX_ABS_LOGIT:.0e}: not logits (float64 or integers sent as float32?)")
+    return array
+
+
+def decode_logits_entry(fields: dict[str, Any], max_bytes: int) -> np.ndarray:
+    """The logits of a request entry, checked against its ``logits_dtype`` / ``logits_shape``
+    when it carries them (our clients do; published clients send the bare bytes)."""
+    raw = fields.get(LOGITS_FIELD)
+    dtype = fields.get(DTYPE_FIELD)
+    if dtype is not None and text(dtype).strip().lower() not in WIRE_DTYPES:
+        raise ProtocolError(f"{DTYPE_FIELD} {shown(text(dtype))}: the wire format is float32 "
+                            f"({N_CLASSES} little-endian float32 per frame); convert before sending")
+    shape = fields.get(SHAPE_FIELD)
+    if shape is not None:
+        parts = text(shape).replace("x", ",").split(",")
+        try:
+            frames, width = (int(p) for p in parts)
+        except ValueError:
+            raise ProtocolError(f"{SHAPE_FIELD} {shown(text(shape))}: expected T,{N_CLASSES}") from None
+        if width != N_CLASSES:
+            raise ProtocolError(f"{SHAPE_FIELD} {frames},{width}: expected T,{N_CLASSES} "
+                                f"(logits in LM column order, one row per frame)")
+        if frames < 1:
+            raise ProtocolError(f"{LOGITS_FIELD}: no frames ({SHAPE_FIELD} {frames},{width})")
+        if isinstance(raw, (bytes, bytearray)) and len(raw) != frames * FRAME_BYTES:
+            raise ProtocolError(f"{LOGITS_FIELD}: {len(raw)} bytes, but {SHAPE_FIELD} {frames},{width} "
+                                f"means {frames * FRAME_BYTES} bytes of float32")
+    return decode_logits(raw, max_bytes)
+
+
+def logits_fields(logits: np.ndarray) -> dict[str, Any]:
+    """A logits entry as our clients send it: the published bytes plus what they hold."""
+    array = np.asarray(logits)
+    if array.ndim != 2 or array.shape[1] != N_CLASSES:
+        raise ProtocolError(f"logits: expected shape [T, {N_CLASSES}], got {list(array.shape)}")
+    return {LOGITS_FIELD: encode_logits(array), DTYPE_FIELD: "float32", SHAPE_FIELD: f"{array.shape[0]},{N_CLASSES}"}
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -256,6 +327,7 @@ OWN_PARAMS: dict[str, tuple[str, type]] = {
 UPDATABLE: dict[str, tuple[str, type]] = {**PUBLISHED_PARAMS, **OWN_PARAMS}
 #: Names a client may see in remote_lm_args but cannot change while the server runs.
 READ_ONLY = ("lm_path", "decoder", "workers", "llm", "session")
+INT32_MAX = 2**31 - 1
 #: Fields of an update entry that are not parameters.
 NOT_PARAMS = (REQUEST_ID_FIELD,)
 
@@ -277,6 +349,8 @@ def parse_value(name: str, raw: object, kind: type) -> int | float | bool:
         if kind is int:
             if number != int(number):
                 raise ValueError
+            if abs(number) > INT32_MAX:  # the C++ decoders take 32-bit ints
+                raise ProtocolError(f"parameter {name}: {value!r} is out of range (at most {INT32_MAX})")
             return int(number)
         return number
     except (TypeError, ValueError):

@@ -3,7 +3,7 @@
 Measured pitfalls this module handles (FIELD-NOTES, Redis):
 
 - a child survives a SIGKILLed parent unless it asks the kernel for ``PR_SET_PDEATHSIG``
-  (:func:`die_with_parent`, run between fork and exec). The signal fires when the *thread*
+  (:func:`b2txt.ground.procs.die_with_parent`, run between fork and exec). The signal fires when the *thread*
   that started the child exits, so start services from a long-lived thread (the main one);
 - ``SHUTDOWN NOSAVE`` takes seconds through a retrying client: :meth:`RedisServer.stop` uses a
   client without retries and falls back to SIGTERM/SIGKILL;
@@ -15,7 +15,6 @@ Measured pitfalls this module handles (FIELD-NOTES, Redis):
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -26,25 +25,8 @@ from pathlib import Path
 import redis
 
 from ..ground.errors import B2txtError
-from .connection import CONNECTION_ERRORS, PASSWORD_ENV, RedisAddress, TlsFiles, connect, is_loopback
-
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux only).
-
-    Called in a child right after fork; if the parent already died in between (the child was
-    re-parented to init), exit at once instead of living on as an orphan.
-    """
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    except OSError:  # not Linux: nothing to do
-        return
-    if os.getppid() != parent or parent == 1:
-        os._exit(1)
+from ..ground.procs import die_with_parent
+from .connection import CONNECTION_ERRORS, PASSWORD_ENV, RedisAddress, TlsFiles, connect, require_password
 
 
 def _preexec() -> None:
@@ -99,10 +81,8 @@ class RedisServer:
         """Refuse, before starting anything, a network address without a password, or TLS without a port."""
         if (self.bind is not None or self.tls is not None) and not 0 < self.port < 65536:
             raise B2txtError(f"redis port {self.port}: --bind and TLS need a TCP port (1-65535)")
-        if self.bind is not None and not is_loopback(self.bind) and not os.environ.get(self.password_env):
-            raise B2txtError(f"--bind {self.bind}: not a loopback address, and {self.password_env} is not set; "
-                             f"Redis on a network address must require a password (set {self.password_env}, "
-                             f"or name another variable with --password-env)")
+        if self.bind is not None:
+            require_password(self.bind, self.password_env, f"--bind {self.bind}")
         if self.tls is not None:
             self.tls.check()
             if self.tls.cert is None:

@@ -169,14 +169,20 @@ class Router:
 
     def on_registration(self, entry: Entry, start_id: str | None) -> None:
         assert self.r is not None
-        name = P.text(entry.fields.get(P.SESSION_FIELD))
+        raw_name = entry.fields.get(P.SESSION_FIELD)
+        name = P.text(raw_name)
         action = P.text(entry.fields.get(P.ACTION_FIELD), "open")
         request_id = P.text(entry.fields.get(P.REQUEST_ID_FIELD)) or None
         try:
             P.check_session_name(name)
         except P.ProtocolError as exc:
             log.warning("registration refused: %s", exc)
-            self.r.xdel(P.SESSIONS_STREAM, entry.entry_id)
+            pipe = self.r.pipeline(transaction=True)
+            pipe.xdel(P.SESSIONS_STREAM, entry.entry_id)
+            if action != "close":  # the client waits on NAME:remote_lm_done_opening, whatever NAME is
+                pipe.xadd(P.done_opening_stream(raw_name),
+                          P.with_request_id({P.DONE_FIELD: 0, P.ERROR_FIELD: str(exc)}, request_id))
+            pipe.execute()
             return
         if action == "close":
             self.drop_route(name)
@@ -294,12 +300,65 @@ class Router:
                      signum, self.settings.drain_timeout)
             self.stopping = True
             self.stop_deadline = time.monotonic() + self.settings.drain_timeout
+        else:  # a second signal: stop now, answering what is still under way with an error
+            log.info("signal %d again: answering the requests under way with an error, then exiting", signum)
+            self.stop_deadline = time.monotonic()
 
     def drained(self) -> bool:
         if time.monotonic() > self.stop_deadline:
             log.warning("drain timeout: exiting with %d trial(s) unfinished", self.sessions.open_trials())
             return True
         return not self.workers.inflight and not self.sessions.read_set(draining=True)
+
+    def answer_unfinished(self, reason: str) -> int:
+        """Before exiting: an error reply to every request that was read and not answered, and to
+        every request already waiting in the streams of a trial under way (its client waits for
+        them). Called with the workers stopped, so no reply can follow. Returns how many."""
+        jobs = [job for _owner, job in self.workers.inflight.values() if job.kind in {k.value for k in P.Kind}]
+        self.workers.inflight.clear()
+        if not jobs and not self.sessions.open_trials():
+            return 0
+        if self.r is None:
+            try:  # not self.connect(): that would hand the (stopped) workers a refresh
+                self.r = connect(self.settings.address, timeout=self.settings.socket_timeout)
+            except CONNECTION_ERRORS:
+                pass
+        if self.r is None:
+            log.error("%d request(s) left unanswered: Redis is unreachable", len(jobs))
+            return 0
+        message = f"the LM server stopped ({reason}) before serving this request: send the trial again"
+        answered = 0
+        try:
+            for job in jobs:
+                route = self.sessions.routes.get(job.session)
+                # a worker killed between its reply and its acknowledgement: the reply deleted the entry
+                if route is None or not self.r.xrange(job.stream, job.entry_id, job.entry_id):
+                    continue
+                answered += self._answer(route.streams, P.Kind(job.kind), job.stream, job.entry_id,
+                                         job.request_id, message)
+            # requests of open trials not read yet (they may have arrived after the drain's last read)
+            waiting = self.sessions.read_set(draining=True)
+            result = self.r.xread(waiting, count=100_000) if waiting else []
+            for e in ordered_entries(result or [], 100_000, {}, self.sessions.kind_of):
+                route = self.sessions.routes[self.sessions.session_of[e.stream]]
+                request_id = P.text(e.fields.get(P.REQUEST_ID_FIELD)) or None
+                answered += self._answer(route.streams, self.sessions.kind_of[e.stream], e.stream, e.entry_id,
+                                         request_id, message)
+        except CONNECTION_ERRORS as exc:
+            log.error("could not answer every unfinished request (Redis unreachable: %s)", exc)
+        if answered:
+            log.warning("answered %d unfinished request(s) with an error", answered)
+        return answered
+
+    def _answer(self, streams: P.Streams, kind: P.Kind, stream: str, entry_id: bytes, request_id: str | None,
+                message: str) -> int:
+        assert self.r is not None
+        pipe = self.r.pipeline(transaction=True)
+        for reply_stream, fields in P.error_reply(streams, kind, message, request_id):
+            pipe.xadd(reply_stream, fields)
+        pipe.xdel(stream, entry_id)
+        pipe.execute()
+        return 1
 
     def check_workers(self) -> None:
         fatal = self.workers.check()
@@ -333,6 +392,7 @@ class Router:
 
     def run(self) -> int:
         old = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        reason = "an error"
         try:
             self.workers.start()
             log.info("%d worker(s) started; decoding with %s on %s", len(self.workers.workers),
@@ -342,9 +402,13 @@ class Router:
                     self.step()
                     self.workers.collect_done()
                     self.check_workers()
+            reason = "signalled; drain timeout" if self.stopping else "stopped"
             return 0
         finally:
-            self.workers.shutdown()
+            # drained: nothing is in flight, the workers exit at once; else stop them now, then answer
+            # what they held (every request read gets a reply, a result or this error)
+            self.workers.shutdown(kill=bool(self.workers.inflight) or self.sessions.open_trials() > 0)
+            self.answer_unfinished(reason)
             if self.r is not None:
                 self.r.close()
             log.info("LM server stopped")

@@ -178,19 +178,32 @@ class ServerWorkers:
             self.on_lost(job)
 
     # ---- stopping
-    def shutdown(self) -> None:
+    def shutdown(self, kill: bool = False) -> None:
+        """Stop the processes: each finishes what it was handed, or with ``kill`` stops now (the
+        requests still in flight are then the caller's to answer). What they finished is collected."""
         for w in self.workers:
+            if kill and w.proc.is_alive():
+                w.proc.kill()
+                continue
             try:
                 w.jobs.send(None)
             except (BrokenPipeError, OSError):
                 pass
-        if self.rescore_queue is not None:
+        if self.rescorer is not None and kill and self.rescorer.is_alive():
+            self.rescorer.kill()
+        elif self.rescore_queue is not None:
             self.rescore_queue.put(None)
         for w in self.workers:
             w.proc.join(timeout=10)
             if w.proc.is_alive():
                 w.proc.kill()
+                w.proc.join()
         if self.rescorer is not None:
             self.rescorer.join(timeout=10)
             if self.rescorer.is_alive():
                 self.rescorer.kill()
+                self.rescorer.join()
+        try:
+            self.collect_done()
+        except (EOFError, OSError):
+            pass

@@ -31,6 +31,7 @@ from ..ground.console import progress
 from ..ground.device import select_device
 from ..ground.errors import B2txtError
 from ..ground.fileio import atomic_dir, atomic_file
+from ..ground.outputs import recorded_file, writing
 from ..models.checkpoint import LoadedModel, load_model
 from ..models.inference import run_model
 from ..models.transforms import augment, cut_start, draw_cut, pad_batch, smooth, trial_generator
@@ -145,7 +146,7 @@ def calibrate(model_dir: str | Path, data_dir: str | Path, manifest_path: str | 
 
 def _write_outputs(table: pd.DataFrame, model: torch.nn.Module | None, loaded: LoadedModel, sessions: list[str],
                    model_dir: str | Path, out_dir: Path) -> None:
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, writing(out_dir):  # a full disk: one error naming out_dir
         table.to_csv(tmp / "calibration.csv", index=False, float_format="%.6g")
         if model is not None:
             (tmp / "model" / "checkpoint").mkdir(parents=True)
@@ -153,6 +154,6 @@ def _write_outputs(table: pd.DataFrame, model: torch.nn.Module | None, loaded: L
             args["dataset"]["sessions"] = sessions
             args.setdefault("b2txt", {})["calibrated_from"] = str(model_dir)
             (tmp / "model" / "checkpoint" / "args.yaml").write_text(yaml.safe_dump(args, sort_keys=False))
-            with atomic_file(tmp / "model" / "checkpoint" / "best_checkpoint") as f:
+            with atomic_file(tmp / "model" / "checkpoint" / "best_checkpoint") as f, recorded_file(f) as fh:
                 torch.save({"model_state_dict": model.state_dict(), "val_PER": float(table["PER"].iloc[-1]),
-                            "val_loss": float("nan")}, f)
+                            "val_loss": float("nan")}, fh)

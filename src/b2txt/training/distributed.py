@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..ground.errors import B2txtError
+from ..ground.procs import die_with_parent
 
 T = TypeVar("T")
 
@@ -174,4 +175,5 @@ def launch(nproc: int, fn: Callable[..., None], *args: Any) -> None:
 
 
 def _entry(rank: int, nproc: int, port: int, fn: Callable[..., None], args: tuple) -> None:
+    die_with_parent()  # a killed `b2txt train --nproc N` leaves no training process behind
     fn(DistContext(rank, nproc, rank, nproc), "127.0.0.1", port, *args)

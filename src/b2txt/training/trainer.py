@@ -46,7 +46,8 @@ from ..ground.config import TrainConfig
 from ..ground.console import progress
 from ..ground.device import select_device, use_bf16
 from ..ground.errors import B2txtError
-from ..ground.fileio import atomic_file
+from ..ground.fileio import OWNER_MARK, OWNER_TEXT, atomic_file, swap_into_place
+from ..ground.outputs import recorded_file, writing
 from ..models.checkpoint import build_model, published_args, safe_load
 from ..models.inference import run_model
 from ..models.transforms import augment, cut_start, draw_cut, gaussian_kernel, pad_batch, smooth, trial_generator
@@ -79,6 +80,7 @@ class DeviceBatch:
     trials: list[int]
     step: int
     cut: int
+    padded_to: int
 
 
 def cpu_copy(tree):
@@ -120,7 +122,12 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
         {"params": day, "lr": cfg.lr_max_day, "weight_decay": cfg.weight_decay_day, "group_type": "day_layer"},
         {"params": other, "lr": cfg.lr_max, "weight_decay": cfg.weight_decay, "group_type": "other"},
     ]
-    opt = torch.optim.AdamW(groups, betas=(cfg.beta0, cfg.beta1), eps=cfg.epsilon)
+    if cfg.fused_adamw and next(model.parameters()).device.type not in ("cpu", "cuda"):
+        raise B2txtError(f"train.fused_adamw: torch has no fused AdamW on {next(model.parameters()).device.type}")
+    # fused: one kernel for all parameters (the published choice); else torch's default
+    # (foreach on CUDA, a loop on the CPU); the same update up to rounding
+    opt = torch.optim.AdamW(groups, betas=(cfg.beta0, cfg.beta1), eps=cfg.epsilon,
+                            fused=True if cfg.fused_adamw else None)
     main = lr_lambda(cfg.lr_max, cfg.lr_min, cfg.lr_warmup_steps, cfg.lr_decay_steps, cfg.lr_scheduler_type)
     day_f = lr_lambda(cfg.lr_max_day, cfg.lr_min_day, cfg.lr_warmup_steps_day, cfg.lr_decay_steps_day,
                       cfg.lr_scheduler_type)
@@ -222,7 +229,9 @@ class Trainer:
         self.opt, self.sched = build_optimizer(self.model, cfg)
         # checkpoint averaging: validated and saved instead of the raw weights (training/averaging.py)
         self.ema = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay else None
-        self.ctc = torch.nn.CTCLoss(blank=0, reduction="none", zero_infinity=True)
+        # zero_infinity: a trial too short for its labels adds nothing (published: inf, whose
+        # NaN gradient the published clip turns into an error)
+        self.ctc = torch.nn.CTCLoss(blank=0, reduction="none", zero_infinity=cfg.ctc_zero_infinity)
         a = cfg.augment
         self.kernel = gaussian_kernel(a.smooth_kernel_std, a.smooth_kernel_size) if a.smooth_data else None
         # A GPU augments and smooths its batches itself (noise from its own generators, seeded per
@@ -230,7 +239,8 @@ class Trainer:
         self.transforms_on_device = self.device.type == "cuda"
         lengths = np.array([f.shape[0] for f in self.train_store.features])
         self.sampler = DayBatchSampler(self.train_store, cfg.batch_size, cfg.days_per_batch, cfg.seed,
-                                       cfg.must_include_days, lengths if cfg.length_bucketing else None)
+                                       cfg.must_include_days, lengths if cfg.length_bucketing else None,
+                                       mix=cfg.bucket_mix, width=cfg.bucket_width, draw=cfg.trial_draw)
         self.fingerprint = self._fingerprint(manifest_path)
         # progress of the run (saved in resume checkpoints)
         self.step = 0
@@ -281,16 +291,17 @@ class Trainer:
         store, cfg = self.train_store, self.cfg
         everything = self.sampler.next_batch()
         shortest = min(store.features[i].shape[0] for i in everything)
+        longest = max(store.features[i].shape[0] for i in everything)  # the global batch's padded length
         cut = draw_cut(cfg.augment.random_cut, trial_generator(cfg.seed, step), shortest)
         idx = self.dist.shard(everything)
         x, lengths = pad_batch([store.features[i] for i in idx])
         self.stats["padding"] += 1 - float(lengths.sum()) / (len(idx) * x.shape[1])
         self.stats["built"] += 1
         if self.transforms_on_device:  # done by loss(), on the device
-            x = DeviceBatch(x, lengths, [int(i) for i in idx], step, cut)
+            x = DeviceBatch(x, lengths, [int(i) for i in idx], step, cut, longest)
             lengths = lengths - cut
         else:
-            x = augment(x, lengths, cfg.augment, [trial_generator(cfg.seed, step, int(i)) for i in idx])
+            x = augment(x, lengths, cfg.augment, [trial_generator(cfg.seed, step, int(i)) for i in idx], longest)
             x, lengths = cut_start(x, lengths, cut)
             if self.kernel is not None:
                 x = smooth(x, self.kernel)
@@ -308,7 +319,7 @@ class Trainer:
         """Augment, cut and smooth a padded batch on the device, as :meth:`batch` does on the CPU."""
         x = b.x.to(self.device, non_blocking=True)
         gens = [trial_generator(self.cfg.seed, b.step, i, self.device) for i in b.trials]
-        x = augment(x, b.lengths, self.cfg.augment, gens)
+        x = augment(x, b.lengths, self.cfg.augment, gens, b.padded_to)
         x, _ = cut_start(x, b.lengths, b.cut)
         return smooth(x, self.kernel) if self.kernel is not None else x
 
@@ -392,14 +403,14 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _save_best(self, val: ValResult) -> None:
         """Rank 0 only (it alone validates)."""
-        with atomic_file(self.work / "checkpoint" / "best_checkpoint") as tmp:
+        with atomic_file(self.work / "checkpoint" / "best_checkpoint") as tmp, recorded_file(tmp) as fh:
             torch.save({
                 "model_state_dict": cpu_copy(self.model.state_dict()),
                 "optimizer_state_dict": cpu_copy(self.opt.state_dict()),
                 "scheduler_state_dict": self.sched.state_dict(),
                 "val_PER": val.per, "val_loss": val.loss, "step": self.step,
                 "b2txt": {"sessions": self.sessions, "train": self.cfg.model_dump(mode="json")},
-            }, tmp)
+            }, fh)
 
     def _save_resume(self) -> None:
         """Called on every rank (their random states are gathered); rank 0 writes."""
@@ -420,8 +431,8 @@ class Trainer:
             "ema": None if self.ema is None else self.ema.state_dict(),
             "metrics": json.dumps(self.metrics), "log_lines": list(self.log_lines),
         }
-        with atomic_file(self.work / "checkpoint" / "last_checkpoint") as tmp:
-            torch.save(state, tmp)
+        with atomic_file(self.work / "checkpoint" / "last_checkpoint") as tmp, recorded_file(tmp) as fh:
+            torch.save(state, fh)
         self._write_metrics(self.work)
 
     def _try_resume(self) -> bool:
@@ -580,9 +591,8 @@ class Trainer:
         resume = self.work / "checkpoint" / "last_checkpoint"
         if resume.exists():
             resume.unlink()
-        if self.out_dir.exists():
-            shutil.rmtree(self.out_dir)
-        os.replace(self.work, self.out_dir)
+        (self.work / OWNER_MARK).write_text(OWNER_TEXT)
+        swap_into_place(self.work, self.out_dir)  # whole: the old model or the new one, never neither
 
 
 def train(cfg: TrainConfig, data_dir: str | Path, manifest_path: str | Path, out_dir: str | Path,
@@ -591,8 +601,14 @@ def train(cfg: TrainConfig, data_dir: str | Path, manifest_path: str | Path, out
 
     ``nproc > 1`` spawns that many data-parallel processes here; under a launcher (torchrun,
     srun with several tasks) this process joins the launcher's group instead (see
-    :mod:`b2txt.training.distributed`).
+    :mod:`b2txt.training.distributed`). A full disk is one error naming ``out_dir``.
     """
+    with writing(out_dir):
+        return _train(cfg, data_dir, manifest_path, out_dir, log, nproc)
+
+
+def _train(cfg: TrainConfig, data_dir: str | Path, manifest_path: str | Path, out_dir: str | Path,
+           log=print, nproc: int = 1) -> ValResult:
     ctx = context_from_env()
     if ctx.enabled and nproc > 1:
         raise B2txtError(f"--nproc {nproc} inside a launcher that already started {ctx.world_size} processes; "

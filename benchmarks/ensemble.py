@@ -2,8 +2,10 @@
 checkpoint averaging (EMA), test-time augmentation (TTA) and their combination, at a fixed number
 of training batches per model, on simulated data.
 
-Trains the preset (default: baseline) once per seed plain and once with ``train.ema_decay``
-(the real :class:`b2txt.training.trainer.Trainer`), runs every model on the val split of the
+Trains the preset (default: baseline) once per seed with ``train.ema_decay`` (the real
+:class:`b2txt.training.trainer.Trainer`; the average only watches the weights, so the raw weights
+follow the path they follow without it), takes the raw and the averaged weights after the last
+batch, runs every model on the val split of the
 sessions it knows (``b2txt.models.inference.infer_split``, with and without ``infer.tta``), and
 prints greedy-CTC val PER (total edits / total phonemes):
 
@@ -71,6 +73,19 @@ def per(trials) -> float:
     return edits / sum(len(t.labels) for t in trials)
 
 
+def with_weights(model_dir: Path, out: Path, state: dict) -> None:
+    """A copy of a model directory whose checkpoint holds ``state`` (the published layout)."""
+    import shutil
+
+    import torch
+
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(model_dir, out)
+    ckpt = torch.load(out / "checkpoint/best_checkpoint", weights_only=True)
+    ckpt["model_state_dict"] = {k: v.detach().cpu().clone() for k, v in state.items()}
+    torch.save(ckpt, out / "checkpoint/best_checkpoint")
+
+
 def train_config(args, seed: int, ema: float | None):
     from b2txt.ground.config import TrainConfig, load_config, merge
 
@@ -78,7 +93,7 @@ def train_config(args, seed: int, ema: float | None):
     n = args.batches
     over = {"seed": seed, "num_training_batches": n, "lr_decay_steps": n, "lr_decay_steps_day": n,
             "lr_warmup_steps": min(50, n // 8), "lr_warmup_steps_day": min(50, n // 8),
-            "batches_per_val_step": max(1, n // 4), "batches_per_checkpoint": n, "batches_per_train_log": max(1, n // 4),
+            "batches_per_val_step": n, "batches_per_checkpoint": n, "batches_per_train_log": max(1, n // 4),
             "ema_decay": ema, "device": args.device, "threads": args.threads}
     if args.n_units:
         over["model"] = {"n_units": args.n_units}
@@ -113,7 +128,7 @@ def main() -> None:
         work = args.keep or Path(tmpdir)
         work.mkdir(parents=True, exist_ok=True)
         data, manifest = simulated(work, args.sessions, args.trials_per_block, args.sentences)
-        train_s: dict[str, list[float]] = {"plain": [], "ema": []}
+        train_s: list[float] = []
         infer_s: dict[str, list[float]] = {"plain": [], "tta": [], "one": []}
         files: dict[str, list[Path]] = {"plain": [], "ema": [], "tta": [], "ema_tta": []}
         per_transform: dict[str, list[float]] = {}
@@ -125,14 +140,19 @@ def main() -> None:
             return out
 
         for seed in args.seeds:
-            for kind, ema in (("plain", None), ("ema", args.ema_decay)):
-                cfg = train_config(args, seed, ema)
+            # One run per seed: the average only watches the weights, so the raw weights follow the
+            # same path with and without it; both are taken after the last batch.
+            cfg = train_config(args, seed, args.ema_decay)
+            t0 = time.perf_counter()
+            trainer = Trainer(cfg, data, manifest, work / f"run-{seed}",
+                              log=lambda msg: print(f"  seed {seed}: {msg}", flush=True))
+            trainer.run()
+            train_s.append(time.perf_counter() - t0)
+            print(f"trained seed {seed} ({train_s[-1]:.0f} s)", flush=True)
+            for kind, state in (("plain", trainer.model.state_dict()),
+                                ("ema", {**trainer.model.state_dict(), **trainer.ema.params})):
                 model = work / f"{kind}-{seed}"
-                t0 = time.perf_counter()
-                best = Trainer(cfg, data, manifest, model, log=lambda msg: print(f"  {kind} {seed} {msg}", flush=True)).run()
-                train_s[kind].append(time.perf_counter() - t0)
-                print(f"trained {kind} seed {seed}: best val PER {best.per:.4f} "
-                      f"({train_s[kind][-1]:.0f} s)", flush=True)
+                with_weights(work / f"run-{seed}", model, state)
                 files[kind].append(infer(model, work / f"{kind}-{seed}.hdf5", (), "plain"))
                 files[f"{kind}_tta" if kind == "ema" else "tta"].append(
                     infer(model, work / f"{kind}-{seed}-tta.hdf5", tta, "tta"))
@@ -170,7 +190,7 @@ def main() -> None:
         print("\nTTA transforms one at a time (mean over seeds):")
         for name, values in per_transform.items():
             print(f"  {name:38s} {np.mean(values):.4f}")
-        print(f"\ntrain time per model: plain {np.mean(train_s['plain']):.0f} s, EMA {np.mean(train_s['ema']):.0f} s; "
+        print(f"\ntrain time per model (with the average): {np.mean(train_s):.0f} s; "
               f"val inference per model: plain {np.mean(infer_s['plain']):.1f} s, with TTA {np.mean(infer_s['tta']):.1f} s")
 
 

@@ -234,6 +234,14 @@ def test_ema_is_what_is_saved_and_resume_restores_it_exactly(small_sim, tmp_path
         assert torch.equal(again["model_state_dict"][k], v), k
 
 
+def test_the_average_only_watches_the_raw_weights(small_sim, tmp_path):
+    """Training with ema_decay takes the same steps as without it (benchmarks/ensemble.py relies on it)."""
+    plain = train(tcfg(), small_sim, tmp_path / "plain")
+    averaged = train(tcfg(ema_decay=0.5), small_sim, tmp_path / "ema")
+    for k, v in plain.model.state_dict().items():
+        assert torch.equal(averaged.model.state_dict()[k], v), k
+
+
 # ----------------------------------------------------------------------------- test-time augmentation
 
 def test_shift_keeps_the_length():

@@ -178,6 +178,19 @@ def test_any_trial_file_is_read_or_refused_clearly(tmp_path_factory, split, grou
     tally("hdf5 reader", check_read(df, root))
 
 
+def damage(path: Path, data: st.DataObject) -> None:
+    """Truncate the file, or overwrite up to 8 runs of its bytes, as drawn."""
+    raw = bytearray(path.read_bytes())
+    if data.draw(st.booleans(), label="truncate"):
+        raw = raw[:data.draw(st.integers(0, len(raw) - 1), label="keep")]
+    else:
+        for _ in range(data.draw(st.integers(1, 8), label="n_writes")):
+            at = data.draw(st.integers(0, len(raw) - 1), label="at")
+            chunk = data.draw(st.binary(min_size=1, max_size=16), label="bytes")
+            raw[at:at + len(chunk)] = chunk
+    path.write_bytes(bytes(raw))
+
+
 @FILES
 @given(data=st.data())
 def test_a_damaged_file_is_read_or_refused_clearly(tmp_path_factory, data):
@@ -191,15 +204,7 @@ def test_a_damaged_file_is_read_or_refused_clearly(tmp_path_factory, data):
                       "sentence_label": "hi"}}
     second = {"datasets": good["datasets"], "attrs": {**good["attrs"], "trial_num": 3}}
     df = dataset_dir(root, "train", [("trial_0000", good), ("trial_0001", second)], {})
-    raw = bytearray(df.path.read_bytes())
-    if data.draw(st.booleans(), label="truncate"):
-        raw = raw[:data.draw(st.integers(0, len(raw) - 1), label="keep")]
-    else:
-        for _ in range(data.draw(st.integers(1, 8), label="n_writes")):
-            at = data.draw(st.integers(0, len(raw) - 1), label="at")
-            chunk = data.draw(st.binary(min_size=1, max_size=16), label="bytes")
-            raw[at:at + len(chunk)] = chunk
-    df.path.write_bytes(bytes(raw))
+    damage(df.path, data)
     tally("hdf5 reader (damaged)", check_read(df, root))
 
 
@@ -214,15 +219,7 @@ def test_a_damaged_logits_file_is_read_or_refused_clearly(tmp_path_factory, data
             g.create_dataset("logits", data=np.full((5, N_CLASSES), 0.5, np.float32))
             g.create_dataset("seq_class_ids", data=np.arange(1, 4, dtype=np.int32))
             g.attrs["session"] = SESSION
-    raw = bytearray(path.read_bytes())
-    if data.draw(st.booleans(), label="truncate"):
-        raw = raw[:data.draw(st.integers(0, len(raw) - 1), label="keep")]
-    else:
-        for _ in range(data.draw(st.integers(1, 8), label="n_writes")):
-            at = data.draw(st.integers(0, len(raw) - 1), label="at")
-            chunk = data.draw(st.binary(min_size=1, max_size=16), label="bytes")
-            raw[at:at + len(chunk)] = chunk
-    path.write_bytes(bytes(raw))
+    damage(path, data)
     try:
         trials = read_logits(path)
     except B2txtError as exc:

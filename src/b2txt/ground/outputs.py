@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import B2txtError
+from .fileio import human_size
 
 #: errno values that mean "no room": disk full, quota exceeded, file-size limit (RLIMIT_FSIZE).
 NO_ROOM = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file size limit reached"}
@@ -43,14 +44,6 @@ def _free_bytes(path: Path) -> int | None:
         except OSError:
             continue
     return None
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def no_room(exc: BaseException) -> OSError | None:
@@ -73,7 +66,7 @@ def output_error(path: str | os.PathLike, exc: OSError) -> OutputError:
         room = "; raise the file-size limit (ulimit -f) or write to another filesystem"
     else:
         free = _free_bytes(path.parent)
-        room = (f"; {_human(free)} free there" if free is not None else "") + "; free some space or write elsewhere"
+        room = (f"; {human_size(free)} free there" if free is not None else "") + "; free some space or write elsewhere"
     return OutputError(f"{path}: cannot write it: {reason} ({exc.strerror or exc}){room}, and run again "
                        f"(nothing was written there)")
 

@@ -117,10 +117,12 @@ def streaming_partials(lm: Path, options: DecodeConfig, trials: list[np.ndarray]
 
 
 class Server:
-    def __init__(self, lm: Path, redis_server: RedisServer, workers: int, nbest: int, log: Path):
+    def __init__(self, lm: Path, redis_server: RedisServer, workers: int, nbest: int, log: Path,
+                 trace: Path | None = None):
         cmd = [sys.executable, "-m", "b2txt", "lm-server", "--config", str(CONFIG), "--lm_path", str(lm),
                "--redis-socket",
                str(redis_server.socket), "--workers", str(workers), "--nbest", str(nbest), "--log-level", "warning"]
+        cmd += ["--trace", str(trace)] if trace else []
         self.proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
         probe = LMClient(redis_server.address, session="probe", timeout=120)
         probe.open()
@@ -132,15 +134,20 @@ class Server:
         self.proc.wait(timeout=60)
 
 
-def sequential(address, trials: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Per-trial latency of the pipelined decode and of the step-by-step protocol (interleaved)."""
+def sequential(address, trials: list[np.ndarray],
+               stamps: list[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Per-trial latency of the pipelined decode and of the step-by-step protocol (interleaved);
+    ``stamps`` collects each pipelined decode's (start, end) in CLOCK_MONOTONIC ns."""
     client = LMClient(address, session="bench-seq", timeout=60)
     client.open()
     client.decode(trials[0])  # warm-up
     piped, steps, best = [], [], []
     for x in trials:
         t0 = time.perf_counter()
+        ns0 = time.monotonic_ns()
         best.append(client.decode(x).sentence)
+        if stamps is not None:
+            stamps.append((ns0, time.monotonic_ns()))
         t1 = time.perf_counter()
         client.reset()
         client.send_logits(x)
@@ -238,6 +245,34 @@ def cpu_seconds(server_pid: int, redis_pid: int | None) -> dict[str, float]:
             "redis": total(psutil.Process(redis_pid)) if redis_pid else 0.0, "client": total(psutil.Process())}
 
 
+HOPS = (("client -> Redis -> router read", "t0", "read"),
+        ("router -> pipe -> worker", "read", "recv"),
+        ("worker: reset, logits parse, context GET", "recv", "context"),
+        ("worker: decode + n-best augment", "context", "decoded"),
+        ("worker replies (one MULTI/EXEC) -> client read, parse", "decoded", "t1"))
+
+
+def hop_breakdown(trace: Path, stamps: list[tuple[int, int]], local: np.ndarray) -> None:
+    """Per-hop p50 of the pipelined one-pass trials from the server's trace and the client's stamps."""
+    import json
+
+    finals = [r for r in map(json.loads, trace.read_text().splitlines())
+              if r["session"] == "bench-seq" and r["kind"] == "finalize"]
+    # the trace's finalizes alternate: warm-up, then per trial the pipelined decode and the step-by-step one
+    piped = finals[1::2][:len(stamps)]
+    rows = [{**r, "t0": t0, "t1": t1} for r, (t0, t1) in zip(piped, stamps)]
+    print(f"where a pipelined one-pass trial's time goes ({len(rows)} trials; p50 / p90 ms; CLOCK_MONOTONIC "
+          "across processes):")
+    total = np.array([(r["t1"] - r["t0"]) / 1e6 for r in rows])
+    for name, a, b in HOPS:
+        d = np.array([(r[b] - r[a]) / 1e6 for r in rows])
+        print(f"  {name:<48} {np.percentile(d, 50):7.3f} / {np.percentile(d, 90):7.3f}")
+    decode = np.array([(r["decoded"] - r["context"]) / 1e6 for r in rows])
+    print(f"  {'total (client decode() call)':<48} {np.percentile(total, 50):7.3f} / {np.percentile(total, 90):7.3f}")
+    print(f"  in-process decode of the same trials, p50 {1000 * np.percentile(local[:len(rows)], 50):.3f} ms; "
+          f"everything but the decode p50 {np.percentile(total - decode, 50):.3f} ms")
+
+
 def ms(x: np.ndarray, q: float) -> str:
     return f"{1000 * float(np.percentile(x, q)):.2f} ms"
 
@@ -253,6 +288,8 @@ def main() -> None:
     ap.add_argument("--group-workers", default="1,2,4", help="comma-separated lm-worker counts for the "
                                                             "consumer-group mode ('' to skip)")
     ap.add_argument("--skip-session", action="store_true", help="only the consumer-group mode")
+    ap.add_argument("--hops", action="store_true", help="also trace the one-worker server (lm-server --trace) and "
+                                                        "print where a pipelined trial's latency goes, hop by hop")
     args = ap.parse_args()
     lexicon = Lexicon.from_cmudict()
     tmp = Path(tempfile.mkdtemp(prefix="b2b-"))
@@ -294,10 +331,14 @@ def main() -> None:
         rs.start()
         try:
             for workers in sorted({int(w) for w in args.workers.split(",")}):
-                server = Server(lm, rs, workers, args.nbest, tmp / "server.log")
+                trace = tmp / "trace.jsonl" if args.hops and workers == 1 else None
+                server = Server(lm, rs, workers, args.nbest, tmp / "server.log", trace)
                 try:
                     if workers == 1:
-                        piped, steps, remote_best = sequential(rs.address, trials)
+                        stamps: list[tuple[int, int]] = []
+                        piped, steps, remote_best = sequential(rs.address, trials, stamps)
+                        if trace is not None:
+                            hop_breakdown(trace, stamps, local)
                         same = sum(a == b for a, b in zip(local_best, remote_best))
                         for name, remote in (("trial sent whole, pipelined decode() (one pass)", piped),
                                              ("reset/logits/finalize steps (streaming)", steps)):

@@ -7,6 +7,7 @@ redis-py calls), not by ``b2txt.server.client``, so the two cannot share a misun
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import signal
 import subprocess
@@ -177,6 +178,38 @@ def test_a_trial_sent_whole_is_decoded_in_one_pass_and_streaming_ends_alike(serv
     streamed = c.read("remote_lm_output_final")
     c.read("remote_lm_done_finalizing")
     assert streamed[b"scoring"] == whole[b"scoring"] and streamed[b"lm_response_final"] == whole[b"lm_response_final"]
+
+
+def test_a_trial_sent_whole_is_answered_in_one_write_and_the_trace_orders_its_hops(template_lm, run_dir, lexicon):
+    """With --trace, each served request's hop times are one JSON line. A pipelined trial's reset
+    and logits are answered in its finalize's write (no lines of their own, every reply there);
+    a streamed trial's are answered one by one. The hop times are in order."""
+    trace = run_dir / "trace.jsonl"
+    with own_service(template_lm, run_dir, "--workers", "1", "--trace", str(trace)) as (_, _, r, _):
+        c = RawClient(r)
+        logits = synthetic_logits(SENTENCES[2], lexicon, np.random.default_rng(2)).astype(np.float32)
+        pipe = r.pipeline(transaction=True)
+        pipe.xadd("remote_lm_reset", {"done": 1, "request_id": "whole"})
+        pipe.xadd("remote_lm_input", {"logits": logits.tobytes(), "request_id": "whole"})
+        pipe.xadd("remote_lm_finalize", {"done": 1, "request_id": "whole"})
+        pipe.execute()
+        for stream in ("remote_lm_done_resetting", "remote_lm_output_partial", "remote_lm_output_final",
+                       "remote_lm_done_finalizing"):
+            assert c.read(stream)[b"request_id"] == b"whole"
+        r.xadd("remote_lm_reset", {"done": 1, "request_id": "streamed"})
+        c.read("remote_lm_done_resetting")
+        r.xadd("remote_lm_input", {"logits": logits.tobytes(), "request_id": "streamed"})
+        assert c.read("remote_lm_output_partial")[b"b2txt_pass"] == b"stream"
+        r.xadd("remote_lm_finalize", {"done": 1, "request_id": "streamed"})
+        assert c.read("remote_lm_output_final")[b"lm_response_final"] == SENTENCES[2].encode()
+        c.read("remote_lm_done_finalizing")
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    served = [(x["request_id"], x["kind"]) for x in lines if x["request_id"] in ("whole", "streamed")]
+    assert served == [("whole", "finalize"), ("streamed", "reset"), ("streamed", "logits"), ("streamed", "finalize")]
+    for x in lines:
+        hops = [x["read"], x["recv"], x["start"], *([x["context"], x["decoded"]] if x["kind"] == "finalize" else []),
+                x["replied"]]
+        assert 0 < hops[0] and hops == sorted(hops), x
 
 
 def test_update_params_is_acknowledged_and_published_on_args(service):

@@ -138,7 +138,7 @@ def server_settings(args: argparse.Namespace) -> Any:
         params=P.SessionParams(decode=options, alpha=alpha, do_opt=do_opt),
         workers=args.workers or options.workers or available_cores(), llm=llm,
         max_logits_bytes=args.max_logits_bytes, max_trial_frames=args.max_trial_frames,
-        max_sessions=args.max_sessions, drain_timeout=args.drain_timeout,
+        max_sessions=args.max_sessions, drain_timeout=args.drain_timeout, trace=args.trace,
         default_streams=P.Streams(input_name=args.input_stream, partial_name=args.partial_output_stream,
                                   final_name=args.final_output_stream))
 
@@ -168,6 +168,9 @@ def add_lm_server_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drain-timeout", type=at_least(0, float), default=30.0,
                    help="after SIGTERM, seconds to let trials under way finish before exiting")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--trace", type=Path, metavar="FILE",
+                   help="append one JSON line per request served: when each hop happened (router read, worker "
+                        "received, decoded, replied; CLOCK_MONOTONIC ns), to see where the latency goes")
 
 
 # ----------------------------------------------------------------------------- lm-worker

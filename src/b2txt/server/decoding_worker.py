@@ -8,8 +8,8 @@ and ``update_params``. The LLM process is the same core with a rescorer and no g
 
 A trial that arrives whole (its logits already followed by its finalize among the requests
 waiting for the worker, as a pipelined ``decode()`` sends them) is decoded in one pass, as in
-process: its logits are only collected, and their partial replies, the one-pass best sentence,
-go out with the final result. Only a trial whose finalize is not there yet pays for the
+process: its logits are only collected, and their partial replies (the one-pass best sentence)
+and its reset's reply go out with the final result, in one Redis write. Only a trial whose finalize is not there yet pays for the
 streaming search. The partial reply says which path it took (``b2txt_pass``: ``one``/``stream``).
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 import traceback
 from collections import deque
 from collections.abc import Iterable
@@ -30,7 +31,7 @@ from ..ground.config import DecodeConfig
 from ..lm.core import DecodingCore, load_rescorer
 from ..lm.nbest import Candidate, NBest, PartialDecoder
 from . import protocol as P
-from .lm_server import DROP, OPEN, REFRESH, Job, Replies, ReplyWriter, ServerSettings, final_reply
+from .lm_server import DROP, OPEN, REFRESH, HopTrace, Job, Replies, ReplyWriter, ServerSettings, final_reply
 from .redis_process import die_with_parent
 
 log = logging.getLogger("b2txt.server")
@@ -47,11 +48,12 @@ class SessionState:
     frames: int = 0
     # the trial's search state for partial results: each chunk advances it (one pass in all)
     stream: PartialDecoder | None = None
-    # logits requests of a trial sent whole: answered with the final result's one-pass best
-    owed: list[Job] = field(default_factory=list)
+    # requests of a trial sent whole, answered in the final result's write: its reset (with its
+    # done reply) and its logits (None: answered with the one-pass best)
+    held: list[tuple[Job, Replies | None]] = field(default_factory=list)
 
     def clear(self) -> None:
-        self.chunks, self.frames, self.stream, self.owed = [], 0, None, []
+        self.chunks, self.frames, self.stream, self.held = [], 0, None, []
 
 
 class Worker:
@@ -64,6 +66,9 @@ class Worker:
         self.core = core
         self.sessions: dict[str, SessionState] = {}
         self.out = ReplyWriter(settings, f"worker {index}")
+        self.trace = HopTrace(settings.trace, index)
+        #: held replies settled (:meth:`settle_held`) and the request entries they answer, for the next write
+        self.with_next_reply: tuple[Replies, list[tuple[str, bytes]]] = ([], [])
         self.rescore_queue = rescore_queue
         #: requests already received and not yet served (what comes next, for the one-pass path)
         self.upcoming: Iterable[Job | None] = ()
@@ -71,13 +76,17 @@ class Worker:
         self.finished: list[int] = []
 
     # ---- request handlers: each returns (reply entries, whether the job is finished here)
-    def on_reset(self, state: SessionState, job: Job) -> Replies:
+    def on_reset(self, state: SessionState, job: Job) -> Replies | None:
         state.clear()
-        return [(state.streams.done_resetting, P.with_request_id({P.DONE_FIELD: 1}, job.request_id))]
+        reply = [(state.streams.done_resetting, P.with_request_id({P.DONE_FIELD: 1}, job.request_id))]
+        if self.whole_trial(job):  # one Redis write for the whole trial's replies
+            state.held.append((job, reply))
+            return None
+        return reply
 
     def whole_trial(self, job: Job) -> bool:
-        """Whether the session's finalize is already waiting behind this logits request (with
-        nothing but more logits between): nobody can read a partial before the final result."""
+        """Whether the session's finalize is already waiting behind this reset or logits request
+        (with nothing but logits between): nobody can read a partial before the final result."""
         for nxt in self.upcoming:
             if nxt is None:  # the worker stops before anything behind this
                 return False
@@ -96,7 +105,7 @@ class Worker:
         state.chunks.append(logits)
         state.frames += len(logits)
         if state.stream is None and self.whole_trial(job):
-            state.owed.append(job)  # answered by on_finalize, after the one-pass decode
+            state.held.append((job, None))  # answered by on_finalize, after the one-pass decode
             return None
         if state.stream is None:  # a new trial, or new decoding options: catch up on earlier chunks
             state.stream = self.core.stream(state.params.decode)
@@ -106,17 +115,30 @@ class Worker:
         return [(state.streams.partial, P.with_request_id({P.PARTIAL_FIELD: best, PASS_FIELD: "stream"},
                                                           job.request_id))]
 
-    def pay_owed(self, state: SessionState, best: str | None, error: str = "") -> None:
-        """Answer the deferred logits requests of a trial sent whole: its best sentence, or an error."""
-        for job in state.owed:
-            if best is None:
+    def settle_held(self, state: SessionState, best: str | None, error: str = "") -> None:
+        """The replies of the requests held for a trial sent whole, for the next reply write
+        (:attr:`with_next_reply`): a reset's done reply, the logits' best sentence or ``error``."""
+        for job, reply in state.held:
+            if reply is not None:
+                entries = reply
+            elif best is None:
                 entries = P.error_reply(state.streams, P.Kind.LOGITS, error, job.request_id)
             else:
                 entries = [(state.streams.partial, P.with_request_id({P.PARTIAL_FIELD: best, PASS_FIELD: "one"},
                                                                      job.request_id))]
-            self.out.reply(entries, (job.stream, job.entry_id))
+            self.with_next_reply[0].extend(entries)
+            self.with_next_reply[1].append((job.stream, job.entry_id))
             self.finished.append(job.seq)
-        state.owed = []
+        state.held = []
+
+    def write_reply(self, entries: Replies, consumed: tuple[str, bytes] | None) -> None:
+        """One MULTI/EXEC: ``entries`` and the held replies settled since the last write, deleting
+        the request entries they answer."""
+        held, done = self.with_next_reply
+        self.with_next_reply = ([], [])
+        if not (held or entries or consumed):
+            return
+        self.out.reply(held + entries, done + ([consumed] if consumed is not None else []))
 
     def finalize_nbest(self, state: SessionState) -> NBest:
         """The trial's n-best from every chunk so far, in one pass (decoded and augmented by the core)."""
@@ -127,13 +149,16 @@ class Worker:
 
     def on_finalize(self, state: SessionState, job: Job) -> Replies | None:
         context = P.text(self.out.call(lambda r: r.get(state.streams.context_key))).strip()
+        self.trace.mark("context")
         nbest = self.finalize_nbest(state)
-        self.pay_owed(state, nbest.best)
+        self.trace.mark("decoded")
+        self.settle_held(state, nbest.best)
         params = state.params
         state.clear()
         if params.do_opt and nbest.candidates:
             if self.rescore_queue is None:
                 raise P.ProtocolError("do_opt: this server has no LLM loaded (start it with --do_opt or --llm)")
+            self.write_reply([], None)  # the LLM process writes the final result
             self.rescore_queue.put((job, state.streams.prefix, [tuple(c) for c in nbest.candidates],
                                     params.decode.model_dump(), params.alpha, context))
             return None
@@ -181,6 +206,7 @@ class Worker:
             self.open(Job(0, job.session, OPEN))
             state = self.sessions[job.session]
         kind = P.Kind(job.kind)
+        self.trace.begin(job)
         try:
             handler = {P.Kind.RESET: self.on_reset, P.Kind.LOGITS: self.on_logits,
                        P.Kind.FINALIZE: self.on_finalize, P.Kind.UPDATE: self.on_update}[kind]
@@ -189,17 +215,18 @@ class Worker:
             log.warning("session %r: %s request refused: %s", job.session or "(default)", kind.value, exc)
             entries = P.error_reply(state.streams, kind, str(exc), job.request_id)
             if kind is P.Kind.FINALIZE:
-                self.pay_owed(state, None, f"the trial's finalize was refused: {exc}")
+                self.settle_held(state, None, f"the trial's finalize was refused: {exc}")
                 state.clear()
         except Exception as exc:  # noqa: BLE001 - a decoder bug must not take the server down
             log.error("session %r: %s failed:\n%s", job.session, kind.value, traceback.format_exc())
             entries = P.error_reply(state.streams, kind, f"internal error: {type(exc).__name__}: {exc}",
                                     job.request_id)
-            self.pay_owed(state, None, f"internal error: {type(exc).__name__}: {exc}")
+            self.settle_held(state, None, f"internal error: {type(exc).__name__}: {exc}")
             state.clear()
         if entries is None:
             return False
-        self.out.reply(entries, (job.stream, job.entry_id))
+        self.write_reply(entries, (job.stream, job.entry_id))
+        self.trace.end(job)
         return True
 
 
@@ -212,10 +239,11 @@ def _child_setup() -> None:
 
 def _take(pending: deque[Job | None], message: Job | list[Job] | None) -> None:
     """A message from the router: one job, the jobs of one read (a list), or None (stop)."""
-    if isinstance(message, list):
-        pending.extend(message)
-    else:
-        pending.append(message)
+    now = time.monotonic_ns()  # the hop trace's "recv"
+    for job in message if isinstance(message, list) else [message]:
+        if job is not None:
+            job.t_recv = now
+        pending.append(job)
 
 
 def worker_main(index: int, settings: ServerSettings, core: DecodingCore, jobs: Connection, done: Connection,

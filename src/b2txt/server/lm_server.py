@@ -33,6 +33,7 @@ Why this shape:
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,9 @@ class ServerSettings:
     block_ms: int = 500
     drain_timeout: float = 30.0
     reply_retry_s: float = 120.0
+    #: append one JSON line per served request with the CLOCK_MONOTONIC time (ns) of each hop
+    #: (:class:`HopTrace`; where the Redis path's latency goes, benchmarks/server.py --hops)
+    trace: Path | None = None
     #: the default session's streams (the published flags may rename input/partial/final)
     default_streams: P.Streams = field(default_factory=P.Streams)
 
@@ -89,6 +93,10 @@ class Job:
     stream: str = ""
     entry_id: bytes = b""
     fields: dict[str, Any] = field(default_factory=dict)
+    #: CLOCK_MONOTONIC ns when the router's read returned this entry, and when the worker got it
+    #: (for the hop trace; one clock for every process of the machine)
+    t_read: int = 0
+    t_recv: int = 0
 
     @property
     def request_id(self) -> str | None:
@@ -97,6 +105,37 @@ class Job:
 
 # control kinds (router -> worker); request kinds are protocol.Kind values
 OPEN, DROP, REFRESH = "open", "drop", "refresh"
+
+# ============================================================================ hop trace
+
+class HopTrace:
+    """Per-request hop times of one worker, one JSON line per request (``--trace FILE``).
+
+    ``read``: the router's XREAD returned the entry; ``recv``: the worker took it off its pipe;
+    ``start``: its handler began; the handler's own marks (``context``, ``decoded`` for a
+    finalize); ``replied``: its reply was written. All CLOCK_MONOTONIC ns, comparable with a
+    client's ``time.monotonic_ns()`` on the same machine. Off (``None`` path): marks cost one
+    attribute test."""
+
+    def __init__(self, path: Path | None, worker: int):
+        self.file = open(path, "a", buffering=1) if path is not None else None  # noqa: SIM115 - closed with the process
+        self.worker = worker
+        self.marks: dict[str, int] = {}
+
+    def begin(self, job: Job) -> None:
+        if self.file is not None:
+            self.marks = {"read": job.t_read, "recv": job.t_recv, "start": time.monotonic_ns()}
+
+    def mark(self, name: str) -> None:
+        if self.file is not None:
+            self.marks[name] = time.monotonic_ns()
+
+    def end(self, job: Job) -> None:
+        if self.file is not None:
+            self.marks["replied"] = time.monotonic_ns()
+            self.file.write(json.dumps({"worker": self.worker, "session": job.session, "kind": job.kind,
+                                        "request_id": job.request_id, **self.marks}) + "\n")
+
 
 # ============================================================================ replies with retry
 
@@ -134,13 +173,18 @@ class ReplyWriter:
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def reply(self, entries: list[tuple[str, dict[str, Any]]], consumed: tuple[str, bytes] | None) -> None:
+    def reply(self, entries: list[tuple[str, dict[str, Any]]],
+              consumed: tuple[str, bytes] | list[tuple[str, bytes]] | None) -> None:
+        """Write ``entries`` and delete the request entries ``consumed`` they answer, in one MULTI/EXEC."""
+        answered = [consumed] if isinstance(consumed, tuple) else consumed or []
+
         def write(r: redis.Redis) -> None:
             pipe = r.pipeline(transaction=True)
             for stream, fields in entries:
                 pipe.xadd(stream, fields)
-            if consumed is not None and consumed[1]:
-                pipe.xdel(consumed[0], consumed[1])
+            for stream, entry_id in answered:
+                if entry_id:
+                    pipe.xdel(stream, entry_id)
             pipe.execute()
 
         self.call(write)

@@ -138,6 +138,7 @@ class Router:
         self.workers = ServerWorkers(settings, core, on_lost=self.on_lost)
         self.stopping = False
         self.stop_deadline = 0.0
+        self.read_ns = 0  # when the last XREAD returned (CLOCK_MONOTONIC ns, for the hop trace)
 
     # ---- sessions
     def add_route(self, name: str, start_id: str) -> Route:
@@ -224,7 +225,7 @@ class Router:
         elif kind is P.Kind.FINALIZE:
             route.trial_open = False
         self.workers.send(route.owner, self.workers.new_job(name, kind.value, entry.stream, entry.entry_id,
-                                                            entry.fields))
+                                                            entry.fields, self.read_ns))
 
     def on_lost(self, job: Job) -> None:
         """A request a dead worker held: its trial's state is gone; the client gets an error."""
@@ -374,6 +375,7 @@ class Router:
         assert self.r is not None
         try:
             result = self.r.xread(streams, count=READ_COUNT, block=self.settings.block_ms)
+            self.read_ns = time.monotonic_ns()  # the hop trace's "read"
         except CONNECTION_ERRORS as exc:
             log.error("lost the Redis connection (%s)", exc)
             self.r.close()

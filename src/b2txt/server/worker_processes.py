@@ -104,9 +104,9 @@ class ServerWorkers:
 
     # ---- jobs
     def new_job(self, session: str, kind: str, stream: str = "", entry_id: bytes = b"",
-                fields: dict[str, Any] | None = None) -> Job:
+                fields: dict[str, Any] | None = None, t_read: int = 0) -> Job:
         self.seq += 1
-        return Job(self.seq, session, kind, stream, entry_id, fields or {})
+        return Job(self.seq, session, kind, stream, entry_id, fields or {}, t_read=t_read)
 
     def least_loaded(self) -> WorkerHandle:
         return min(self.workers, key=lambda w: (len(w.sessions), w.index))

@@ -11,20 +11,21 @@ validation), the padding share of the batches' bins, and the wall time of a run.
 The data set is simulated and preprocessed once; every run is its own process reading it
 (``--jobs`` at a time: several small models share a GPU well). Variants (``--variants``):
 
-    today           the trainer as configured (length bucketing, noise over the data only,
-                    CTC zero_infinity, plain AdamW, even draws)
-    no-bucketing    length_bucketing off
+    today           the trainer as configured (random batches in 4 length parts, noise over the
+                    data only, CTC zero_infinity, plain AdamW, even draws)
+    one-batch       length_chunks 1: each batch padded at once (the same gradient as today)
+    bucketing       length bucketing, one part (the default before length_chunks)
     pad-noise       augment.noise_over_padding: noise over the padding too (published)
     ctc-inf         ctc_zero_infinity off (published)
     fused           fused_adamw (published)
-    published-draw  trial_draw published, no bucketing (the published order of days and trials)
-    published       all five published behaviours together
+    published-draw  trial_draw published (the published order of days and trials)
+    published       all published behaviours together (one padded batch)
     mix-0.3         bucketing, but 30 % of batches drawn without it (bucket_mix 0.3)
     mix-0.5         bucket_mix 0.5
     wide-4          bucketing from windows of 4 n length neighbours instead of 1.5 n (bucket_width 4)
     wide-4-pad      wide-4 with noise over the padding
 
-    PYTHONPATH=src python3 benchmarks/accuracy.py [--device cuda] [--variants today no-bucketing ...]
+    PYTHONPATH=src python3 benchmarks/accuracy.py [--device cuda] [--variants today bucketing ...]
         [--seeds 3] [--batches 400] [--model-size 2x256] [--batch-size 32] [--jobs 4]
         [--sentences FILE | --data DRYAD_DIR]
 
@@ -49,22 +50,24 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PUBLISHED = {"length_bucketing": False, "trial_draw": "published", "ctc_zero_infinity": False, "fused_adamw": True,
+BUCKETING = {"length_bucketing": True, "length_chunks": 1}  # the default until length_chunks
+PUBLISHED = {"length_chunks": 1, "trial_draw": "published", "ctc_zero_infinity": False, "fused_adamw": True,
              "augment": {"noise_over_padding": True}}
 VARIANTS: dict[str, dict] = {
     "today": {},
-    "no-bucketing": {"length_bucketing": False},
+    "one-batch": {"length_chunks": 1},
+    "bucketing": BUCKETING,
     "pad-noise": {"augment": {"noise_over_padding": True}},
     "ctc-inf": {"ctc_zero_infinity": False},
     "fused": {"fused_adamw": True},
-    "published-draw": {"length_bucketing": False, "trial_draw": "published"},
+    "published-draw": {"trial_draw": "published"},
     "published": PUBLISHED,
-    "mix-0.3": {"bucket_mix": 0.3},
-    "mix-0.5": {"bucket_mix": 0.5},
-    "wide-4": {"bucket_width": 4.0},
-    "wide-4-pad": {"bucket_width": 4.0, "augment": {"noise_over_padding": True}},
+    "mix-0.3": {**BUCKETING, "bucket_mix": 0.3},
+    "mix-0.5": {**BUCKETING, "bucket_mix": 0.5},
+    "wide-4": {**BUCKETING, "bucket_width": 4.0},
+    "wide-4-pad": {**BUCKETING, "bucket_width": 4.0, "augment": {"noise_over_padding": True}},
 }
-DEFAULT_VARIANTS = ["today", "no-bucketing", "pad-noise", "ctc-inf", "fused", "published-draw", "published",
+DEFAULT_VARIANTS = ["today", "one-batch", "bucketing", "pad-noise", "ctc-inf", "fused", "published-draw", "published",
                     "mix-0.3", "wide-4"]
 
 

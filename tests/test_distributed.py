@@ -88,9 +88,11 @@ def sim(small_sim):
     return small_sim
 
 
-@pytest.mark.parametrize("model", [GRU, TRIPLE], ids=["gru", "triple"])
-def test_two_processes_with_half_batches_equal_one_process(sim, tmp_path, model):
-    config = cfg_of(model=model)
+@pytest.mark.parametrize("model,parts", [(GRU, 1), (TRIPLE, 1), (GRU, 2)], ids=["gru", "triple", "gru-in-parts"])
+def test_two_processes_with_half_batches_equal_one_process(sim, tmp_path, model, parts):
+    """Also with each rank's share in length parts (length_chunks): the ranks synchronise their
+    gradients once, after the last part."""
+    config = cfg_of(model=model, length_chunks=parts)
     one = tmp_path / "one"
     train(TrainConfig.model_validate(config), sim[0], sim[1], one, log=lambda m: None)
     two = tmp_path / "two"
@@ -147,17 +149,18 @@ def test_killed_two_process_run_resumes_and_ends_like_one_process(sim, tmp_path)
 def test_the_shares_of_a_batch_add_up_to_the_whole_batch(sim, tmp_path):
     """What each rank trains on: its contiguous share of the global batch, cut and augmented
     exactly as the single process cuts and augments those trials."""
-    trainer = Trainer(TrainConfig.model_validate(cfg_of(batch_size=6)), sim[0], sim[1], tmp_path / "m",
+    trainer = Trainer(TrainConfig.model_validate(cfg_of(batch_size=6, length_chunks=1)), sim[0], sim[1], tmp_path / "m",
                       log=lambda m: None)
     state = trainer.sampler.rng.bit_generator.state
     for step in range(4):
         trainer.sampler.rng.bit_generator.state = state
-        x, day, targets, tgt_len, out_len = trainer.batch(step)
+        [(x, day, targets, tgt_len, out_len)] = trainer.batch(step)
         shares = []
         for rank in range(2):
             trainer.dist = DistContext(rank, 2)  # batch() only shards; no process group is needed
             trainer.sampler.rng.bit_generator.state = state
-            shares.append(trainer.batch(step))
+            [share] = trainer.batch(step)
+            shares.append(share)
         trainer.dist = DistContext()
         state = trainer.sampler.rng.bit_generator.state
         assert [len(s[1]) for s in shares] == [3, 3]

@@ -23,7 +23,7 @@ import yaml
 from helpers.processes import wait_for
 
 from b2txt.cli import main
-from b2txt.data.store import DayBatchSampler, TrialStore, read_manifest
+from b2txt.data.store import DayBatchSampler, TrialStore, read_manifest, split_by_length
 from b2txt.ground.config import ModelConfig, TrainConfig, load_config, merge
 from b2txt.ground.device import select_device, use_bf16
 from b2txt.ground.errors import B2txtError
@@ -277,11 +277,13 @@ def test_scheduler_gives_the_day_group_its_own_schedule(kind):
 
 # every sampler and each published-behaviour switch: the sampler's generator is its whole state
 VARIANTS = {
-    "no-bucketing": {"length_bucketing": False},
-    "published-draw": {"length_bucketing": False, "trial_draw": "published"},
-    "mix": {"bucket_mix": 0.5},
-    "wide-published": {"bucket_width": 4.0, "trial_draw": "published", "batch_size": 5},
-    "published": {"length_bucketing": False, "trial_draw": "published", "ctc_zero_infinity": False,
+    "one-padded-batch": {"length_chunks": 1},
+    "bucketing": {"length_bucketing": True, "length_chunks": 1},
+    "published-draw": {"trial_draw": "published"},
+    "mix": {"length_bucketing": True, "bucket_mix": 0.5},
+    "length-parts": {"length_chunks": 3, "batch_size": 7},
+    "wide-published": {"length_bucketing": True, "bucket_width": 4.0, "trial_draw": "published", "batch_size": 5},
+    "published": {"length_chunks": 1, "trial_draw": "published", "ctc_zero_infinity": False,
                   "fused_adamw": True, "augment": {"noise_over_padding": True, "random_walk_std": 0.1}},
 }
 
@@ -296,6 +298,36 @@ def test_every_sampler_and_variant_resumes_exactly(sim, tmp_path, variant):
     assert any("resuming from step 4" in m for m in messages), messages
     assert_states_equal(full.model.state_dict(), resumed.model.state_dict())
     pd.testing.assert_frame_equal(metrics_without_seconds(tmp_path / "full"), metrics_without_seconds(tmp_path / "resumed"))
+
+
+# ----------------------------------------------------------------------------- length parts
+
+def test_split_by_length_partitions_a_batch_shortest_first():
+    lengths = np.array([50, 300, 120, 80, 500, 90, 410])
+    trials = np.array([6, 1, 3, 0, 5, 2, 4])
+    assert split_by_length(trials, lengths, 1)[0].tolist() == trials.tolist()  # one part: the batch's order
+    for k in (2, 3, 7, 20):
+        parts = split_by_length(trials, lengths, k)
+        assert len(parts) == min(k, len(trials)) and sorted(np.concatenate(parts).tolist()) == sorted(trials.tolist())
+        assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
+        assert all(lengths[a].max() <= lengths[b].min() for a, b in zip(parts, parts[1:]))
+
+
+@pytest.mark.parametrize("model", [TINY_GRU, TINY_TRIPLE], ids=["gru", "triple"])
+def test_a_batch_in_length_parts_takes_the_same_step_as_one_padded_batch(sim, tmp_path, model):
+    """length_chunks pads each part to its own longest trial and sums the parts' gradients: the
+    same steps as the whole batch padded at once (dropout off; noise, cut and smoothing on, as
+    they are drawn per trial), with less padding."""
+    over = {"model": {**model, "rnn_dropout": 0.0, "input_dropout": 0.0}, "batch_size": 9, "length_bucketing": False,
+            "augment": {"white_noise_std": 1.0, "constant_offset_std": 0.2, "random_walk_std": 0.1,
+                        "static_gain_std": 0.05, "random_cut": 3}}
+    whole = Trainer(tcfg(**over, length_chunks=1), sim[0], sim[1], tmp_path / "a", log=lambda m: None)
+    parts = Trainer(tcfg(**over, length_chunks=3), sim[0], sim[1], tmp_path / "b", log=lambda m: None)
+    for _ in range(4):
+        assert whole.train_step() == pytest.approx(parts.train_step(), rel=1e-5)
+    for (name, a), b in zip(whole.model.state_dict().items(), parts.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert parts.stats["padding"] < 0.7 * whole.stats["padding"], (parts.stats["padding"], whole.stats["padding"])
 
 
 # ----------------------------------------------------------------------------- length bucketing
@@ -619,7 +651,9 @@ def test_batch_transforms_deferred_to_the_device_equal_the_ones_done_in_line(sim
     deferred = Trainer(cfg, sim[0], sim[1], tmp_path / "b", log=lambda m: None)
     deferred.transforms_on_device = True
     for step in range(4):
-        a, b = inline.batch(step), deferred.batch(step)
-        assert isinstance(b[0], DeviceBatch)
-        assert torch.equal(a[0], deferred.device_transforms(b[0]))
-        assert all(torch.equal(u, v) for u, v in zip(a[1:], b[1:]))
+        parts_a, parts_b = inline.batch(step), deferred.batch(step)
+        assert len(parts_a) == len(parts_b) == min(cfg.length_chunks, cfg.batch_size)
+        for a, b in zip(parts_a, parts_b):
+            assert isinstance(b[0], DeviceBatch)
+            assert torch.equal(a[0], deferred.device_transforms(b[0]))
+            assert all(torch.equal(u, v) for u, v in zip(a[1:], b[1:]))

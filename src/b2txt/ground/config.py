@@ -233,11 +233,17 @@ class TrainConfig(Section):
     batch_size: int = Field(32, ge=1)
     days_per_batch: int = Field(4, ge=1)
     must_include_days: list[int] = Field(default_factory=list)
-    length_bucketing: bool = Field(True, description="draw each batch's trials at one length quantile (less padding)")
+    length_bucketing: bool = Field(False, description="draw each batch's trials at one length quantile: less padding, "
+                                   "but less learnt per batch (benchmarks/accuracy.py); length_chunks saves padding "
+                                   "without that cost")
     bucket_mix: float = Field(0.0, ge=0, le=1, description="with length_bucketing: the chance that a batch is drawn "
                               "without it (keeps 1 - bucket_mix of its padding saving)")
     bucket_width: float = Field(1.5, ge=1, description="with length_bucketing: each day's n trials come from a window "
                                 "of bucket_width * n neighbours in length order (wider: more mixing, more padding)")
+    length_chunks: int = Field(
+        4, ge=1, le=64, description="split each batch into this many parts by trial length, each padded only to its "
+                                    "own longest trial, their gradients summed: the whole batch's gradient with less "
+                                    "padding (unlike length_bucketing, the batch's trials stay a random draw)")
     trial_draw: Literal["even", "published"] = Field(
         "even", description="even: batch_size // days_per_batch distinct trials per day | published: ceil(batch_size / "
                             "days_per_batch) per day with replacement, the extra ones dropped from random days")

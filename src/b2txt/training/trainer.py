@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -40,7 +41,7 @@ import torch
 import yaml
 
 from ..data.logits import greedy_decode
-from ..data.store import DayBatchSampler, TrialStore, read_manifest, resolve_sessions
+from ..data.store import DayBatchSampler, TrialStore, read_manifest, resolve_sessions, split_by_length
 from ..evaluation.error_rates import edit_distance
 from ..ground.config import TrainConfig
 from ..ground.console import progress
@@ -81,6 +82,17 @@ class DeviceBatch:
     step: int
     cut: int
     padded_to: int
+
+
+class BatchPart(NamedTuple):
+    """One part of a training batch (``length_chunks``; the whole batch by default): padded
+    features (or a :class:`DeviceBatch`), day indices, concatenated labels and the lengths."""
+
+    x: torch.Tensor | DeviceBatch
+    day_idx: torch.Tensor
+    targets: torch.Tensor
+    tgt_len: torch.Tensor
+    out_len: torch.Tensor
 
 
 def cpu_copy(tree):
@@ -238,6 +250,7 @@ class Trainer:
         # trial as on the CPU): the CPU thread that feeds it only samples and pads.
         self.transforms_on_device = self.device.type == "cuda"
         lengths = np.array([f.shape[0] for f in self.train_store.features])
+        self.lengths = lengths  # bins per training trial (length_chunks, padding stats)
         self.sampler = DayBatchSampler(self.train_store, cfg.batch_size, cfg.days_per_batch, cfg.seed,
                                        cfg.must_include_days, lengths if cfg.length_bucketing else None,
                                        mix=cfg.bucket_mix, width=cfg.bucket_width, draw=cfg.trial_draw)
@@ -279,24 +292,32 @@ class Trainer:
         self.log(msg)
 
     # ------------------------------------------------------------------ one batch
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sample, pad, augment, cut and smooth this rank's share of batch ``step`` (on the CPU).
+    def batch(self, step: int) -> list[BatchPart]:
+        """Sample, pad, augment, cut and smooth this rank's share of batch ``step`` (on the CPU),
+        in ``length_chunks`` parts by trial length.
 
         Every rank draws the same global batch; the cut is decided on the global batch and the
-        noise per trial, so the shares add up to what one process would train on."""
+        noise per trial (over the global batch's padded length), so neither the shares nor the
+        parts change what a trial is trained on."""
         with one_torch_thread():
             return self._batch(step)
 
-    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _batch(self, step: int) -> list[BatchPart]:
         store, cfg = self.train_store, self.cfg
         everything = self.sampler.next_batch()
         shortest = min(store.features[i].shape[0] for i in everything)
         longest = max(store.features[i].shape[0] for i in everything)  # the global batch's padded length
         cut = draw_cut(cfg.augment.random_cut, trial_generator(cfg.seed, step), shortest)
         idx = self.dist.shard(everything)
-        x, lengths = pad_batch([store.features[i] for i in idx])
-        self.stats["padding"] += 1 - float(lengths.sum()) / (len(idx) * x.shape[1])
+        groups = split_by_length(idx, self.lengths, cfg.length_chunks)
+        padded = sum(len(g) * int(self.lengths[g].max()) for g in groups)
+        self.stats["padding"] += 1 - float(self.lengths[idx].sum()) / padded
         self.stats["built"] += 1
+        return [self._part(g, step, cut, longest) for g in groups]
+
+    def _part(self, idx: np.ndarray, step: int, cut: int, longest: int) -> BatchPart:
+        store, cfg = self.train_store, self.cfg
+        x, lengths = pad_batch([store.features[i] for i in idx])
         if self.transforms_on_device:  # done by loss(), on the device
             x = DeviceBatch(x, lengths, [int(i) for i in idx], step, cut, longest)
             lengths = lengths - cut
@@ -313,7 +334,7 @@ class Trainer:
         tgt_len = torch.tensor([len(lab) for lab in labels])
         day_idx = torch.as_tensor(store.day_idx[idx])
         out_len = self.model.output_lengths(lengths).clamp(min=1)
-        return x, day_idx, targets, tgt_len, out_len
+        return BatchPart(x, day_idx, targets, tgt_len, out_len)
 
     def device_transforms(self, b: DeviceBatch) -> torch.Tensor:
         """Augment, cut and smooth a padded batch on the device, as :meth:`batch` does on the CPU."""
@@ -323,8 +344,11 @@ class Trainer:
         x, _ = cut_start(x, b.lengths, b.cut)
         return smooth(x, self.kernel) if self.kernel is not None else x
 
-    def loss(self, x, day_idx, targets, tgt_len, out_len) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, part: BatchPart, n_trials: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The part's share of the batch loss: its trials' summed loss over the ``n_trials`` of
+        the (rank's) batch, so the parts add up to the batch mean."""
         dev = self.device
+        x, day_idx, targets, tgt_len, out_len = part
         if isinstance(x, DeviceBatch):
             x = self.device_transforms(x)
         x, day_idx = x.to(dev, non_blocking=True), day_idx.to(dev, non_blocking=True)
@@ -332,7 +356,7 @@ class Trainer:
 
         def ctc(logits):
             lp = logits.float().log_softmax(-1).transpose(0, 1)
-            return self.ctc(lp, targets, out_len, tgt_len).mean()
+            return self.ctc(lp, targets, out_len, tgt_len).sum() / n_trials
 
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.bf16):
             if self.cfg.model.architecture == "triple":
@@ -378,11 +402,11 @@ class Trainer:
     def train_step(self) -> float:
         self.net.train()
         t0 = time.perf_counter()
-        batch = self._next_batch()
+        parts = self._next_batch()
         t1 = time.perf_counter()
-        loss, parts = self.loss(*batch)
+        n_trials = sum(len(p.tgt_len) for p in parts)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, terms = self._accumulate(parts, n_trials)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_norm_clip_value)
         self.opt.step()
         self.sched.step()
@@ -397,8 +421,25 @@ class Trainer:
         self.stats["compute_s"] += time.perf_counter() - t1
         self.stats["steps"] += 1
         self.running.append(value)
-        self._last = {"grad_norm": float(grad_norm), **{k: v.item() for k, v in parts.items()}}
+        self._last = {"grad_norm": float(grad_norm), **{k: v.item() for k, v in terms.items()}}
         return value
+
+    def _accumulate(self, parts: list[BatchPart], n_trials: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward each part, summing gradients (data-parallel ranks synchronise
+        after the last part only); the batch loss and its terms."""
+        total: torch.Tensor | None = None
+        terms: dict[str, torch.Tensor] = {}
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.net, "no_sync") else self.net.no_sync()
+            with sync:
+                loss, extra = self.loss(part, n_trials)
+                loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+            for k, v in extra.items():
+                terms[k] = v.detach() if k not in terms else terms[k] + v.detach()
+        assert total is not None
+        return total, terms
 
     # ------------------------------------------------------------------ checkpoints
     def _save_best(self, val: ValResult) -> None:

@@ -8,6 +8,7 @@ import math
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from helpers.synthetic import trials_file
@@ -218,3 +219,14 @@ def test_decode_reports_the_fraction_rescored_and_the_gate_bounds(kenlm_graph, l
     assert some_gate["rescored"] == int((margins < cut).sum()) and some_gate["lists"] == len(nbests)
     assert 0 < some_gate["fraction_rescored"] < 1
     assert some == [e if m < cut else p for e, p, m in zip(everything, plain, margins)]
+    # the LM server path (`b2txt evaluate`) gates alike and reports the same fraction
+    from b2txt.server.evaluate import evaluate
+    from b2txt.server.evaluate_common import EvalSettings
+
+    summary = evaluate(EvalSettings(logits=path, lm_dir=kenlm_graph, out=tmp_path / "server", options=opts,
+                                    rescore=llm.model_copy(update={"unsure_margin": cut}), alpha=llm.alpha,
+                                    workers=1), log=lambda m: None)
+    served = pd.read_csv(tmp_path / "server" / "decoded.csv", keep_default_na=False)["decoded"].tolist()
+    assert served == some
+    assert {k: summary["rescore"][k] for k in ("lists", "rescored", "fraction_rescored")} == \
+        {k: some_gate[k] for k in ("lists", "rescored", "fraction_rescored")}

@@ -72,6 +72,19 @@ def write_outputs(tmp: Path, trials: list[LogitsTrial], table: pd.DataFrame,
     return metrics
 
 
+def rescore_summary(settings: EvalSettings, outcomes: dict[int, TrialOutcome]) -> dict[str, Any] | None:
+    """With LLM rescoring: how many n-best lists the LLM saw (``rescore.unsure_margin`` lets only
+    unsure ones through), as ``b2txt decode`` reports in timing.json. A rescored list carries the
+    LLM's log-probabilities, which are never 0 for a sentence; a list the gate passed over has none."""
+    if settings.rescore is None or not settings.rescore.enabled:
+        return None
+    lists = [o.result.nbest.candidates for o in outcomes.values() if o.result.nbest.candidates]
+    rescored = sum(any(c.llm != 0.0 for c in cands) for cands in lists)
+    return {"model": settings.rescore.model, "alpha": settings.alpha, "unsure_margin": settings.rescore.unsure_margin,
+            "lists": len(lists), "rescored": rescored,
+            "fraction_rescored": round(rescored / len(lists), 6) if lists else 0.0}
+
+
 def _run_dir(settings: EvalSettings) -> tuple[Path, bool]:
     """(run directory, whether to remove it afterwards); short enough for a Unix socket path."""
     if settings.run_dir is not None:
@@ -111,6 +124,9 @@ def _finish(run_dir: Path, settings: EvalSettings, trials: list[LogitsTrial], lo
             "sessions": mode.pop("sessions"), "workers": mode.pop("workers"),
             "split": split, **metrics, **mode,
         }
+        gate = rescore_summary(settings, run.outcomes)
+        if gate is not None:
+            summary["rescore"] = gate
         write_text_atomic(tmp / "evaluation.json", json.dumps(summary, indent=2) + "\n")
         for name in ("lm-server.log", "redis.log", *sorted(p.name for p in run_dir.glob("lm-worker-*.log"))):
             if (run_dir / name).is_file():

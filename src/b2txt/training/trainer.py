@@ -435,6 +435,9 @@ class Trainer:
             with sync:
                 loss, extra = self.loss(part, n_trials)
                 loss.backward()
+            if self.device.type == "xla" and not last:  # one graph per part: its shapes alone key the compile cache
+                import torch_xla.core.xla_model as xm
+                xm.mark_step()
             total = loss.detach() if total is None else total + loss.detach()
             for k, v in extra.items():
                 terms[k] = v.detach() if k not in terms else terms[k] + v.detach()

@@ -41,6 +41,7 @@ os.environ.setdefault("B2TXT_PROGRESS", "0")
 sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers.synthetic import synthetic_logits  # noqa: E402
+from pipeline_lm import describe, pipeline_graph  # noqa: E402
 
 from b2txt.ground.config import DecodeConfig, load_config  # noqa: E402
 from b2txt.ground.device import available_cores  # noqa: E402
@@ -57,27 +58,6 @@ def demo_graph(out: Path, lexicon: Lexicon) -> tuple[Path, list[str]]:
 
     sentences = template_sentences(300)
     return template_graph(out, lexicon, sentences), sentences
-
-
-def pipeline_graph() -> Path:
-    """The graph the default pipeline decodes with, built by its own stages when absent."""
-    cfg = load_config(CONFIG)
-    lm = ROOT / f"results/{cfg.run}/lm/{cfg.lm.decode_order}gram"
-    if not (lm / "TLG.fst").is_file():
-        target = str((lm / "TLG.fst").relative_to(ROOT))
-        print(f"building the pipeline's graph: snakemake --cores all {target} (a few minutes, once)", flush=True)
-        subprocess.run(["snakemake", "--cores", "all", target], cwd=ROOT, check=True)
-    return lm
-
-
-def describe(lm: Path) -> str:
-    import json
-
-    info = lm / "graph.json"
-    words = sum(1 for _ in open(lm / "words.txt"))
-    stats = json.loads(info.read_text()) if info.is_file() else {}
-    arcs = f", {stats['tlg_arcs']:,} TLG arcs" if "tlg_arcs" in stats else ""
-    return f"{lm} ({words:,} words{arcs})"
 
 
 def in_process(lm: Path, options: DecodeConfig, trials: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:

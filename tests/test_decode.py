@@ -81,6 +81,21 @@ def test_decode_file_writes_sentences_and_nbest(kenlm_graph, lexicon, tmp_path):
         assert totals == sorted(totals, reverse=True) and len({c[0] for c in x["candidates"]}) == len(totals)
 
 
+def test_decode_file_with_a_loaded_core_decodes_as_without(kenlm_graph, lexicon, tmp_path):
+    """One core reused over several files (benchmarks/ensemble.py) writes what a fresh one writes."""
+    core = DecodingCore(kenlm_graph, OPTS).load()
+    for i, sentences in enumerate((SENTENCES[:4], SENTENCES[4:9])):
+        path, _ = trials_file(tmp_path / f"v{i}.hdf5", lexicon, sentences, seed=i, confusion=0.1)
+        fresh = decode_file(path, kenlm_graph, tmp_path / f"fresh{i}", OPTS, log=lambda m: None)
+        reused = decode_file(path, kenlm_graph, tmp_path / f"reused{i}", OPTS, log=lambda m: None, core=core)
+        pd.testing.assert_frame_equal(fresh.drop(columns="decode_ms"), reused.drop(columns="decode_ms"))
+        for name in ("decoded.csv", "nbest.jsonl"):
+            assert (tmp_path / f"fresh{i}" / name).read_bytes() == (tmp_path / f"reused{i}" / name).read_bytes()
+    with pytest.raises(ValueError, match="not one on"):
+        decode_file(path, kenlm_graph, tmp_path / "other", OPTS.model_copy(update={"beam": 9.0}), core=core)
+    assert not (tmp_path / "other").exists()
+
+
 def test_cli_decode_then_score_words(kenlm_graph, lexicon, tmp_path, capsys):
     path, _ = trials_file(tmp_path / "val.hdf5", lexicon, SENTENCES[:5], peak=14.0)
     cfg = tmp_path / "c.yaml"

@@ -89,16 +89,24 @@ def decode_many(core: DecodingCore, logits: Sequence[np.ndarray], workers: int |
 
 
 def decode_file(logits_path: str | Path, lm_dir: str | Path, out_dir: str | Path, options: DecodeConfig,
-                rescore: RescoreConfig | None = None, log: Log = print) -> pd.DataFrame:
-    """Decode every trial of a logits file; write ``decoded.csv`` and ``nbest.jsonl`` to ``out_dir``."""
+                rescore: RescoreConfig | None = None, log: Log = print,
+                core: DecodingCore | None = None) -> pd.DataFrame:
+    """Decode every trial of a logits file; write ``decoded.csv`` and ``nbest.jsonl`` to ``out_dir``.
+
+    ``core``: a core already built on ``lm_dir`` with ``options``, so that several files decode
+    with one load of the graph (benchmarks/ensemble.py); by default one is built here.
+    """
+    if core is not None and (core.lm_dir != Path(lm_dir) or core.options != options):
+        raise ValueError(f"decode_file: the core given ({core.lm_dir}) is not one on {lm_dir} with these options")
     trials = read_logits(logits_path)
     if not trials:
         raise B2txtError(f"{logits_path}: no trials")
     lm_logits = trial_logits(trials, logits_path)
     t0 = time.perf_counter()
     llm = rescore if rescore is not None and rescore.enabled else None
-    core = DecodingCore(lm_dir, options).load()
-    log(f"{options.decoder} decoder on {lm_dir} ready in {time.perf_counter() - t0:.1f} s")
+    if core is None:
+        core = DecodingCore(lm_dir, options).load()
+        log(f"{options.decoder} decoder on {lm_dir} ready in {time.perf_counter() - t0:.1f} s")
     done = decode_many(core, list(lm_logits.values()), options.workers)
     nbests: list[NBest] = [NBest(())] * len(trials)
     seconds = [0.0] * len(trials)

@@ -315,7 +315,7 @@ def run_ours(args: argparse.Namespace, variant: str, data: Path, manifest: Path,
 def show(r: dict) -> None:
     if "error" not in r:
         say(f"  {r['name']:13s} ms per measured batch: {' '.join(f'{m:.0f}' for m in r['ms'])} "
-            f"(run {r['wall_s']:.0f} s; load average after it {os.getloadavg()[0]:.1f})")
+            f"({r['threads']} torch threads; run {r['wall_s']:.0f} s; load average after it {os.getloadavg()[0]:.1f})")
 
 
 def report(results: list[dict], args: argparse.Namespace) -> None:

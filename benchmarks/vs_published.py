@@ -16,10 +16,16 @@ process at a time (never two at once: they would share the cores):
                   interpreter), which needs torch, numpy, scipy, h5py and omegaconf.
     today         b2txt.training.trainer.Trainer as configured (config/config.yaml + the baseline
                   preset at ``--model-size`` and ``--batch-size``)
-    no-bucketing  ours with ``length_bucketing: false`` (the published trainer's padding)
+    no-bucketing  ours with ``length_bucketing: false, length_chunks: 1``: each random batch padded
+                  at once (the published trainer's padding)
+    bucketing     ours with ``length_bucketing: true, length_chunks: 1`` (the default before
+                  length_chunks: each batch's trials from one length quantile)
     chunks-2/4    ours with ``length_bucketing: false, length_chunks: K`` (each batch trained as K
-                  length-sorted parts, each padded to its own length); skipped with a note while
-                  TrainConfig has no ``length_chunks``
+                  length-sorted parts, each padded to its own length)
+
+A variant whose config is today's is not run twice (a note says so). With a b2txt whose
+TrainConfig has no ``length_chunks`` the chunks variants are skipped with a note and the others
+leave ``length_chunks`` out.
 
 and prints per trainer the ms per batch (median and mean over the ``--batches`` measured batches,
 after ``--warmup`` batches), the padding share of the batches' bins and the ratio published/ours.
@@ -48,7 +54,7 @@ imports the published module and changes only what is around a training step:
 
     PYTHONPATH=src python3 benchmarks/vs_published.py --published DIR [--published-python PY]
         [--model-size 5x768] [--batch-size 64] [--batches 6] [--warmup 2] [--threads 2]
-        [--variants today no-bucketing chunks-2 chunks-4] [--sim-seed 11] [--sentences FILE]
+        [--variants today no-bucketing bucketing chunks-2 chunks-4] [--sim-seed 11] [--sentences FILE]
         [--published-workers N] [--published-compile off|on]
 
 ``--published DIR`` is a checkout of https://github.com/Neuroprosthetics-Lab/nejm-brain-to-text
@@ -75,10 +81,12 @@ from accuracy import sentences_file, simulated  # noqa: E402  (benchmarks/ is no
 
 VARIANTS: dict[str, dict] = {
     "today": {},
-    "no-bucketing": {"length_bucketing": False},
+    "no-bucketing": {"length_bucketing": False, "length_chunks": 1},
+    "bucketing": {"length_bucketing": True, "length_chunks": 1},
     "chunks-2": {"length_bucketing": False, "length_chunks": 2},
     "chunks-4": {"length_bucketing": False, "length_chunks": 4},
 }
+CHUNKED = {"chunks-2", "chunks-4"}  # need train.length_chunks
 PUBLISHED_NEEDS = ["torch", "numpy", "scipy", "h5py", "omegaconf"]
 
 # torchaudio.functional for the published module's one import (edit distance in its validation)
@@ -268,7 +276,10 @@ def train_config(args: argparse.Namespace, variant: str):
             "batches_per_checkpoint": 10**9, "device": "cpu", "threads": args.threads, "amp": "off",
             "early_stopping_val_steps": None, "batch_size": args.batch_size,
             "model": {"n_layers": layers, "n_units": units}}
-    return TrainConfig.model_validate(merge(merge(cfg.model_dump(mode="json"), over), VARIANTS[variant]))
+    variant_over = dict(VARIANTS[variant])
+    if "length_chunks" not in TrainConfig.model_fields:  # a b2txt from before length_chunks
+        variant_over.pop("length_chunks", None)
+    return TrainConfig.model_validate(merge(merge(cfg.model_dump(mode="json"), over), variant_over))
 
 
 def one(args: argparse.Namespace) -> dict:
@@ -377,12 +388,18 @@ def main() -> None:
     from b2txt.data.store import build_manifest, resolve_sessions, write_manifest
     from b2txt.ground.config import TrainConfig
 
-    variants = list(args.variants)
+    variants = list(dict.fromkeys(args.variants))
     if "length_chunks" not in TrainConfig.model_fields:
-        skipped = [v for v in variants if "length_chunks" in VARIANTS[v]]
+        skipped = [v for v in variants if v in CHUNKED]
         variants = [v for v in variants if v not in skipped]
         if skipped:
             say(f"note: this b2txt has no train.length_chunks yet; skipping {', '.join(skipped)}")
+    if "today" in variants:
+        today = train_config(args, "today")
+        same = [v for v in variants if v != "today" and train_config(args, v) == today]
+        variants = [v for v in variants if v not in same]
+        if same:
+            say(f"note: {', '.join(same)}: today's config, not run twice")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vspub-") as tmp:
         tmp = Path(tmp)

@@ -23,12 +23,12 @@ process at a time (never two at once: they would share the cores):
     chunks-2/4    ours with ``length_bucketing: false, length_chunks: K`` (each batch trained as K
                   length-sorted parts, each padded to its own length)
 
-A variant whose config is today's is not run twice (a note says so). With a b2txt whose
-TrainConfig has no ``length_chunks`` the chunks variants are skipped with a note and the others
-leave ``length_chunks`` out.
-
 and prints per trainer the ms per batch (median and mean over the ``--batches`` measured batches,
 after ``--warmup`` batches), the padding share of the batches' bins and the ratio published/ours.
+A variant whose config is today's is not run twice (a note says so). With a b2txt whose
+TrainConfig has no ``length_chunks`` the chunks variants are skipped with a note and the others
+leave ``length_chunks`` out. Other processes on the cores slow both sides unevenly: the load
+average after each run is printed beside its per-batch times.
 
 What a batch's time holds. Published: one pass of its training loop, from asking the data loader
 for the batch to asking for the next one (waiting for the batch, augmentation, smoothing,

@@ -251,6 +251,7 @@ class Trainer:
         self.transforms_on_device = self.device.type == "cuda"
         lengths = np.array([f.shape[0] for f in self.train_store.features])
         self.lengths = lengths  # bins per training trial (length_chunks, padding stats)
+        self.parts = cfg.length_chunks if cfg.length_chunks != "auto" else 4 if self.device.type == "cpu" else 1
         self.sampler = DayBatchSampler(self.train_store, cfg.batch_size, cfg.days_per_batch, cfg.seed,
                                        cfg.must_include_days, lengths if cfg.length_bucketing else None,
                                        mix=cfg.bucket_mix, width=cfg.bucket_width, draw=cfg.trial_draw)
@@ -309,7 +310,7 @@ class Trainer:
         longest = max(store.features[i].shape[0] for i in everything)  # the global batch's padded length
         cut = draw_cut(cfg.augment.random_cut, trial_generator(cfg.seed, step), shortest)
         idx = self.dist.shard(everything)
-        groups = split_by_length(idx, self.lengths, cfg.length_chunks)
+        groups = split_by_length(idx, self.lengths, self.parts)
         padded = sum(len(g) * int(self.lengths[g].max()) for g in groups)
         self.stats["padding"] += 1 - float(self.lengths[idx].sum()) / padded
         self.stats["built"] += 1

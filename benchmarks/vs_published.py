@@ -25,9 +25,7 @@ process at a time (never two at once: they would share the cores):
 
 and prints per trainer the ms per batch (median and mean over the ``--batches`` measured batches,
 after ``--warmup`` batches), the padding share of the batches' bins and the ratio published/ours.
-A variant whose config is today's is not run twice (a note says so). With a b2txt whose
-TrainConfig has no ``length_chunks`` the chunks variants are skipped with a note and the others
-leave ``length_chunks`` out. Other processes on the cores slow both sides unevenly: the load
+A variant whose config is today's is not run twice (a note says so). Other processes on the cores slow both sides unevenly: the load
 average after each run is printed beside its per-batch times.
 
 What a batch's time holds. Published: one pass of its training loop, from asking the data loader
@@ -86,7 +84,6 @@ VARIANTS: dict[str, dict] = {
     "chunks-2": {"length_bucketing": False, "length_chunks": 2},
     "chunks-4": {"length_bucketing": False, "length_chunks": 4},
 }
-CHUNKED = {"chunks-2", "chunks-4"}  # need train.length_chunks
 PUBLISHED_NEEDS = ["torch", "numpy", "scipy", "h5py", "omegaconf"]
 
 # torchaudio.functional for the published module's one import (edit distance in its validation)
@@ -276,10 +273,7 @@ def train_config(args: argparse.Namespace, variant: str):
             "batches_per_checkpoint": 10**9, "device": "cpu", "threads": args.threads, "amp": "off",
             "early_stopping_val_steps": None, "batch_size": args.batch_size,
             "model": {"n_layers": layers, "n_units": units}}
-    variant_over = dict(VARIANTS[variant])
-    if "length_chunks" not in TrainConfig.model_fields:  # a b2txt from before length_chunks
-        variant_over.pop("length_chunks", None)
-    return TrainConfig.model_validate(merge(merge(cfg.model_dump(mode="json"), over), variant_over))
+    return TrainConfig.model_validate(merge(merge(cfg.model_dump(mode="json"), over), VARIANTS[variant]))
 
 
 def one(args: argparse.Namespace) -> dict:
@@ -386,14 +380,8 @@ def main() -> None:
     model_training = published_dir(args)
     os.environ.setdefault("B2TXT_PROGRESS", "0")
     from b2txt.data.store import build_manifest, resolve_sessions, write_manifest
-    from b2txt.ground.config import TrainConfig
 
     variants = list(dict.fromkeys(args.variants))
-    if "length_chunks" not in TrainConfig.model_fields:
-        skipped = [v for v in variants if v in CHUNKED]
-        variants = [v for v in variants if v not in skipped]
-        if skipped:
-            say(f"note: this b2txt has no train.length_chunks yet; skipping {', '.join(skipped)}")
     if "today" in variants:
         today = train_config(args, "today")
         same = [v for v in variants if v != "today" and train_config(args, v) == today]

@@ -10,8 +10,8 @@ A trial that arrives whole (its logits already followed by its finalize among th
 waiting for the worker, as a pipelined ``decode()`` sends them) is decoded in one pass, as in
 process: its logits are only collected, and their partial replies (the one-pass best sentence)
 and its reset's reply (when the reset came in the same read: Redis 7.0 answers a blocked
-XREAD with the first stream that got data only) go out with the final result, in one Redis write. Only a trial whose finalize is not there yet pays for the
-streaming search. The partial reply says which path it took (``b2txt_pass``: ``one``/``stream``).
+XREAD with the first stream that got data only) go out with the final result, in one Redis
+write. Only a trial whose finalize is not there yet pays for the streaming search. The partial reply says which path it took (``b2txt_pass``: ``one``/``stream``).
 """
 
 from __future__ import annotations

@@ -249,11 +249,10 @@ class Trainer:
         # A GPU augments and smooths its batches itself (noise from its own generators, seeded per
         # trial as on the CPU): the CPU thread that feeds it only samples and pads.
         self.transforms_on_device = self.device.type == "cuda"
-        lengths = np.array([f.shape[0] for f in self.train_store.features])
-        self.lengths = lengths  # bins per training trial (length_chunks, padding stats)
+        self.lengths = np.array([f.shape[0] for f in self.train_store.features])  # bins per training trial
         self.parts = cfg.length_chunks if cfg.length_chunks != "auto" else 4 if self.device.type == "cpu" else 1
         self.sampler = DayBatchSampler(self.train_store, cfg.batch_size, cfg.days_per_batch, cfg.seed,
-                                       cfg.must_include_days, lengths if cfg.length_bucketing else None,
+                                       cfg.must_include_days, self.lengths if cfg.length_bucketing else None,
                                        mix=cfg.bucket_mix, width=cfg.bucket_width, draw=cfg.trial_draw)
         self.fingerprint = self._fingerprint(manifest_path)
         # progress of the run (saved in resume checkpoints)
@@ -304,10 +303,10 @@ class Trainer:
             return self._batch(step)
 
     def _batch(self, step: int) -> list[BatchPart]:
-        store, cfg = self.train_store, self.cfg
+        cfg = self.cfg
         everything = self.sampler.next_batch()
-        shortest = min(store.features[i].shape[0] for i in everything)
-        longest = max(store.features[i].shape[0] for i in everything)  # the global batch's padded length
+        shortest = int(self.lengths[everything].min())
+        longest = int(self.lengths[everything].max())  # the global batch's padded length
         cut = draw_cut(cfg.augment.random_cut, trial_generator(cfg.seed, step), shortest)
         idx = self.dist.shard(everything)
         groups = split_by_length(idx, self.lengths, self.parts)

@@ -48,6 +48,8 @@ class Command:
 #: Arguments naming what a command writes; every other path argument names something it reads,
 #: except these places it works in.
 OUTPUT_ARGS = ("out", "report")
+#: Files a command appends to as it runs (logs): never onto an input, but not replaced whole.
+APPEND_ARGS = ("trace",)
 WORKING_ARGS = frozenset({"partial_dir", "opt_cache_dir", "redis_socket", "run_dir", "root"})
 POSITIONAL_ARGS = frozenset({"data_dir", "archives"})
 
@@ -65,8 +67,9 @@ def guard_outputs(args: argparse.Namespace, out_holds_inputs: bool = False) -> N
     """Refuse an output that is, lies inside or contains one of the command's inputs (symlinks
     followed), before anything runs: b2txt never writes over what it reads."""
     names = vars(args)
-    outputs = [(n, p) for n in OUTPUT_ARGS for p in _paths(names.get(n))]
-    inputs = [(n, p) for n, v in names.items() if n not in OUTPUT_ARGS and n not in WORKING_ARGS for p in _paths(v)]
+    written = (*OUTPUT_ARGS, *APPEND_ARGS)
+    outputs = [(n, p) for n in written for p in _paths(names.get(n))]
+    inputs = [(n, p) for n, v in names.items() if n not in written and n not in WORKING_ARGS for p in _paths(v)]
     for out_name, out in outputs:
         o = out.resolve()
         for in_name, given in inputs:

@@ -130,6 +130,8 @@ def server_settings(args: argparse.Namespace) -> Any:
     from ..server.lm_server import ServerSettings
 
     _, options, llm, alpha, do_opt, lm_dir = _lm_inputs(args)
+    if args.trace is not None and (args.trace.is_dir() or not args.trace.parent.is_dir()):
+        raise B2txtError(f"--trace {args.trace}: must be a file in an existing directory")
     for name, value in (("--workers", args.workers), ("--max-sessions", args.max_sessions),
                         ("--max-logits-bytes", args.max_logits_bytes), ("--max-trial-frames", args.max_trial_frames)):
         positive(name, value)

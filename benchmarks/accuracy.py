@@ -11,10 +11,12 @@ validation), the padding share of the batches' bins, and the wall time of a run.
 The data set is simulated and preprocessed once; every run is its own process reading it
 (``--jobs`` at a time: several small models share a GPU well). Variants (``--variants``):
 
-    today           the trainer as configured (random batches in 4 length parts, noise over the
-                    data only, CTC zero_infinity, plain AdamW, even draws)
-    one-batch       length_chunks 1: each batch padded at once (the same gradient as today)
-    bucketing       length bucketing, one part (the default before length_chunks)
+    today           the trainer as configured (on the CPU: random batches, the GRUs packed on the
+                    real steps; noise over the data only, CTC zero_infinity, plain AdamW, even draws)
+    parts-4         packed off, random batches in 4 length parts (the CPU default before packing;
+                    the same gradient as today)
+    one-batch       packed off, length_chunks 1: each batch padded at once (the same gradient)
+    bucketing       length bucketing, one padded part (the default before length_chunks)
     pad-noise       augment.noise_over_padding: noise over the padding too (published)
     ctc-inf         ctc_zero_infinity off (published)
     fused           fused_adamw (published)
@@ -50,12 +52,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-BUCKETING = {"length_bucketing": True, "length_chunks": 1}  # the default until length_chunks
-PUBLISHED = {"length_chunks": 1, "trial_draw": "published", "ctc_zero_infinity": False, "fused_adamw": True,
+BUCKETING = {"length_bucketing": True, "length_chunks": 1, "packed": False}  # the default until length_chunks
+PUBLISHED = {"length_chunks": 1, "packed": False, "trial_draw": "published", "ctc_zero_infinity": False, "fused_adamw": True,
              "augment": {"noise_over_padding": True}}
 VARIANTS: dict[str, dict] = {
     "today": {},
-    "one-batch": {"length_chunks": 1},
+    "parts-4": {"length_chunks": 4, "packed": False},
+    "one-batch": {"length_chunks": 1, "packed": False},
     "bucketing": BUCKETING,
     "pad-noise": {"augment": {"noise_over_padding": True}},
     "ctc-inf": {"ctc_zero_infinity": False},

@@ -16,12 +16,15 @@ process at a time (never two at once: they would share the cores):
                   interpreter), which needs torch, numpy, scipy, h5py and omegaconf.
     today         b2txt.training.trainer.Trainer as configured (config/config.yaml + the baseline
                   preset at ``--model-size`` and ``--batch-size``)
-    no-bucketing  ours with ``length_bucketing: false, length_chunks: 1``: each random batch padded
-                  at once (the published trainer's padding)
-    bucketing     ours with ``length_bucketing: true, length_chunks: 1`` (the default before
-                  length_chunks: each batch's trials from one length quantile)
-    chunks-2/4    ours with ``length_bucketing: false, length_chunks: K`` (each batch trained as K
-                  length-sorted parts, each padded to its own length)
+    packed        ours with ``packed: true`` and random batches in one part (the CPU default:
+                  the GRUs run on each trial's real steps only)
+    no-bucketing  ours with ``packed: false, length_bucketing: false, length_chunks: 1``: each
+                  random batch padded at once (the published trainer's padding)
+    bucketing     ours with ``packed: false, length_bucketing: true, length_chunks: 1`` (the
+                  default before length_chunks: each batch's trials from one length quantile)
+    chunks-2/4    ours with ``packed: false, length_bucketing: false, length_chunks: K`` (each
+                  batch trained as K length-sorted parts, each padded to its own length; 4 was
+                  the CPU default before packing)
 
 and prints per trainer the ms per batch (median and mean over the ``--batches`` measured batches,
 after ``--warmup`` batches), the padding share of the batches' bins and the ratio published/ours.
@@ -52,7 +55,7 @@ imports the published module and changes only what is around a training step:
 
     PYTHONPATH=src python3 benchmarks/vs_published.py --published DIR [--published-python PY]
         [--model-size 5x768] [--batch-size 64] [--batches 6] [--warmup 2] [--threads 2]
-        [--variants today no-bucketing bucketing chunks-2 chunks-4] [--sim-seed 11] [--sentences FILE]
+        [--variants today packed no-bucketing bucketing chunks-2 chunks-4] [--sim-seed 11] [--sentences FILE]
         [--published-workers N] [--published-compile off|on]
 
 ``--published DIR`` is a checkout of https://github.com/Neuroprosthetics-Lab/nejm-brain-to-text
@@ -79,10 +82,11 @@ from accuracy import sentences_file, simulated  # noqa: E402  (benchmarks/ is no
 
 VARIANTS: dict[str, dict] = {
     "today": {},
-    "no-bucketing": {"length_bucketing": False, "length_chunks": 1},
-    "bucketing": {"length_bucketing": True, "length_chunks": 1},
-    "chunks-2": {"length_bucketing": False, "length_chunks": 2},
-    "chunks-4": {"length_bucketing": False, "length_chunks": 4},
+    "packed": {"length_bucketing": False, "length_chunks": 1, "packed": True},
+    "no-bucketing": {"length_bucketing": False, "length_chunks": 1, "packed": False},
+    "bucketing": {"length_bucketing": True, "length_chunks": 1, "packed": False},
+    "chunks-2": {"length_bucketing": False, "length_chunks": 2, "packed": False},
+    "chunks-4": {"length_bucketing": False, "length_chunks": 4, "packed": False},
 }
 PUBLISHED_NEEDS = ["torch", "numpy", "scipy", "h5py", "omegaconf"]
 

@@ -88,11 +88,11 @@ def sim(small_sim):
     return small_sim
 
 
-@pytest.mark.parametrize("model,parts", [(GRU, 1), (TRIPLE, 1), (GRU, 2)], ids=["gru", "triple", "gru-in-parts"])
+@pytest.mark.parametrize("model,parts", [(GRU, 1), (TRIPLE, 1), (GRU, 2)], ids=["gru", "triple", "gru-padded-in-parts"])
 def test_two_processes_with_half_batches_equal_one_process(sim, tmp_path, model, parts):
-    """Also with each rank's share in length parts (length_chunks): the ranks synchronise their
-    gradients once, after the last part."""
-    config = cfg_of(model=model, length_chunks=parts)
+    """Packed (the CPU default), and each rank's share padded in length parts (length_chunks):
+    the ranks synchronise their gradients once, after the last part."""
+    config = cfg_of(model=model, length_chunks=parts, packed=parts == 1)
     one = tmp_path / "one"
     train(TrainConfig.model_validate(config), sim[0], sim[1], one, log=lambda m: None)
     two = tmp_path / "two"

@@ -277,7 +277,8 @@ def test_scheduler_gives_the_day_group_its_own_schedule(kind):
 
 # every sampler and each published-behaviour switch: the sampler's generator is its whole state
 VARIANTS = {
-    "one-padded-batch": {"length_chunks": 1},
+    "one-padded-batch": {"length_chunks": 1, "packed": False},
+    "padded-in-parts": {"packed": False},
     "bucketing": {"length_bucketing": True, "length_chunks": 1},
     "published-draw": {"trial_draw": "published"},
     "mix": {"length_bucketing": True, "bucket_mix": 0.5},
@@ -314,20 +315,28 @@ def test_split_by_length_partitions_a_batch_shortest_first():
 
 
 @pytest.mark.parametrize("model", [TINY_GRU, TINY_TRIPLE], ids=["gru", "triple"])
-def test_a_batch_in_length_parts_takes_the_same_step_as_one_padded_batch(sim, tmp_path, model):
-    """length_chunks pads each part to its own longest trial and sums the parts' gradients: the
-    same steps as the whole batch padded at once (dropout off; noise, cut and smoothing on, as
-    they are drawn per trial), with less padding."""
+def test_length_parts_and_packing_take_the_same_step_as_one_padded_batch(sim, tmp_path, model):
+    """length_chunks pads each part to its own longest trial and sums the parts' gradients;
+    packed runs the GRUs on the real steps only (also within parts). All take the steps of
+    the whole batch padded at once (dropout off; noise, cut and smoothing on, as they are drawn
+    per trial), with less padding or none."""
     over = {"model": {**model, "rnn_dropout": 0.0, "input_dropout": 0.0}, "batch_size": 9, "length_bucketing": False,
             "augment": {"white_noise_std": 1.0, "constant_offset_std": 0.2, "random_walk_std": 0.1,
                         "static_gain_std": 0.05, "random_cut": 3}}
-    whole = Trainer(tcfg(**over, length_chunks=1), sim[0], sim[1], tmp_path / "a", log=lambda m: None)
-    parts = Trainer(tcfg(**over, length_chunks=3), sim[0], sim[1], tmp_path / "b", log=lambda m: None)
+    runs = {name: Trainer(tcfg(**over, **kw), sim[0], sim[1], tmp_path / name, log=lambda m: None)
+            for name, kw in {"whole": {"length_chunks": 1, "packed": False}, "parts": {"length_chunks": 3, "packed": False},
+                             "packed": {"packed": True}, "packed-parts": {"length_chunks": 2, "packed": True}}.items()}
+    assert runs["packed"].parts == 1  # auto: packing leaves no padding for parts to save
+    whole = runs.pop("whole")
     for _ in range(4):
-        assert whole.train_step() == pytest.approx(parts.train_step(), rel=1e-5)
-    for (name, a), b in zip(whole.model.state_dict().items(), parts.model.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
-    assert parts.stats["padding"] < 0.7 * whole.stats["padding"], (parts.stats["padding"], whole.stats["padding"])
+        loss = whole.train_step()
+        for trainer in runs.values():
+            assert trainer.train_step() == pytest.approx(loss, rel=1e-5)
+    for name, trainer in runs.items():
+        for (key, a), b in zip(whole.model.state_dict().items(), trainer.model.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+    assert runs["parts"].stats["padding"] < 0.7 * whole.stats["padding"], (runs["parts"].stats, whole.stats)
+    assert runs["packed"].stats["padding"] == runs["packed-parts"].stats["padding"] == 0
 
 
 # ----------------------------------------------------------------------------- length bucketing
@@ -646,13 +655,14 @@ def test_batch_transforms_deferred_to_the_device_equal_the_ones_done_in_line(sim
     from b2txt.training.trainer import DeviceBatch
 
     cfg = tcfg(augment={"white_noise_std": 1.0, "constant_offset_std": 0.2, "random_walk_std": 0.1,
-                        "static_gain_std": 0.05, "random_cut": 3, "noise_over_padding": over_padding})
+                        "static_gain_std": 0.05, "random_cut": 3, "noise_over_padding": over_padding},
+               length_chunks=4)
     inline = Trainer(cfg, sim[0], sim[1], tmp_path / "a", log=lambda m: None)
     deferred = Trainer(cfg, sim[0], sim[1], tmp_path / "b", log=lambda m: None)
     deferred.transforms_on_device = True
     for step in range(4):
         parts_a, parts_b = inline.batch(step), deferred.batch(step)
-        assert len(parts_a) == len(parts_b) == min(inline.parts, cfg.batch_size) == 4  # auto on the CPU
+        assert len(parts_a) == len(parts_b) == min(inline.parts, cfg.batch_size) == 4
         for a, b in zip(parts_a, parts_b):
             assert isinstance(b[0], DeviceBatch)
             assert torch.equal(a[0], deferred.device_transforms(b[0]))

@@ -240,11 +240,15 @@ class TrainConfig(Section):
                               "without it (keeps 1 - bucket_mix of its padding saving)")
     bucket_width: float = Field(1.5, ge=1, description="with length_bucketing: each day's n trials come from a window "
                                 "of bucket_width * n neighbours in length order (wider: more mixing, more padding)")
+    packed: bool | Literal["auto"] = Field(
+        "auto", description="run the GRUs on each trial's real steps only (b2txt.models.packed_gru): the padded "
+                            "batch's step without computing its padding. auto: on the CPU, whose time goes with "
+                            "multiply-adds; off on GPUs (cuDNN's padded GRU is fast) and TPUs (static shapes)")
     length_chunks: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
         "auto", description="split each batch into this many parts by trial length, each padded only to its own "
                             "longest trial, their gradients summed: the whole batch's gradient (accuracy unchanged) "
-                            "with less padding. auto: 4 on the CPU, whose time goes with padded bins; 1 on GPUs and "
-                            "TPUs, whose time goes with sequential steps, which each part adds")
+                            "with less padding. auto: 1 (packed training has no padding to save; GPUs and TPUs "
+                            "spend their time on sequential steps, which each part adds); 4 on the CPU unpacked")
     trial_draw: Literal["even", "published"] = Field(
         "even", description="even: batch_size // days_per_batch distinct trials per day | published: ceil(batch_size / "
                             "days_per_batch) per day with replacement, the extra ones dropped from random days")

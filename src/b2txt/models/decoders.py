@@ -45,6 +45,11 @@ XLA rules of the seed note, kept throughout: no Python loop over the batch, stat
 read once), tuple returns, and dtype consistency under bf16 autocast (``x − noise.to(x.dtype)``,
 patching preserves dtype). Both decoders compile with ``torch.compile(fullgraph=True)`` (set
 ``torch._dynamo.config.allow_rnn = True`` for ``nn.GRU``).
+
+Given ``lengths=`` (each trial's number of outputs), both decoders run their GRUs on the real
+steps only (:mod:`b2txt.models.packed_gru`) and return logits that are zero after each trial's
+end: the trainer's CPU path, where padding would cost its multiply-adds. The values inside each
+trial, and every gradient, are those of the padded forward.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from torch import nn
 
 from ..ground.config import ModelConfig
 from ..ground.phonemes import N_CLASSES
+from .packed_gru import PackPlan, pack, packed_gru, plan_packing, unpack
 
 #: Features per 20 ms bin in the published data (REFERENCE §1).
 N_FEATURES = 512
@@ -96,6 +102,14 @@ class DayLayers(nn.Module):
         return x
 
 
+def _plan(lengths: torch.Tensor, x: torch.Tensor) -> PackPlan:
+    """The packing of the patched batch ``x`` [B, T', ...] for ``lengths`` outputs per trial."""
+    if lengths.shape != (x.size(0),) or int(lengths.max()) > x.size(1):
+        raise ValueError(f"lengths {tuple(lengths.shape)} (max {int(lengths.max())}) do not fit a batch of "
+                         f"{x.size(0)} trials of {x.size(1)} steps")
+    return plan_packing(lengths, x.device)
+
+
 def _init_gru_(gru: nn.GRU) -> None:
     """The baseline's GRU initialisation: orthogonal recurrent, Xavier-uniform input weights."""
     for name, param in gru.named_parameters():
@@ -123,9 +137,15 @@ class GRUDecoder(DayLayers):
         return output_lengths(n_steps, self.patch_size, self.patch_stride)
 
     def forward(self, x: torch.Tensor, day_idx: torch.Tensor, states: torch.Tensor | None = None,
-                return_state: bool = False):
+                return_state: bool = False, lengths: torch.Tensor | None = None):
         x = self._apply_preprocessing(x, day_idx)
         batch_size = x.size(0)
+        if lengths is not None:
+            if states is not None or return_state:
+                raise ValueError("GRUDecoder: lengths= (packed training) takes no states and returns none")
+            plan = _plan(lengths, x)
+            h0 = self.h0.expand(self.gru.num_layers, batch_size, self.gru.hidden_size)
+            return unpack(self.out(packed_gru(self.gru, pack(x, plan), h0, plan)), plan, x.size(1))
         if states is None:
             states = self.h0.expand(self.gru.num_layers, batch_size, self.gru.hidden_size).contiguous()
         output, hidden = self.gru(x, states.to(x.dtype))
@@ -169,7 +189,10 @@ class _GRUHead(nn.Module):
         nn.init.xavier_uniform_(self.out.weight)
         self.h0 = nn.Parameter(nn.init.xavier_uniform_(torch.zeros(1, 1, n_units)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: PackPlan | None = None) -> torch.Tensor:
+        if plan is not None:  # x: packed rows
+            h0 = self.h0.expand(self.n_layers, len(plan.order), self.n_units)
+            return self.out(packed_gru(self.gru, x, h0, plan))
         batch_size = x.size(0)
         states = self.h0.expand(self.n_layers, batch_size, self.n_units).contiguous()
         output, _ = self.gru(x, states.to(x.dtype))
@@ -213,13 +236,20 @@ class TripleGRUDecoder(DayLayers):
     def output_lengths(self, n_steps):
         return output_lengths(n_steps, self.patch_size, self.patch_stride)
 
-    def forward(self, x: torch.Tensor, day_idx: torch.Tensor, mode: str = "inference"):
+    def forward(self, x: torch.Tensor, day_idx: torch.Tensor, mode: str = "inference",
+                lengths: torch.Tensor | None = None):
         if mode not in ("inference", "full"):
             raise ValueError(f"mode must be 'inference' or 'full', not {mode!r}")
         x = self._apply_preprocessing(x, day_idx)
-        noise = self.noise_model(x)
-        clean_logits = self.clean_speech_model(x - noise.to(x.dtype))
+        plan, n_steps = None, x.size(1)
+        if lengths is not None:  # every head on the packed rows, unpacked at the end
+            plan = _plan(lengths, x)
+            x = pack(x, plan)
+        noise = self.noise_model(x, plan)
+        clean_logits = self.clean_speech_model(x - noise.to(x.dtype), plan)
         if mode == "inference":
-            return clean_logits
-        noisy_logits = self.noisy_speech_model(gradient_reversal(noise, self.grl_scale))
-        return clean_logits, noisy_logits, noise
+            return clean_logits if plan is None else unpack(clean_logits, plan, n_steps)
+        noisy_logits = self.noisy_speech_model(gradient_reversal(noise, self.grl_scale), plan)
+        if plan is None:
+            return clean_logits, noisy_logits, noise
+        return tuple(unpack(t, plan, n_steps) for t in (clean_logits, noisy_logits, noise))

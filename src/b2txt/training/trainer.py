@@ -250,7 +250,11 @@ class Trainer:
         # trial as on the CPU): the CPU thread that feeds it only samples and pads.
         self.transforms_on_device = self.device.type == "cuda"
         self.lengths = np.array([f.shape[0] for f in self.train_store.features])  # bins per training trial
-        self.parts = cfg.length_chunks if cfg.length_chunks != "auto" else 4 if self.device.type == "cpu" else 1
+        self.packed = self.device.type == "cpu" if cfg.packed == "auto" else cfg.packed
+        if self.packed and self.device.type == "xla":
+            raise B2txtError("train.packed: XLA needs static shapes; use packed: false (or auto) on TPUs")
+        cpu_unpacked = self.device.type == "cpu" and not self.packed
+        self.parts = cfg.length_chunks if cfg.length_chunks != "auto" else 4 if cpu_unpacked else 1
         self.sampler = DayBatchSampler(self.train_store, cfg.batch_size, cfg.days_per_batch, cfg.seed,
                                        cfg.must_include_days, self.lengths if cfg.length_bucketing else None,
                                        mix=cfg.bucket_mix, width=cfg.bucket_width, draw=cfg.trial_draw)
@@ -310,7 +314,8 @@ class Trainer:
         cut = draw_cut(cfg.augment.random_cut, trial_generator(cfg.seed, step), shortest)
         idx = self.dist.shard(everything)
         groups = split_by_length(idx, self.lengths, self.parts)
-        padded = sum(len(g) * int(self.lengths[g].max()) for g in groups)
+        # the padding the GRUs compute (none when packed)
+        padded = sum(len(g) * int(self.lengths[g].max()) for g in groups) if not self.packed else self.lengths[idx].sum()
         self.stats["padding"] += 1 - float(self.lengths[idx].sum()) / padded
         self.stats["built"] += 1
         return [self._part(g, step, cut, longest) for g in groups]
@@ -358,11 +363,12 @@ class Trainer:
             lp = logits.float().log_softmax(-1).transpose(0, 1)
             return self.ctc(lp, targets, out_len, tgt_len).sum() / n_trials
 
+        packed = {"lengths": out_len} if self.packed else {}
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.bf16):
             if self.cfg.model.architecture == "triple":
-                clean, noisy, _ = self.net(x, day_idx, mode="full")
+                clean, noisy, _ = self.net(x, day_idx, mode="full", **packed)
             else:
-                clean, noisy = self.net(x, day_idx), None
+                clean, noisy = self.net(x, day_idx, **packed), None
         clean_loss = ctc(clean)
         if noisy is None:
             return clean_loss, {}

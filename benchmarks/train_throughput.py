@@ -6,8 +6,11 @@ waiting for the next batch (sampling, padding, augmentation and smoothing: in li
 in a worker thread during the previous step on an accelerator; "assembly" is the time one batch
 takes on its own), the padding
 waste of the batches (1 - real bins / padded bins) with and without length bucketing, and the
-peak resident memory of the process. Each preset runs in its own process so the peaks are its
-own. On a GPU machine pass `--device cuda` (bf16 autocast follows the preset's `amp: auto`; the GPU then
+peak resident memory of the process. Each preset runs once per ``--gru`` way of running its GRUs
+(default all three, the same step side by side: ``packed`` on the real steps only, the CPU
+default; ``parts``: padded in length parts, ``packed: false`` with ``length_chunks: auto``;
+``padded``: the whole batch padded at once, as the published trainer does), each in its own
+process so the peaks are its own. On a GPU machine pass `--device cuda` (bf16 autocast follows the preset's `amp: auto`; the GPU then
 augments and smooths its batches itself). Then the assembly of one batch alone on the CPU, idle
 and beside one busy process per core (`--assembly-load`).
 
@@ -17,6 +20,7 @@ GPU each): trials/s over the training steps, from the run's own metrics (start-u
 and validation excluded).
 
     python benchmarks/train_throughput.py [--presets baseline paper triple] [--steps 5] [--device cpu]
+                                          [--gru packed parts padded]
                                           [--nproc 1 2] [--ddp-preset baseline] [--ddp-steps 12]
 """
 
@@ -99,12 +103,15 @@ def busy(n: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
-def one(preset: str, data: Path, manifest: Path, steps: int, device: str) -> dict:
+GRU_WAYS = {"packed": {"packed": True}, "parts": {"packed": False}, "padded": {"packed": False, "length_chunks": 1}}
+
+
+def one(preset: str, data: Path, manifest: Path, steps: int, device: str, gru: str = "packed") -> dict:
     from b2txt.ground.config import load_config
     from b2txt.training.trainer import Trainer, new_stats
 
     cfg = load_config([ROOT / "config" / "config.yaml", ROOT / "config" / "model" / f"{preset}.yaml"]).train
-    cfg = cfg.model_copy(update={"device": device, "holdout_sessions": []})
+    cfg = cfg.model_copy(update={"device": device, "holdout_sessions": [], **GRU_WAYS[gru]})
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, data, manifest, Path(tmp) / "model", log=lambda m: None)
         trainer.train_step()  # warm-up (allocations, kernel selection)
@@ -119,6 +126,7 @@ def one(preset: str, data: Path, manifest: Path, steps: int, device: str) -> dic
         lengths = np.array([f.shape[0] for f in trainer.train_store.features])
         return {
             "preset": preset, "device": str(trainer.device), "batch": cfg.batch_size,
+            "gru": "packed" if trainer.packed else f"{trainer.parts} part" + "s" * (trainer.parts > 1),
             "model": f"{cfg.model.architecture} {cfg.model.n_layers}x{cfg.model.n_units}",
             "batches_per_s": steps / wall, "ms_per_batch": 1000 * wall / steps,
             "outside_fwd_bwd": st["data_s"] / (st["data_s"] + st["compute_s"]),
@@ -159,6 +167,8 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=["baseline", "paper", "triple"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--gru", nargs="+", default=list(GRU_WAYS), choices=list(GRU_WAYS),
+                    help="ways to run the GRUs, each preset with each")
     ap.add_argument("--data", type=Path, help="Dryad-layout data (default: simulate the default data set)")
     ap.add_argument("--nproc", type=int, nargs="*", default=[1, 2], help="process counts for data parallelism")
     ap.add_argument("--ddp-preset", default="baseline")
@@ -170,7 +180,7 @@ def main() -> None:
     ap.add_argument("--manifest", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.data, args.manifest, args.steps, args.device)))
+        print(json.dumps(one(args.one, args.data, args.manifest, args.steps, args.device, args.gru[0])))
         return
     if args.assembly:
         print(json.dumps(assembly_only(args.assembly, args.data, args.manifest)))
@@ -181,14 +191,14 @@ def main() -> None:
         data = args.data or simulated(Path(tmp))
         manifest = Path(tmp) / "manifest.csv"
         write_manifest(build_manifest(data), manifest)
-        print(f"{'preset':9s} {'model':15s} {'device':7s} {'batch':>5s} {'ms/batch':>9s} {'batch/s':>8s} "
+        print(f"{'preset':9s} {'model':15s} {'GRU':8s} {'device':7s} {'batch':>5s} {'ms/batch':>9s} {'batch/s':>8s} "
               f"{'wait data':>9s} {'assembly':>8s} {'pad bucket':>10s} {'pad random':>10s} {'peak RSS':>9s}")
-        for preset in args.presets:
+        for preset, gru in [(p, k) for p in args.presets for k in args.gru]:
             r = subprocess.run([sys.executable, __file__, "--one", preset, "--data", str(data), "--manifest",
-                                str(manifest), "--steps", str(args.steps), "--device", args.device],
+                                str(manifest), "--steps", str(args.steps), "--device", args.device, "--gru", gru],
                                capture_output=True, text=True, check=True)
             m = json.loads(r.stdout.strip().splitlines()[-1])
-            print(f"{m['preset']:9s} {m['model']:15s} {m['device']:7s} {m['batch']:5d} {m['ms_per_batch']:9.0f} "
+            print(f"{m['preset']:9s} {m['model']:15s} {m['gru']:8s} {m['device']:7s} {m['batch']:5d} {m['ms_per_batch']:9.0f} "
                   f"{m['batches_per_s']:8.2f} {100 * m['outside_fwd_bwd']:8.1f}% {m['assembly_ms']:6.0f}ms {100 * m['padding_bucketed']:9.1f}% "
                   f"{100 * m['padding_random']:9.1f}% {m['peak_rss_mb']:7.0f} MB")
         if args.assembly_load:

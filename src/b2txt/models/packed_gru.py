@@ -136,14 +136,14 @@ class _PackedGRULayer(torch.autograd.Function):
             torch.mul(dht * (h_prev - c), z * (1 - z), out=d[rows, h2:h3])
             torch.mul(dc, r, out=d[rows, h3:])
             torch.addmm(dht * z, d[rows, h1:], w_hh, out=dh[:n])
-        d_rec, d_in = d[:, h1:], d[:, :h3]
+        d_rec, d_rz, d_n = d[:, h1:], d[:, h1:h3], d[:, :h1]
         h_prev_all = torch.cat([h0[:sizes[0]], out.index_select(0, prev)])
-        w_ih_nrz = torch.cat([w_ih[h2:], w_ih[:h2]])
-        d_x = d_in @ w_ih_nrz
-        d_w_ih_nrz = d_in.t() @ x
-        d_w_ih = torch.cat([d_w_ih_nrz[h1:], d_w_ih_nrz[:h1]])
-        d_b_in = d_in.sum(0)
-        d_b_ih = torch.cat([d_b_in[h1:], d_b_in[:h1]])
+        # input side in W_ih's row order (r, z | n), without copying W_ih or its gradient
+        d_x = (d_n @ w_ih[h2:]).addmm_(d_rz, w_ih[:h2])
+        d_w_ih = torch.empty_like(w_ih)
+        torch.mm(d_rz.t(), x, out=d_w_ih[:h2])
+        torch.mm(d_n.t(), x, out=d_w_ih[h2:])
+        d_b_ih = torch.cat([d_rz.sum(0), d_n.sum(0)])
         return d_x, dh, d_w_ih, d_rec.t() @ h_prev_all, d_b_ih, d_rec.sum(0), None, None
 
 

@@ -93,6 +93,9 @@ def test_bad_range_and_value_are_errors():
         parse_config({"train": {"batch_size": 0}})
     with pytest.raises(ConfigError, match="corpus_mix"):
         parse_config({"simulate": {"corpus_mix": {"Shakespeare": 1.0}}})
+    with pytest.raises(ConfigError, match="packed: XLA needs static shapes"):
+        parse_config({"train": {"packed": True, "device": "xla"}})
+    assert parse_config({"train": {"packed": "auto", "device": "xla"}}).train.packed == "auto"
 
 
 def test_an_lm_source_needs_its_path():

@@ -287,6 +287,12 @@ class TrainConfig(Section):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores given)")
 
     @model_validator(mode="after")
+    def _packed_not_on_xla(self) -> "TrainConfig":
+        if self.packed is True and self.device == "xla":
+            raise ValueError("packed: XLA needs static shapes; use packed: false (or auto) with device: xla")
+        return self
+
+    @model_validator(mode="after")
     def _subset_once(self) -> "TrainConfig":
         if self.feature_subset is not None and len(set(self.feature_subset)) != len(self.feature_subset):
             twice = sorted({i for i in self.feature_subset if self.feature_subset.count(i) > 1})

@@ -251,8 +251,6 @@ class Trainer:
         self.transforms_on_device = self.device.type == "cuda"
         self.lengths = np.array([f.shape[0] for f in self.train_store.features])  # bins per training trial
         self.packed = self.device.type == "cpu" if cfg.packed == "auto" else cfg.packed
-        if self.packed and self.device.type == "xla":
-            raise B2txtError("train.packed: XLA needs static shapes; use packed: false (or auto) on TPUs")
         cpu_unpacked = self.device.type == "cpu" and not self.packed
         self.parts = cfg.length_chunks if cfg.length_chunks != "auto" else 4 if cpu_unpacked else 1
         self.sampler = DayBatchSampler(self.train_store, cfg.batch_size, cfg.days_per_batch, cfg.seed,

@@ -327,6 +327,8 @@ def test_length_parts_and_packing_take_the_same_step_as_one_padded_batch(sim, tm
             for name, kw in {"whole": {"length_chunks": 1, "packed": False}, "parts": {"length_chunks": 3, "packed": False},
                              "packed": {"packed": True}, "packed-parts": {"length_chunks": 2, "packed": True}}.items()}
     assert runs["packed"].parts == 1  # auto: packing leaves no padding for parts to save
+    assert runs["packed"].gru_mode() == "GRUs on the real steps (packed)"  # as the training log says
+    assert runs["parts"].gru_mode() == "padded batches in 3 length parts"
     whole = runs.pop("whole")
     for _ in range(4):
         loss = whole.train_step()

@@ -289,6 +289,12 @@ class Trainer:
         h.update(Path(manifest_path).read_bytes())
         return h.hexdigest()[:16]
 
+    def gru_mode(self) -> str:
+        """How the GRUs meet a batch, for the log: packed, or padded in how many parts."""
+        if self.packed:
+            return "GRUs on the real steps (packed)" + (f", {self.parts} length parts" if self.parts > 1 else "")
+        return "padded batches" + (f" in {self.parts} length parts" if self.parts > 1 else "")
+
     def note(self, msg: str) -> None:
         self.log_lines.append(msg)
         self.log(msg)
@@ -591,7 +597,7 @@ class Trainer:
             (self.work / "checkpoint").mkdir(parents=True)
             n_params = sum(p.numel() for p in self.model.parameters())
             self.note(f"{cfg.model.architecture} model, {n_params / 1e6:.2f} M parameters, device {self.device}, "
-                      f"bf16 {self.bf16}, {len(self.sessions)} sessions, {len(self.train_store)} train / "
+                      f"bf16 {self.bf16}, {self.gru_mode()}, {len(self.sessions)} sessions, {len(self.train_store)} train / "
                       f"{len(self.val_store)} val trials"
                       + (f", {ddp.world_size} processes of {cfg.batch_size // ddp.world_size} trials" if ddp.enabled else ""))
         ddp.barrier()

@@ -18,7 +18,7 @@ The arithmetic is ``nn.GRU``'s (same parameters, gate order r, z, n, ``b_hn`` in
     n = tanh(W_in x + b_in + r * (W_hn h + b_hn))      h' = n + z * (h - n)
 
 so a trial's outputs and every gradient equal the padded ``nn.GRU``'s up to float rounding
-(tests/test_models.py). The layer saves what autograd would (gates, candidate, outputs).
+(tests/test_packed_gru.py). The layer saves what autograd would (gates, candidate, outputs).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ def test_plan_orders_rows_as_a_packed_sequence_and_links_each_step_to_the_previo
     lengths = torch.tensor([2, 4, 1, 4])
     plan = plan_packing(lengths)
     ref = nn.utils.rnn.pack_padded_sequence(torch.zeros(4, 4, 1), lengths, batch_first=True, enforce_sorted=False)
-    assert plan.sizes == ref.batch_sizes.tolist() == [4, 3, 2, 2]
+    assert plan.sizes == ref.batch_sizes.tolist() == [4, 3, 2, 2] and plan.starts == [0, 4, 7, 9]
     assert plan.order.tolist() == [1, 3, 0, 2]  # longest first, ties in batch order
     assert plan.trials.tolist() == [1, 3, 0, 2, 1, 3, 0, 1, 3, 1, 3]
     assert plan.steps.tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3]

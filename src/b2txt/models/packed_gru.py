@@ -31,11 +31,12 @@ from torch import nn
 
 
 class PackPlan(NamedTuple):
-    """Where a padded batch's real steps go. ``sizes[t]``: trials running at step ``t``;
-    packed row ``k`` is step ``steps[k]`` of trial ``trials[k]`` (an index into the batch);
+    """Where a padded batch's real steps go. ``sizes[t]``: trials running at step ``t``, whose
+    rows start at packed row ``starts[t]``; packed row ``k`` is step ``steps[k]`` of trial ``trials[k]`` (an index into the batch);
     ``prev[k - sizes[0]]`` is the packed row of the same trial's previous step."""
 
     sizes: list[int]
+    starts: list[int]
     trials: torch.Tensor
     steps: torch.Tensor
     prev: torch.Tensor
@@ -61,7 +62,7 @@ def plan_packing(lengths: torch.Tensor, device: torch.device | str = "cpu") -> P
     starts = torch.cumsum(sizes_t, 0) - sizes_t
     later = steps >= 1
     prev = starts[steps[later] - 1] + rank[later]
-    return PackPlan(sizes, order[rank].to(device), steps.to(device), prev.to(device), order.to(device))
+    return PackPlan(sizes, starts.tolist(), order[rank].to(device), steps.to(device), prev.to(device), order.to(device))
 
 
 def pack(x: torch.Tensor, plan: PackPlan) -> torch.Tensor:
@@ -77,14 +78,14 @@ def unpack(rows: torch.Tensor, plan: PackPlan, n_steps: int) -> torch.Tensor:
 
 class _PackedGRULayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, sizes: list[int], prev: torch.Tensor):
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, sizes: list[int], starts: list[int], prev: torch.Tensor):
         # x [N, I] packed; h0 [B, H] in the plan's order (longest first). Everything in x's
         # dtype: packed_gru casts the weights, and autocast must not re-cast into the buffers.
         with torch.autocast(x.device.type, enabled=False):
-            return _PackedGRULayer._forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, sizes, prev)
+            return _PackedGRULayer._forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, sizes, starts, prev)
 
     @staticmethod
-    def _forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, sizes, prev):
+    def _forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, sizes, starts, prev):
         hidden = w_hh.shape[1]
         gi = torch.addmm(b_ih, x, w_ih.t())
         out = x.new_empty(x.shape[0], hidden)
@@ -92,8 +93,8 @@ class _PackedGRULayer(torch.autograd.Function):
         cand = x.new_empty(x.shape[0], hidden)
         ghn = x.new_empty(x.shape[0], hidden)
         w_hh_t = w_hh.t()
-        h, start = h0, 0
-        for n in sizes:
+        h = h0
+        for n, start in zip(sizes, starts):
             rows = slice(start, start + n)
             h_prev = h[:n]
             gh = torch.addmm(b_hh, h_prev, w_hh_t)
@@ -102,9 +103,8 @@ class _PackedGRULayer(torch.autograd.Function):
             ghn[rows] = gh[:, 2 * hidden:]
             c = torch.addcmul(g[:, 2 * hidden:], gates[:, :hidden], ghn[rows], out=cand[rows]).tanh_()
             h = torch.addcmul(c, gates[:, hidden:], h_prev - c, out=out[rows])
-            start += n
         ctx.save_for_backward(x, h0, w_ih, w_hh, out, rz, cand, ghn, prev)
-        ctx.sizes = sizes
+        ctx.sizes, ctx.starts = sizes, starts
         return out
 
     @staticmethod
@@ -115,16 +115,13 @@ class _PackedGRULayer(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, d_out):
         x, h0, w_ih, w_hh, out, rz, cand, ghn, prev = ctx.saved_tensors
-        sizes = ctx.sizes
+        sizes, starts = ctx.sizes, ctx.starts
         hidden = w_hh.shape[1]
         h1, h2, h3 = hidden, 2 * hidden, 3 * hidden
         # d[:, 0:3H] = input-side gate gradients in the order (n, r, z); d[:, H:4H] = the
         # recurrent side's in W_hh's order (r, z, n): one buffer, no per-step concatenation.
         d = x.new_empty(x.shape[0], 4 * hidden)
         dh = x.new_zeros(h0.shape)
-        starts = [0]
-        for n in sizes[:-1]:
-            starts.append(starts[-1] + n)
         for t in range(len(sizes) - 1, -1, -1):
             n, start = sizes[t], starts[t]
             rows = slice(start, start + n)
@@ -144,7 +141,7 @@ class _PackedGRULayer(torch.autograd.Function):
         torch.mm(d_rz.t(), x, out=d_w_ih[:h2])
         torch.mm(d_n.t(), x, out=d_w_ih[h2:])
         d_b_ih = torch.cat([d_rz.sum(0), d_n.sum(0)])
-        return d_x, dh, d_w_ih, d_rec.t() @ h_prev_all, d_b_ih, d_rec.sum(0), None, None
+        return d_x, dh, d_w_ih, d_rec.t() @ h_prev_all, d_b_ih, d_rec.sum(0), None, None, None
 
 
 def packed_gru(gru: nn.GRU, x: torch.Tensor, h0: torch.Tensor, plan: PackPlan) -> torch.Tensor:
@@ -156,7 +153,7 @@ def packed_gru(gru: nn.GRU, x: torch.Tensor, h0: torch.Tensor, plan: PackPlan) -
     y = x
     for layer in range(gru.num_layers):
         weights = [getattr(gru, f"{k}_l{layer}").to(y.dtype) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-        y = _PackedGRULayer.apply(y, h0[layer].to(y.dtype), *weights, plan.sizes, plan.prev)
+        y = _PackedGRULayer.apply(y, h0[layer].to(y.dtype), *weights, plan.sizes, plan.starts, plan.prev)
         if layer < gru.num_layers - 1 and gru.dropout and gru.training:
             y = F.dropout(y, gru.dropout, True)
     return y

@@ -82,6 +82,12 @@ def test_a_decoder_given_lengths_equals_its_padded_forward_inside_each_trial(mod
     outs_pack, grads_pack = run(lengths=out_len)
     for a, b in zip(outs_pack, outs_pad):
         torch.testing.assert_close(a, b)
+    if model_cls is TripleGRUDecoder:  # the trainer's mode: the two heads of the full forward
+        with torch.no_grad():
+            heads = model(x, day_idx, mode="heads", lengths=out_len)
+        assert len(heads) == 2
+        for a, b in zip(heads, outs_pack):
+            torch.testing.assert_close(a * mask, b)
     assert grads_pack.keys() == grads_pad.keys()
     for name in grads_pad:
         torch.testing.assert_close(grads_pack[name], grads_pad[name], msg=name)

@@ -24,7 +24,9 @@ above (same ``day_weights.<i>`` / ``day_biases.<i>`` keys) and splits the patche
 
 GRL is ``gradient_reversal``: the identity going forward, ``−grl_scale ×`` the gradient going
 back. ``forward(x, day_idx, mode="inference")`` returns ``clean_logits`` only (the noisy head is
-not run); ``mode="full"`` returns the tuple ``(clean_logits, noisy_logits, noise)``.
+not run); ``mode="full"`` returns the tuple ``(clean_logits, noisy_logits, noise)``, and
+``mode="heads"`` the two logits only, what the trainer needs (packed, the noise's padded form
+would cost a batch-sized copy of P·C features per step for nothing).
 
 Training objective (implemented by the trainer, not here), with CTC as for the baseline (blank 0,
 log-softmax over classes, per-trial, mean; input lengths from ``output_lengths``):
@@ -238,8 +240,8 @@ class TripleGRUDecoder(DayLayers):
 
     def forward(self, x: torch.Tensor, day_idx: torch.Tensor, mode: str = "inference",
                 lengths: torch.Tensor | None = None):
-        if mode not in ("inference", "full"):
-            raise ValueError(f"mode must be 'inference' or 'full', not {mode!r}")
+        if mode not in ("inference", "heads", "full"):
+            raise ValueError(f"mode must be 'inference', 'heads' or 'full', not {mode!r}")
         x = self._apply_preprocessing(x, day_idx)
         plan, n_steps = None, x.size(1)
         if lengths is not None:  # every head on the packed rows, unpacked at the end
@@ -250,6 +252,5 @@ class TripleGRUDecoder(DayLayers):
         if mode == "inference":
             return clean_logits if plan is None else unpack(clean_logits, plan, n_steps)
         noisy_logits = self.noisy_speech_model(gradient_reversal(noise, self.grl_scale), plan)
-        if plan is None:
-            return clean_logits, noisy_logits, noise
-        return tuple(unpack(t, plan, n_steps) for t in (clean_logits, noisy_logits, noise))
+        outs = (clean_logits, noisy_logits, noise) if mode == "full" else (clean_logits, noisy_logits)
+        return outs if plan is None else tuple(unpack(t, plan, n_steps) for t in outs)

@@ -370,7 +370,7 @@ class Trainer:
         packed = {"lengths": out_len} if self.packed else {}
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.bf16):
             if self.cfg.model.architecture == "triple":
-                clean, noisy, _ = self.net(x, day_idx, mode="full", **packed)
+                clean, noisy = self.net(x, day_idx, mode="heads", **packed)
             else:
                 clean, noisy = self.net(x, day_idx, **packed), None
         clean_loss = ctc(clean)
